@@ -1,0 +1,75 @@
+"""Build of volconv's compiled kernels. Needs Cython >= 3 and numpy; never torch, never nvcc.
+
+The direct kernels (volconv/_cpu/direct.pxi + kernels.h) are compiled three times, for baseline x86-64,
+AVX2+FMA and AVX-512; volconv/_cpu/__init__.py imports the best one the CPU supports. VOLCONV_NATIVE=1 adds
+-march=native to all three (a build for this machine only). OpenMP is used where the compiler has it.
+"""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def compiler_accepts(flags):
+    """True when the C compiler builds and links a small OpenMP program with these flags."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        return False
+    src = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.c")
+        with open(path, "w") as f:
+            f.write(src)
+        cmd = [cc, path, "-o", os.path.join(tmp, "t")] + flags
+        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+SIMD_FLAGS = {
+    "generic": ["-DVC_VBYTES=16"],
+    "avx2": ["-mavx2", "-mfma", "-DVC_VBYTES=32"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+               "-mprefer-vector-width=512", "-DVC_VBYTES=64"],
+}
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        openmp = sys.platform != "win32" and compiler_accepts(["-fopenmp"])
+        if not openmp:
+            print("volconv: the compiler has no OpenMP; building the serial kernels", file=sys.stderr)
+        native = os.environ.get("VOLCONV_NATIVE") == "1"
+        for ext in self.extensions:
+            ext.extra_compile_args += ["-O3", "-fno-math-errno", "-Wno-unused-function"]
+            if openmp:
+                ext.extra_compile_args.append("-fopenmp")
+                ext.extra_link_args.append("-fopenmp")
+            if native:
+                ext.extra_compile_args.append("-march=native")
+        super().build_extensions()
+
+
+def direct_extension(variant):
+    import numpy
+
+    flags = SIMD_FLAGS[variant] if X86 else ["-DVC_VBYTES=16"]
+    return Extension(f"volconv._cpu._direct_{variant}", [f"volconv/_cpu/_direct_{variant}.pyx"],
+                     include_dirs=["volconv/_cpu", numpy.get_include()], extra_compile_args=list(flags),
+                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    variants = ["generic", "avx2", "avx512"] if X86 else ["generic"]
+    return cythonize([direct_extension(v) for v in variants], language_level=3,
+                     compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
+                                          "initializedcheck": False, "nonecheck": False})
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,2 @@
+# Direct kernels, avx2 build (flags in setup.py). The code is in direct.pxi.
+include "direct.pxi"

@@ -1,0 +1,155 @@
+# Direct 3D cross-correlation loops (OpenMP over output rows); the SIMD work is in kernels.h.
+# Included by _direct_generic.pyx, _direct_avx2.pyx and _direct_avx512.pyx, which setup.py compiles with
+# different instruction sets. No validation here: volconv/ops/dense.py hands over checked, contiguous arrays.
+#
+# Layout conventions shared with ops/dense.py:
+#   x      (N, C, D, H, Wp)  input already padded along W (the contiguous axis);
+#   map_d  (Dp,), map_h (Hp,) padded D/H position -> row of x, or -1 for a zero row (constant padding);
+#   wpack  (G, nOB, Cg, kd, kh, kw, OB) weights with OB output channels innermost (one load, OB FMAs).
+
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+
+cdef extern from "kernels.h" nogil:
+    int vc_vector_bytes()
+    int vc_max_threads()
+    int vc_have_openmp()
+    int vc_cpu_level()
+    void corr_row_f32(float *out, Py_ssize_t ocs, int OB, const float *const *rows, const float *const *wts,
+                      int nrows, int kw, int dw, int sw, int Wo, const float *bias)
+    void corr_row_f64(double *out, Py_ssize_t ocs, int OB, const double *const *rows, const double *const *wts,
+                      int nrows, int kw, int dw, int sw, int Wo, const double *bias)
+    void wgrad_row_f32(const float *g, const float *x, int Wo, int kw, int dw, int sw, float *vacc)
+    void wgrad_row_f64(const double *g, const double *x, int Wo, int kw, int dw, int sw, double *vacc)
+
+ctypedef fused floating:
+    float
+    double
+
+
+def vector_bytes():
+    return vc_vector_bytes()
+
+
+def max_threads():
+    return vc_max_threads()
+
+
+def have_openmp():
+    return bool(vc_have_openmp())
+
+
+def cpu_level():
+    return vc_cpu_level()
+
+
+def pad_w(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] map_w, floating[:, :, :, :, ::1] out,
+          int nthreads):
+    """out[..., p] = x[..., map_w[p]], or 0 where map_w[p] < 0."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], D = x.shape[2], H = x.shape[3]
+    cdef Py_ssize_t Wp = out.shape[4], nrow = N * C * D * H, t, p, s, n, c, d, h
+    with nogil:
+        for t in prange(nrow, num_threads=nthreads, schedule="static"):
+            h = t % H
+            d = (t // H) % D
+            c = (t // (H * D)) % C
+            n = t // (H * D * C)
+            for p in range(Wp):
+                s = map_w[p]
+                out[n, c, d, h, p] = x[n, c, d, h, s] if s >= 0 else 0
+
+
+def conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, :, :, ::1] wpack,
+                  const floating[::1] bias, floating[:, :, :, :, ::1] out,
+                  const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
+                  int sd, int sh, int sw, int dd, int dh, int dw, int nthreads):
+    """out[n, o, od, oh, ow] = bias[o] + sum x[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow*sw + e*dw] * w."""
+    cdef Py_ssize_t N = out.shape[0], Do = out.shape[2], Ho = out.shape[3]
+    cdef int Wo = <int>out.shape[4]
+    cdef Py_ssize_t G = wpack.shape[0], nOB = wpack.shape[1], Cg = wpack.shape[2]
+    cdef Py_ssize_t kd = wpack.shape[3], kh = wpack.shape[4]
+    cdef int kw = <int>wpack.shape[5], OB = <int>wpack.shape[6]
+    cdef Py_ssize_t ocs = out.strides[1] // sizeof(floating)
+    cdef Py_ssize_t ntask = N * G * Do * Ho * nOB, t, rest, n, g, ob, od, oh, c, a, b, xd, xh, o0
+    cdef int nr
+    cdef const floating **rows
+    cdef const floating **wts
+    if ntask == 0:
+        return
+    with nogil, parallel(num_threads=nthreads):
+        rows = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
+        wts = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
+        # Task order: output-channel block fastest, so the blocks of one output row reuse its input rows
+        # from L1/L2 before moving on.
+        for t in prange(ntask, schedule="static"):
+            ob = t % nOB
+            rest = t // nOB
+            oh = rest % Ho
+            rest = rest // Ho
+            od = rest % Do
+            rest = rest // Do
+            g = rest % G
+            n = rest // G
+            nr = 0
+            for c in range(Cg):
+                for a in range(kd):
+                    xd = map_d[od * sd + a * dd]
+                    if xd < 0:
+                        continue
+                    for b in range(kh):
+                        xh = map_h[oh * sh + b * dh]
+                        if xh < 0:
+                            continue
+                        rows[nr] = &x[n, g * Cg + c, xd, xh, 0]
+                        wts[nr] = &wpack[g, ob, c, a, b, 0, 0]
+                        nr = nr + 1
+            o0 = (g * nOB + ob) * OB
+            if floating is float:
+                corr_row_f32(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, dw, sw, Wo, &bias[o0])
+            else:
+                corr_row_f64(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, dw, sw, Wo, &bias[o0])
+        free(rows)
+        free(wts)
+
+
+def wgrad_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, ::1] grad,
+                 floating[:, :, :, :, :, ::1] partial, const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
+                 int sd, int sh, int sw, int dd, int dh, int dw, int groups, int nthreads):
+    """Weight gradient, lane-wise partial sums:
+    partial[k, o, c, a, b, e*VL + lane] = sum over the k-th chunk of (n, od) and all oh, ow of
+        grad[n, o, od, oh, ow] * x[n, group(o)*Cg + c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow*sw + e*dw].
+    The caller adds lanes and chunks in a fixed order (deterministic, no atomics)."""
+    cdef Py_ssize_t nchunk = partial.shape[0], O = partial.shape[1], Cg = partial.shape[2]
+    cdef Py_ssize_t kd = partial.shape[3], kh = partial.shape[4]
+    cdef int VL = vc_vector_bytes() // sizeof(floating)
+    cdef int kw = <int>(partial.shape[5] // VL)
+    cdef Py_ssize_t N = grad.shape[0], Do = grad.shape[2], Ho = grad.shape[3]
+    cdef int Wo = <int>grad.shape[4]
+    cdef Py_ssize_t Og = O // groups, planes = N * Do, per = (planes + nchunk - 1) // nchunk
+    cdef Py_ssize_t ntask = nchunk * O * Cg, t, k, o, c, q, n, od, oh, a, b, xd, xh, cx
+    if ntask == 0:
+        return
+    with nogil:
+        for t in prange(ntask, num_threads=nthreads, schedule="dynamic"):
+            c = t % Cg
+            o = (t // Cg) % O
+            k = t // (Cg * O)
+            cx = (o // Og) * Cg + c
+            for q in range(k * per, min(planes, (k + 1) * per)):
+                n = q // Do
+                od = q % Do
+                for a in range(kd):
+                    xd = map_d[od * sd + a * dd]
+                    if xd < 0:
+                        continue
+                    for oh in range(Ho):
+                        for b in range(kh):
+                            xh = map_h[oh * sh + b * dh]
+                            if xh < 0:
+                                continue
+                            if floating is float:
+                                wgrad_row_f32(&grad[n, o, od, oh, 0], &x[n, cx, xd, xh, 0], Wo, kw, dw, sw,
+                                              &partial[k, o, c, a, b, 0])
+                            else:
+                                wgrad_row_f64(&grad[n, o, od, oh, 0], &x[n, cx, xd, xh, 0], Wo, kw, dw, sw,
+                                              &partial[k, o, c, a, b, 0])

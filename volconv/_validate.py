@@ -1,0 +1,181 @@
+"""Argument normalisers shared by every public function (one place, one vocabulary).
+
+Errors name the argument and say what was expected. Compiled kernels trust what leaves here.
+"""
+import numbers
+import os
+
+import numpy as np
+
+# Boundary modes, in scipy.ndimage's vocabulary; torch's padding_mode names map onto them.
+SCIPY_MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
+_SCIPY_ALIASES = {"grid-mirror": "reflect", "grid-constant": "constant", "grid-wrap": "wrap"}
+TORCH_PADDING_MODES = {"zeros": "constant", "reflect": "mirror", "replicate": "nearest", "circular": "wrap"}
+
+
+def triple(value, name, *, minimum=None):
+    """An int or a sequence of 3 ints -> tuple of 3 ints, each >= minimum."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        out = (int(value),) * 3
+    else:
+        try:
+            out = tuple(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a sequence of 3 ints, got {value!r}") from None
+        if len(out) != 3 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in out):
+            raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}")
+        out = tuple(int(v) for v in out)
+    if minimum is not None and min(out) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
+    return out
+
+
+def scipy_mode(mode, name="mode"):
+    """scipy.ndimage boundary mode (aliases resolved)."""
+    if not isinstance(mode, str) or _SCIPY_ALIASES.get(mode, mode) not in SCIPY_MODES:
+        raise ValueError(f"{name} must be one of {', '.join(SCIPY_MODES)}, got {mode!r}")
+    return _SCIPY_ALIASES.get(mode, mode)
+
+
+def torch_padding_mode(padding_mode):
+    """torch.nn.Conv3d padding_mode -> scipy boundary mode."""
+    if padding_mode not in TORCH_PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(TORCH_PADDING_MODES)}, got {padding_mode!r}")
+    return TORCH_PADDING_MODES[padding_mode]
+
+
+def conv_padding(padding, kernel_size, dilation, stride):
+    """torch conv3d padding (int | triple | 'same' | 'valid') -> ((lo, hi),) * 3."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * 3
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError("padding='same' is not supported with stride > 1 (as in torch), got stride "
+                                 f"{stride}")
+            pads = []
+            for k, d in zip(kernel_size, dilation):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))  # torch puts the odd extra at the end
+            return tuple(pads)
+        raise ValueError(f"padding must be an int, a triple, 'same' or 'valid', got {padding!r}")
+    p = triple(padding, "padding")
+    if min(p) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return tuple((v, v) for v in p)
+
+
+def workers(value):
+    """scipy.fft's meaning: None -> every thread OpenMP allows (respects threadpoolctl and OMP_NUM_THREADS);
+    n > 0 -> n threads; n < 0 -> counts back from the core count (-1 = all cores)."""
+    from ._cpu import max_threads
+
+    if value is None:
+        return max_threads()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value == 0:
+        raise ValueError(f"workers must be None or a non-zero int, got {value!r}")
+    if value > 0:
+        return int(value)
+    cores = os.cpu_count() or 1
+    n = cores + 1 + int(value)
+    if n < 1:
+        raise ValueError(f"workers={value} asks for fewer than one thread on {cores} cores")
+    return n
+
+
+def float_dtype(dtype, name, *, promote_ints):
+    """float32/float64 -> itself; float16 -> float32 (computed there, cast back by the caller);
+    ints and bools -> the smallest float that holds them when promote_ints, else TypeError."""
+    dtype = np.dtype(dtype)
+    if dtype in (np.float32, np.float64):
+        return dtype
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if dtype.kind in "biu" and promote_ints:
+        return np.promote_types(dtype, np.float32)
+    if dtype.kind == "c":
+        raise TypeError(f"{name} has complex dtype {dtype}; volconv supports real float32 and float64")
+    raise TypeError(f"{name} has dtype {dtype}; volconv supports float32 and float64"
+                    + (" (and integer volumes, promoted)" if promote_ints else ""))
+
+
+def pad_index(n, lo, hi, mode):
+    """Index map of an axis of length n padded by (lo, hi) under a scipy boundary mode.
+
+    Returns int64 array of length n + lo + hi: the source index of every padded position, -1 where the
+    value is the constant (mode 'constant'). lo/hi may be negative (cropping)."""
+    p = np.arange(-lo, n + hi, dtype=np.int64)
+    if mode == "constant":
+        return np.where((p >= 0) & (p < n), p, -1)
+    if mode == "nearest":
+        return np.clip(p, 0, n - 1)
+    if mode == "wrap":
+        return np.mod(p, n)
+    if mode == "reflect":  # d c b a | a b c d | d c b a   (period 2n)
+        q = np.mod(p, 2 * n)
+        return np.where(q < n, q, 2 * n - 1 - q)
+    if mode == "mirror":  # d c b | a b c d | c b a       (period 2n - 2)
+        if n == 1:
+            return np.zeros_like(p)
+        q = np.mod(p, 2 * n - 2)
+        return np.where(q < n, q, 2 * n - 2 - q)
+    raise ValueError(f"unknown boundary mode {mode!r}")
+
+
+def pad_array(x, pads, mode):
+    """x (..., D, H, W) padded along its last three axes by pads ((lo, hi),) * 3 under a scipy mode
+    ('constant' pads with zeros). Any padding size works (reflection repeats, as in scipy.ndimage)."""
+    if mode == "constant" and min(min(p) for p in pads) >= 0:
+        return np.pad(x, ((0, 0),) * (x.ndim - 3) + tuple(pads))
+    for axis, (lo, hi) in zip(range(x.ndim - 3, x.ndim), pads):
+        idx = pad_index(x.shape[axis], lo, hi, mode)
+        x = np.take(x, np.maximum(idx, 0), axis=axis)
+        if mode == "constant":
+            shape = [1] * x.ndim
+            shape[axis] = idx.size
+            x = x * (idx >= 0).reshape(shape)
+    return x
+
+
+class ConvSpec:
+    """Checked geometry of one convolution: NCDHW input, (O, C/groups, kd, kh, kw) weight, padding in
+    scipy boundary-mode terms. Every algorithm receives one of these."""
+
+    def __init__(self, x_shape, w_shape, *, stride, pads, dilation, groups, mode, cval=0.0):
+        if len(x_shape) != 5:
+            raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(x_shape)}")
+        if len(w_shape) != 5:
+            raise ValueError(f"weight must be 5-D (out_channels, in_channels/groups, kd, kh, kw), "
+                             f"got shape {tuple(w_shape)}")
+        if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        N, C = x_shape[:2]
+        O, Cg = w_shape[:2]
+        if C % groups:
+            raise ValueError(f"groups={groups} must divide the input's {C} channels")
+        if O % groups:
+            raise ValueError(f"groups={groups} must divide weight's {O} output channels")
+        if Cg * groups != C:
+            raise ValueError(f"weight has {Cg} input channels per group, so with groups={groups} the input "
+                             f"must have {Cg * groups} channels, got {C}")
+        if min(w_shape) < 1:
+            raise ValueError(f"weight must not be empty, got shape {tuple(w_shape)}")
+        self.stride, self.dilation, self.pads = stride, dilation, pads
+        self.groups, self.mode, self.cval = int(groups), mode, cval
+        self.x_shape, self.w_shape = tuple(x_shape), tuple(w_shape)
+        out = []
+        for axis, (n, k, s, d, (lo, hi)) in enumerate(zip(x_shape[2:], w_shape[2:], stride, dilation, pads)):
+            extent, padded = d * (k - 1) + 1, n + lo + hi
+            if extent > padded:
+                raise ValueError(f"weight's kernel (extent {extent} with dilation {d}) is larger than the padded "
+                                 f"input ({padded}) along spatial axis {axis}")
+            out.append((padded - extent) // s + 1)
+        self.out_shape = (N, O) + tuple(out)
+
+    @property
+    def kernel_size(self):
+        return self.w_shape[2:]
+
+    def flops(self):
+        """Multiply-adds x 2 of the direct method."""
+        return 2.0 * np.prod(self.out_shape, dtype=np.float64) * np.prod(self.w_shape[1:], dtype=np.float64)

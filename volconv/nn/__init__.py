@@ -1,0 +1,4 @@
+"""PyTorch layers over volconv's kernels (torch.nn argument names and defaults; autograd on CPU)."""
+from .conv import Conv3d
+
+__all__ = ["Conv3d"]

@@ -1,0 +1,66 @@
+"""torch.autograd Functions over volconv's kernels. Forward and backward both run volconv code (ops/dense.py):
+the input gradient is a transposed convolution, the weight gradient a correlation of input and output
+gradient, so training uses the same kernels as inference."""
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._dispatch import Caller
+from .._validate import workers as resolve_workers
+from ..ops import dense
+
+# torch.nn.functional.pad modes for volconv's scipy-named boundary modes (those torch's conv3d can reach)
+_TORCH_PAD = {"constant": "constant", "mirror": "reflect", "nearest": "replicate", "wrap": "circular"}
+
+
+class Conv3dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, spec, algorithm, nthreads):
+        ctx.spec, ctx.algorithm, ctx.nthreads = spec, algorithm, nthreads
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, w)
+        out = dense.run(x.numpy(), w.numpy(), None if b is None else b.numpy(), spec, algorithm, nthreads,
+                        allow_torch=False)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g = grad.contiguous().numpy()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.from_numpy(dense.backward_input(g, w.numpy(), ctx.spec, ctx.algorithm, ctx.nthreads))
+        if ctx.needs_input_grad[1]:
+            gw = torch.from_numpy(dense.backward_weight(x.numpy(), g, ctx.spec, ctx.nthreads))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=(0, 2, 3, 4))
+        return gx, gw, gb, None, None, None
+
+
+def _torch_conv3d(x, w, b, spec):
+    """torch's own conv3d (autograd by torch) for the specs 'auto' hands to oneDNN."""
+    pad = tuple(p for lo_hi in reversed(spec.pads) for p in lo_hi)  # F.pad wants the last axis first
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad, mode=_TORCH_PAD[spec.mode])
+    return torch.nn.functional.conv3d(x, w, b, stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
+
+
+def conv3d_autograd(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm, workers):
+    """vc.conv3d on torch tensors that need gradients."""
+    caller = Caller("conv3d", [input, weight, bias], ["input", "weight", "bias"])
+    spec = dense.conv_spec(tuple(input.shape), tuple(weight.shape), bias, stride, padding, dilation, groups,
+                           padding_mode)
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
+    dtype = torch.float64 if caller.dtype.itemsize == 8 else torch.float32
+    x, w = input.to(dtype).contiguous(), weight.to(dtype).contiguous()
+    b = None if bias is None else bias.to(dtype).contiguous()
+    algorithm, nthreads = dense.resolve_algorithm(algorithm), resolve_workers(workers)
+    if algorithm == "auto":
+        algorithm = dense.choose_algorithm(x.detach().numpy(), spec, nthreads, allow_torch=True)
+    if algorithm == "torch":
+        out = _torch_conv3d(x, w, b, spec)
+    else:
+        out = Conv3dFunction.apply(x, w, b, spec, algorithm, nthreads)
+    return out.to(input.dtype)

@@ -1,0 +1,298 @@
+"""Dense 3D convolution: `conv3d` (torch.nn.functional.conv3d semantics) and `correlate` / `convolve`
+(scipy.ndimage semantics on one volume), with their algorithms and the backward passes.
+
+Every path goes through `run(x, w, b, spec, algorithm, nthreads)` on checked numpy arrays. Algorithms:
+  direct  volconv's Cython/OpenMP kernel (kernels.h): no padded copy of D/H, one vectorised pass per row;
+  fft     real FFTs with scipy.fft (ops/fft.py): cost independent of the kernel size;
+  torch   torch's own conv3d (oneDNN), when torch is installed; fastest for many-channel layers.
+"auto" picks the cheapest by the cost model in `choose_algorithm`. NaN and Inf propagate as in torch with the
+direct and torch algorithms (only the outputs whose window holds them); in an FFT they spread over the whole
+output, so "auto" never picks FFT for an input that is not finite.
+"""
+import sys
+
+import numpy as np
+
+from .. import _cpu
+from .._dispatch import Caller, is_tensor, wants_autograd
+from .._validate import (ConvSpec, conv_padding, pad_array, pad_index, scipy_mode, torch_padding_mode, triple,
+                         workers as resolve_workers)
+
+# ----------------------------------------------------------------------------------------------- algorithms
+
+
+def _direct_operands(x, spec, nthreads):
+    """x padded along W (the contiguous axis) and the D/H row maps: the direct kernels' input layout."""
+    (dlo, dhi), (hlo, hhi), (wlo, whi) = spec.pads
+    N, C, D, H, W = x.shape
+    map_d = pad_index(D, dlo, dhi, spec.mode).astype(np.intp)
+    map_h = pad_index(H, hlo, hhi, spec.mode).astype(np.intp)
+    if (wlo, whi) == (0, 0):
+        return x, map_d, map_h
+    xw = np.empty((N, C, D, H, W + wlo + whi), dtype=x.dtype)
+    _cpu.direct.pad_w(x, pad_index(W, wlo, whi, spec.mode).astype(np.intp), xw, nthreads)
+    return xw, map_d, map_h
+
+
+def direct_conv3d(x, w, b, spec, nthreads):
+    xw, map_d, map_h = _direct_operands(x, spec, nthreads)
+    O, Cg = w.shape[:2]
+    G = spec.groups
+    Og = O // G
+    ob = 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1  # output channels sharing each input-row load
+    # (G, Og/ob, ob, Cg, kd, kh, kw) -> (G, Og/ob, Cg, kd, kh, kw, ob): the ob weights of a tap are adjacent.
+    wpack = np.ascontiguousarray(w.reshape((G, Og // ob, ob) + w.shape[1:]).transpose(0, 1, 3, 4, 5, 6, 2))
+    bias = np.zeros(O, x.dtype) if b is None else b
+    out = np.empty(spec.out_shape, dtype=x.dtype)
+    _cpu.direct.conv3d_direct(xw, wpack, bias, out, map_d, map_h, *spec.stride, *spec.dilation, nthreads)
+    return out
+
+
+def fft_conv3d(x, w, b, spec, nthreads):
+    from .fft import fft_conv3d as run_fft
+
+    return run_fft(x, w, b, spec.pads, spec.mode, spec.stride, spec.dilation, spec.groups, nthreads)
+
+
+def torch_conv3d(x, w, b, spec, nthreads):
+    torch = _import_torch("algorithm='torch'")
+    xp = pad_array(x, spec.pads, spec.mode)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        with torch.no_grad():
+            out = torch.nn.functional.conv3d(torch.from_numpy(xp), torch.from_numpy(w),
+                                             None if b is None else torch.from_numpy(b),
+                                             stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
+    finally:
+        torch.set_num_threads(previous)
+    return out.numpy()
+
+
+ALGORITHMS = {"direct": direct_conv3d, "fft": fft_conv3d, "torch": torch_conv3d}
+
+
+def _import_torch(why):
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{why} needs torch; install it with `pip install volconv[torch]`") from None
+    return torch
+
+
+# ----------------------------------------------------------------------------------------------- cost model
+# Calibrated on the development machine (2 Zen 4 cores, float32; bench/bench_dense.py): sustained rates of
+# the direct kernel by register block, of oneDNN for channel-mixing layers, and a fixed cost per call.
+DIRECT_GFLOPS = {1: 110.0, 4: 120.0, 8: 130.0}   # per thread, by output-channel block (1: per-channel)
+TORCH_GFLOPS = 140.0                              # per thread, oneDNN, when channels mix (Cg >= 4, Og >= 4)
+CALL_OVERHEAD = 20e-6
+
+
+def direct_cost(spec, nthreads):
+    Og = spec.w_shape[0] // spec.groups
+    ob = 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1
+    efficiency = 1.0 if spec.stride == (1, 1, 1) else 0.25   # strided columns run the scalar loop
+    return CALL_OVERHEAD + spec.flops() / (DIRECT_GFLOPS[ob] * 1e9 * nthreads * efficiency)
+
+
+def torch_cost(spec, nthreads):
+    Cg, Og = spec.w_shape[1], spec.w_shape[0] // spec.groups
+    if Cg < 4 or Og < 4:
+        return np.inf    # oneDNN's per-channel 3D paths are far slower than the direct kernel
+    return 100e-6 + spec.flops() / (TORCH_GFLOPS * 1e9 * nthreads)
+
+
+def fft_cost(spec, nthreads):
+    from .fft import fft_cost as estimate  # estimated at 2 threads
+
+    return estimate(spec.x_shape, spec.w_shape, spec.pads, spec.stride, spec.dilation, spec.groups) * 2 / \
+        min(max(nthreads, 1), 2)
+
+
+def choose_algorithm(x, spec, nthreads, *, allow_torch):
+    costs = {"direct": direct_cost(spec, nthreads)}
+    if allow_torch and "torch" in sys.modules:
+        costs["torch"] = torch_cost(spec, nthreads)
+    if min(spec.kernel_size) > 3:
+        costs["fft"] = fft_cost(spec, nthreads)
+    name = min(costs, key=costs.get)
+    if name == "fft" and not np.isfinite(x).all():  # an FFT would spread NaN/Inf over the whole output
+        costs.pop("fft")
+        name = min(costs, key=costs.get)
+    return name
+
+
+def resolve_algorithm(algorithm):
+    if algorithm != "auto" and algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be 'auto' or one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    return algorithm
+
+
+# -------------------------------------------------------------------------------------------------- running
+
+
+def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
+    """Convolution of checked, contiguous arrays of one float dtype. Negative pads crop first."""
+    if any(lo < 0 or hi < 0 for lo, hi in spec.pads):
+        crop = tuple(slice(max(-lo, 0), n + min(hi, 0)) for n, (lo, hi) in zip(x.shape[2:], spec.pads))
+        x = np.ascontiguousarray(x[(slice(None), slice(None)) + crop])
+        spec = ConvSpec(x.shape, w.shape, stride=spec.stride, dilation=spec.dilation, groups=spec.groups,
+                        pads=tuple((max(lo, 0), max(hi, 0)) for lo, hi in spec.pads), mode=spec.mode)
+    if spec.mode == "constant" and spec.cval != 0:
+        # corr(x, w) with constant c outside == corr(x - c, w) with zeros outside + c * sum(w)
+        extra = spec.cval * w.reshape(w.shape[0], -1).sum(axis=1)
+        b = extra.astype(x.dtype) if b is None else b + extra.astype(x.dtype)
+        x = x - x.dtype.type(spec.cval)
+    if algorithm == "auto":
+        algorithm = choose_algorithm(x, spec, nthreads, allow_torch=allow_torch)
+    return ALGORITHMS[algorithm](x, w, b, spec, nthreads)
+
+
+def _fold_padding(grad_padded, shape, pads, mode):
+    """Adjoint of padding: each padded position's gradient goes back to the voxel it copied."""
+    g = grad_padded
+    for axis, (n, (lo, hi)) in enumerate(zip(shape, pads), start=2):
+        idx = pad_index(n, lo, hi, mode)
+        inner = np.take(g, np.arange(lo, lo + n), axis=axis)
+        for p in np.flatnonzero((np.arange(idx.size) < lo) | (np.arange(idx.size) >= lo + n)):
+            if idx[p] >= 0:
+                sl = [slice(None)] * g.ndim
+                sl[axis] = idx[p]
+                inner[tuple(sl)] += np.take(g, p, axis=axis)
+        g = inner
+    return np.ascontiguousarray(g)
+
+
+def backward_input(grad, w, spec, algorithm, nthreads):
+    """d loss / d input: a transposed convolution, run as a correlation of the stride-dilated output
+    gradient with the flipped kernel, input and output channels swapped within each group."""
+    N, O = grad.shape[:2]
+    G = spec.groups
+    Og, Cg = O // G, w.shape[1]
+    k = spec.kernel_size
+    wt = w.reshape((G, Og, Cg) + k).transpose(0, 2, 1, 3, 4, 5).reshape((G * Cg, Og) + k)
+    wt = np.ascontiguousarray(wt[..., ::-1, ::-1, ::-1])
+    if spec.stride != (1, 1, 1):  # zero insertion (costs stride^3 more work; a phase split would not)
+        up = np.zeros((N, O) + tuple((n - 1) * s + 1 for n, s in zip(grad.shape[2:], spec.stride)), grad.dtype)
+        up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.stride)] = grad
+        grad = up
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(spec.x_shape[2:], spec.pads))
+    zero_pad = spec.mode == "constant"
+    tpads = []
+    for n_up, P, kk, d, (lo, hi) in zip(grad.shape[2:], padded, k, spec.dilation, spec.pads):
+        full_lo = d * (kk - 1)
+        full_hi = P - n_up - full_lo + d * (kk - 1)   # reaches the padded extent (torch's output_padding)
+        tpads.append((full_lo - lo, full_hi - hi) if zero_pad else (full_lo, full_hi))
+    tspec = ConvSpec(grad.shape, wt.shape, stride=(1, 1, 1), pads=tuple(tpads), dilation=spec.dilation,
+                     groups=G, mode="constant")
+    gx = run(np.ascontiguousarray(grad), wt, None, tspec, algorithm, nthreads, allow_torch=False)
+    return gx if zero_pad else _fold_padding(gx, spec.x_shape[2:], spec.pads, spec.mode)
+
+
+def backward_weight(x, grad, spec, nthreads):
+    """d loss / d weight: correlation of the (padded) input with the output gradient, by the wgrad kernel."""
+    xw, map_d, map_h = _direct_operands(x, spec, nthreads)
+    O, Cg = spec.w_shape[:2]
+    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
+    planes = grad.shape[0] * grad.shape[2]
+    nchunk = max(1, min(planes, 16 // (O * Cg)))   # from the shape only: same sums for any thread count
+    partial = np.zeros((nchunk, O, Cg) + spec.kernel_size[:2] + (spec.kernel_size[2] * vl,), x.dtype)
+    _cpu.direct.wgrad_direct(xw, np.ascontiguousarray(grad), partial, map_d, map_h, *spec.stride,
+                             *spec.dilation, spec.groups, nthreads)
+    return partial.reshape(partial.shape[:-1] + (spec.kernel_size[2], vl)).sum(axis=(0, -1))
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
+           algorithm="auto", workers=None):
+    """3D convolution with the semantics of ``torch.nn.functional.conv3d`` (cross-correlation, NCDHW).
+
+    input: (N, C, D, H, W) numpy array or torch tensor; weight: (O, C // groups, kd, kh, kw); bias: (O,).
+    padding: int, triple, "same" or "valid"; padding_mode: "zeros", "reflect", "replicate" or "circular" (as
+    torch.nn.Conv3d: the input is padded in that mode, then convolved without padding).
+    algorithm: "auto" (cost model), "direct", "fft" or "torch" (torch's own kernel; "auto" may choose it for
+    channel-mixing layers when torch is already imported). workers: threads (None: all OpenMP allows; -1: all
+    cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the caller's type,
+    dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
+    propagate as in torch (algorithm="fft" spreads them over the whole output)."""
+    if wants_autograd(input, weight, bias):
+        from ..nn._functions import conv3d_autograd
+
+        return conv3d_autograd(input, weight, bias, stride, padding, dilation, groups, padding_mode,
+                               algorithm, workers)
+    caller = Caller("conv3d", [input, weight, bias], ["input", "weight", "bias"])
+    x, w, b = caller.arrays
+    if x.dtype.kind != "f" and not is_tensor(input):
+        caller.cast(x, "input")
+    spec = conv_spec(x.shape, w.shape, b, stride, padding, dilation, groups, padding_mode)
+    x = caller.cast(x, "input")
+    w = caller.cast(w, "weight", same_dtype=True)
+    b = caller.cast(b, "bias", same_dtype=True)
+    out = run(x, w, b, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+    return caller.result(out)
+
+
+def conv_spec(x_shape, w_shape, b, stride, padding, dilation, groups, padding_mode):
+    """Checks of conv3d's arguments -> ConvSpec."""
+    stride = triple(stride, "stride", minimum=1)
+    dilation = triple(dilation, "dilation", minimum=1)
+    mode = torch_padding_mode(padding_mode)
+    if len(w_shape) != 5:
+        raise ValueError(f"weight must be 5-D (out_channels, in_channels/groups, kd, kh, kw), got shape "
+                         f"{tuple(w_shape)}")
+    pads = conv_padding(padding, w_shape[2:], dilation, stride)
+    if len(x_shape) == 5 and padding_mode in ("reflect", "circular"):
+        for n, (lo, hi) in zip(x_shape[2:], pads):
+            limit = n - 1 if padding_mode == "reflect" else n
+            if max(lo, hi) > limit:
+                raise ValueError(f"padding {max(lo, hi)} is too large for padding_mode={padding_mode!r} on an "
+                                 f"axis of size {n} (at most {limit}, as in torch)")
+    spec = ConvSpec(x_shape, w_shape, stride=stride, pads=pads, dilation=dilation, groups=groups, mode=mode)
+    if b is not None and tuple(b.shape) != (w_shape[0],):
+        raise ValueError(f"bias must have shape ({w_shape[0]},) (one value per output channel), got "
+                         f"{tuple(b.shape)}")
+    return spec
+
+
+def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip):
+    caller = Caller(op, [volume, kernel], ["volume", "kernel"], promote_ints=True)
+    v, k = caller.arrays
+    if v.ndim != 3:
+        raise ValueError(f"volume must be 3-D (D, H, W), got {v.ndim}-D shape {v.shape}")
+    if k.ndim != 3:
+        raise ValueError(f"kernel must be 3-D (kd, kh, kw), got {k.ndim}-D shape {k.shape}")
+    if min(k.shape) < 1:
+        raise ValueError(f"kernel must not be empty, got shape {k.shape}")
+    mode = scipy_mode(mode)
+    origins = triple(origin, "origin")
+    if flip:  # convolution = correlation with the flipped kernel, its centre moved as scipy.ndimage does
+        k = k[::-1, ::-1, ::-1]
+        origins = tuple(-o - (1 - n % 2) for o, n in zip(origins, k.shape))
+    for o, n in zip(origins, k.shape):
+        if not -(n // 2) <= o <= (n - 1) // 2:
+            raise ValueError(f"origin {origin!r} moves the kernel of size {n} off its centre: each origin must "
+                             f"lie in [-(size // 2), (size - 1) // 2]")
+    pads = tuple((n // 2 + o, n - 1 - n // 2 - o) for n, o in zip(k.shape, origins))
+    v = caller.cast(v, "volume")
+    k = caller.cast(k, "kernel")
+    spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
+                    groups=1, mode=mode, cval=float(cval))
+    out = run(v[None, None], k[None, None], None, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+    return caller.result(out[0, 0])
+
+
+def correlate(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None):
+    """Multidimensional correlation of one 3D volume, with the results of ``scipy.ndimage.correlate``.
+
+    mode: "reflect" (d c b a | a b c d), "constant" (cval outside), "nearest", "mirror" (d c b | a b c d) or
+    "wrap"; origin: int or per-axis triple, shifts the kernel as in scipy. Integer volumes are computed and
+    returned as float (numpy's promotion with float32), not rounded back to the integer type."""
+    return _filter("correlate", volume, kernel, mode, cval, origin, algorithm, workers, flip=False)
+
+
+def convolve(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None):
+    """Multidimensional convolution of one 3D volume, with the results of ``scipy.ndimage.convolve``.
+    Arguments as `correlate`."""
+    return _filter("convolve", volume, kernel, mode, cval, origin, algorithm, workers, flip=True)
