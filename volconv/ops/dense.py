@@ -105,8 +105,9 @@ def torch_cost(spec, nthreads):
 def fft_cost(spec, nthreads):
     from .fft import fft_cost as estimate  # estimated at 2 threads
 
-    return estimate(spec.x_shape, spec.w_shape, spec.pads, spec.stride, spec.dilation, spec.groups) * 2 / \
-        min(max(nthreads, 1), 2)
+    seconds = estimate(spec.x_shape, spec.w_shape, spec.pads, spec.stride, spec.dilation, spec.groups,
+                       mode=spec.mode)
+    return seconds * 2 / min(nthreads, 2)
 
 
 def choose_algorithm(x, spec, nthreads, *, allow_torch):
