@@ -3,7 +3,9 @@
 # different instruction sets. No validation here: volconv/ops/dense.py hands over checked, contiguous arrays.
 #
 # Layout conventions shared with ops/dense.py:
-#   x      (N, C, D, H, Wp)  input already padded along W (the contiguous axis);
+#   x      (N, C, D, H, Wr)  input rows already padded along W (the contiguous axis) and, for a W stride s,
+#                            split into s phases, so that every tap reads a contiguous run;
+#   toff   (kw,)             offset of tap e in such a row: output column w reads row[w + toff[e]];
 #   map_d  (Dp,), map_h (Hp,) padded D/H position -> row of x, or -1 for a zero row (constant padding);
 #   wpack  (G, nOB, Cg, kd, kh, kw, OB) weights with OB output channels innermost (one load, OB FMAs).
 
@@ -16,11 +18,11 @@ cdef extern from "kernels.h" nogil:
     int vc_have_openmp()
     int vc_cpu_level()
     void corr_row_f32(float *out, Py_ssize_t ocs, int OB, const float *const *rows, const float *const *wts,
-                      int nrows, int kw, int dw, int sw, int Wo, const float *bias)
+                      int nrows, int kw, const Py_ssize_t *toff, int Wo, const float *bias)
     void corr_row_f64(double *out, Py_ssize_t ocs, int OB, const double *const *rows, const double *const *wts,
-                      int nrows, int kw, int dw, int sw, int Wo, const double *bias)
-    void wgrad_row_f32(const float *g, const float *x, int Wo, int kw, int dw, int sw, float *vacc)
-    void wgrad_row_f64(const double *g, const double *x, int Wo, int kw, int dw, int sw, double *vacc)
+                      int nrows, int kw, const Py_ssize_t *toff, int Wo, const double *bias)
+    void wgrad_row_f32(const float *g, const float *x, int Wo, int kw, const Py_ssize_t *toff, float *vacc)
+    void wgrad_row_f64(const double *g, const double *x, int Wo, int kw, const Py_ssize_t *toff, double *vacc)
 
 ctypedef fused floating:
     float
@@ -61,9 +63,9 @@ def pad_w(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] map_w, floati
 
 def conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, :, :, ::1] wpack,
                   const floating[::1] bias, floating[:, :, :, :, ::1] out,
-                  const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
-                  int sd, int sh, int sw, int dd, int dh, int dw, int nthreads):
-    """out[n, o, od, oh, ow] = bias[o] + sum x[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow*sw + e*dw] * w."""
+                  const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h, const Py_ssize_t[::1] toff,
+                  int sd, int sh, int dd, int dh, int nthreads):
+    """out[n, o, od, oh, ow] = bias[o] + sum x[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]] * w."""
     cdef Py_ssize_t N = out.shape[0], Do = out.shape[2], Ho = out.shape[3]
     cdef int Wo = <int>out.shape[4]
     cdef Py_ssize_t G = wpack.shape[0], nOB = wpack.shape[1], Cg = wpack.shape[2]
@@ -105,24 +107,23 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, 
                         nr = nr + 1
             o0 = (g * nOB + ob) * OB
             if floating is float:
-                corr_row_f32(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, dw, sw, Wo, &bias[o0])
+                corr_row_f32(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo, &bias[o0])
             else:
-                corr_row_f64(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, dw, sw, Wo, &bias[o0])
+                corr_row_f64(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo, &bias[o0])
         free(rows)
         free(wts)
 
 
 def wgrad_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, ::1] grad,
                  floating[:, :, :, :, :, ::1] partial, const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
-                 int sd, int sh, int sw, int dd, int dh, int dw, int groups, int nthreads):
+                 const Py_ssize_t[::1] toff, int sd, int sh, int dd, int dh, int groups, int nthreads):
     """Weight gradient, lane-wise partial sums:
     partial[k, o, c, a, b, e*VL + lane] = sum over the k-th chunk of (n, od) and all oh, ow of
-        grad[n, o, od, oh, ow] * x[n, group(o)*Cg + c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow*sw + e*dw].
+        grad[n, o, od, oh, ow] * x[n, group(o)*Cg + c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]].
     The caller adds lanes and chunks in a fixed order (deterministic, no atomics)."""
     cdef Py_ssize_t nchunk = partial.shape[0], O = partial.shape[1], Cg = partial.shape[2]
     cdef Py_ssize_t kd = partial.shape[3], kh = partial.shape[4]
-    cdef int VL = vc_vector_bytes() // sizeof(floating)
-    cdef int kw = <int>(partial.shape[5] // VL)
+    cdef int kw = <int>toff.shape[0]
     cdef Py_ssize_t N = grad.shape[0], Do = grad.shape[2], Ho = grad.shape[3]
     cdef int Wo = <int>grad.shape[4]
     cdef Py_ssize_t Og = O // groups, planes = N * Do, per = (planes + nchunk - 1) // nchunk
@@ -148,8 +149,8 @@ def wgrad_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, :
                             if xh < 0:
                                 continue
                             if floating is float:
-                                wgrad_row_f32(&grad[n, o, od, oh, 0], &x[n, cx, xd, xh, 0], Wo, kw, dw, sw,
+                                wgrad_row_f32(&grad[n, o, od, oh, 0], &x[n, cx, xd, xh, 0], Wo, kw, &toff[0],
                                               &partial[k, o, c, a, b, 0])
                             else:
-                                wgrad_row_f64(&grad[n, o, od, oh, 0], &x[n, cx, xd, xh, 0], Wo, kw, dw, sw,
+                                wgrad_row_f64(&grad[n, o, od, oh, 0], &x[n, cx, xd, xh, 0], Wo, kw, &toff[0],
                                               &partial[k, o, c, a, b, 0])

@@ -10,14 +10,15 @@ typedef T VEC __attribute__((vector_size(VC_VBYTES)));
 typedef T UVEC __attribute__((vector_size(VC_VBYTES), aligned(sizeof(T)), may_alias));
 
 /* One block of output: OB output rows (channels, `ocs` apart) x WV vectors starting at column w0.
- * out[o][w] = bias[o] + sum_r sum_e wts[r][e*OB + o] * rows[r][w + e*dw]
+ * out[o][w] = bias[o] + sum_r sum_e wts[r][e*OB + o] * rows[r][w + toff[e]]
+ * (toff: column offset of each tap in the row layout of ops/dense.py, stride phases split apart.)
  * The whole reduction happens in registers (acc), so a block may overlap one computed before (used for the
  * row's tail) and write the same values. NS accumulator sets take alternate rows: more independent FMA
  * chains when OB*WV alone is too few to hide the FMA latency. */
 #define VC_DEFINE_BLOCK(OB, WV, NS)                                                                   \
 static inline void FN(block_##OB##x##WV)(T *out, ptrdiff_t ocs, const T *const *rows,                  \
-                                          const T *const *wts, int nrows, int kw, int dw, ptrdiff_t w0,\
-                                          const T *bias)                                                \
+                                          const T *const *wts, int nrows, int kw,                   \
+                                          const ptrdiff_t *toff, ptrdiff_t w0, const T *bias)           \
 {                                                                                                     \
     VEC acc[NS][OB][WV];                                                                              \
     _Pragma("GCC unroll 16") for (int s = 0; s < NS; s++)                                             \
@@ -28,7 +29,7 @@ static inline void FN(block_##OB##x##WV)(T *out, ptrdiff_t ocs, const T *const *
     for (; r + NS <= nrows; r += NS) {                                                                \
         for (int e = 0; e < kw; e++) {                                                                \
             _Pragma("GCC unroll 16") for (int s = 0; s < NS; s++) {                                   \
-                const T *src = rows[r + s] + w0 + (ptrdiff_t)e * dw;                                  \
+                const T *src = rows[r + s] + w0 + toff[e];                                            \
                 const T *wt = wts[r + s] + e * OB;                                                    \
                 VEC xv[WV];                                                                           \
                 _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++)                                 \
@@ -41,7 +42,7 @@ static inline void FN(block_##OB##x##WV)(T *out, ptrdiff_t ocs, const T *const *
     }                                                                                                 \
     for (; r < nrows; r++) { /* leftover rows (nrows % NS) go to set 0 */                             \
         for (int e = 0; e < kw; e++) {                                                                \
-            const T *src = rows[r] + w0 + (ptrdiff_t)e * dw;                                          \
+            const T *src = rows[r] + w0 + toff[e];                                                    \
             const T *wt = wts[r] + e * OB;                                                            \
             _Pragma("GCC unroll 16") for (int o = 0; o < OB; o++)                                     \
             _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++)                                     \
@@ -71,21 +72,21 @@ VC_DEFINE_BLOCK(1, 1, 2)
 VC_DEFINE_BLOCK(4, 1, 1)
 VC_DEFINE_BLOCK(8, 1, 1)
 
-/* Any OB, any stride: accumulate in memory; only for rows narrower than a vector or strided columns. */
+/* Any OB: accumulate in memory; only for rows narrower than a vector. */
 static void FN(corr_row_scalar)(T *out, ptrdiff_t ocs, int OB, const T *const *rows, const T *const *wts,
-                                int nrows, int kw, int dw, int sw, int Wo, const T *bias)
+                                int nrows, int kw, const ptrdiff_t *toff, int Wo, const T *bias)
 {
     for (int o = 0; o < OB; o++)
         for (int w = 0; w < Wo; w++)
             out[o * ocs + w] = bias[o];
     for (int r = 0; r < nrows; r++)
         for (int e = 0; e < kw; e++) {
-            const T *src = rows[r] + (ptrdiff_t)e * dw;
+            const T *src = rows[r] + toff[e];
             for (int o = 0; o < OB; o++) {
                 const T wv = wts[r][e * OB + o];
                 T *dst = out + o * ocs;
                 for (int w = 0; w < Wo; w++)
-                    dst[w] += wv * src[(ptrdiff_t)w * sw];
+                    dst[w] += wv * src[w];
             }
         }
 }
@@ -95,22 +96,22 @@ static void FN(corr_row_scalar)(T *out, ptrdiff_t ocs, int OB, const T *const *r
     do {                                                                                              \
         ptrdiff_t w0 = 0;                                                                             \
         for (; w0 + WIDE * VL <= Wo; w0 += WIDE * VL)                                                 \
-            FN(block_##OB##x##WIDE)(out, ocs, rows, wts, nrows, kw, dw, w0, bias);                    \
+            FN(block_##OB##x##WIDE)(out, ocs, rows, wts, nrows, kw, toff, w0, bias);                    \
         for (; w0 + MID * VL <= Wo; w0 += MID * VL)                                                   \
-            FN(block_##OB##x##MID)(out, ocs, rows, wts, nrows, kw, dw, w0, bias);                     \
+            FN(block_##OB##x##MID)(out, ocs, rows, wts, nrows, kw, toff, w0, bias);                     \
         for (; w0 + VL <= Wo; w0 += VL)                                                               \
-            FN(block_##OB##x1)(out, ocs, rows, wts, nrows, kw, dw, w0, bias);                         \
+            FN(block_##OB##x1)(out, ocs, rows, wts, nrows, kw, toff, w0, bias);                         \
         if (w0 < Wo)                                                                                  \
-            FN(block_##OB##x1)(out, ocs, rows, wts, nrows, kw, dw, Wo - VL, bias);                    \
+            FN(block_##OB##x1)(out, ocs, rows, wts, nrows, kw, toff, Wo - VL, bias);                    \
     } while (0)
 
-/* out[o*ocs + w] = bias[o] + sum_r sum_e wts[r][e*OB + o] * rows[r][w*sw + e*dw], w < Wo, o < OB.
+/* out[o*ocs + w] = bias[o] + sum_r sum_e wts[r][e*OB + o] * rows[r][w + toff[e]], w < Wo, o < OB.
  * OB is 1, 4 or 8 (output channels sharing every input row). */
 static void FN(corr_row)(T *out, ptrdiff_t ocs, int OB, const T *const *rows, const T *const *wts,
-                         int nrows, int kw, int dw, int sw, int Wo, const T *bias)
+                         int nrows, int kw, const ptrdiff_t *toff, int Wo, const T *bias)
 {
-    if (sw != 1 || Wo < VL) {
-        FN(corr_row_scalar)(out, ocs, OB, rows, wts, nrows, kw, dw, sw, Wo, bias);
+    if (Wo < VL) {
+        FN(corr_row_scalar)(out, ocs, OB, rows, wts, nrows, kw, toff, Wo, bias);
     } else if (OB == 8) {
 #if VC_VBYTES >= 64
         VC_WALK(8, 2, 1);
@@ -128,37 +129,31 @@ static void FN(corr_row)(T *out, ptrdiff_t ocs, int OB, const T *const *rows, co
     }
 }
 
-/* Weight gradient of one row pair: vacc[e*VL + lane] += sum_w g[w] * x[w*sw + e*dw] (lane-wise partial
+/* Weight gradient of one row pair: vacc[e*VL + lane] += sum_w g[w] * x[w + toff[e]] (lane-wise partial
  * sums; the caller adds the VL lanes once at the end, so the order is fixed and the result deterministic). */
-static void FN(wgrad_row)(const T *g, const T *x, int Wo, int kw, int dw, int sw, T *vacc)
+static void FN(wgrad_row)(const T *g, const T *x, int Wo, int kw, const ptrdiff_t *toff, T *vacc)
 {
+    const int wv_end = Wo - Wo % VL;
     int e = 0;
-    if (sw == 1) {
-        const int wv_end = Wo - Wo % VL;
-        for (; e + 8 <= kw; e += 8) { /* 8 taps at a time: g loaded once, 8 independent FMA chains */
-            VEC a[8];
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) a[i] = *(UVEC *)(vacc + (e + i) * VL);
-            for (int w = 0; w < wv_end; w += VL) {
-                const VEC gv = *(const UVEC *)(g + w);
-                _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
-                    a[i] += gv * *(const UVEC *)(x + w + (ptrdiff_t)(e + i) * dw);
-            }
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) *(UVEC *)(vacc + (e + i) * VL) = a[i];
+    for (; e + 8 <= kw; e += 8) { /* 8 taps at a time: g loaded once, 8 independent FMA chains */
+        VEC a[8];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) a[i] = *(UVEC *)(vacc + (e + i) * VL);
+        for (int w = 0; w < wv_end; w += VL) {
+            const VEC gv = *(const UVEC *)(g + w);
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
+                a[i] += gv * *(const UVEC *)(x + w + toff[e + i]);
         }
-        for (; e < kw; e++) {
-            VEC a = *(UVEC *)(vacc + e * VL);
-            for (int w = 0; w < wv_end; w += VL)
-                a += *(const UVEC *)(g + w) * *(const UVEC *)(x + w + (ptrdiff_t)e * dw);
-            *(UVEC *)(vacc + e * VL) = a;
-        }
-        for (e = 0; e < kw; e++)
-            for (int w = wv_end; w < Wo; w++)
-                vacc[e * VL] += g[w] * x[w + (ptrdiff_t)e * dw];
-    } else {
-        for (; e < kw; e++)
-            for (int w = 0; w < Wo; w++)
-                vacc[e * VL] += g[w] * x[(ptrdiff_t)w * sw + (ptrdiff_t)e * dw];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) *(UVEC *)(vacc + (e + i) * VL) = a[i];
     }
+    for (; e < kw; e++) {
+        VEC a = *(UVEC *)(vacc + e * VL);
+        for (int w = 0; w < wv_end; w += VL)
+            a += *(const UVEC *)(g + w) * *(const UVEC *)(x + w + toff[e]);
+        *(UVEC *)(vacc + e * VL) = a;
+    }
+    for (e = 0; e < kw; e++)
+        for (int w = wv_end; w < Wo; w++)
+            vacc[e * VL] += g[w] * x[w + toff[e]];
 }
 
 #undef FN

@@ -22,20 +22,29 @@ from .._validate import (ConvSpec, conv_padding, pad_array, pad_index, scipy_mod
 
 
 def _direct_operands(x, spec, nthreads):
-    """x padded along W (the contiguous axis) and the D/H row maps: the direct kernels' input layout."""
+    """The direct kernels' input layout: rows padded along W and split into the W stride's phases (so every
+    tap reads a contiguous run at offset toff[e]), and D/H maps from padded position to row (-1: zeros)."""
     (dlo, dhi), (hlo, hhi), (wlo, whi) = spec.pads
     N, C, D, H, W = x.shape
+    sw, dw, kw = spec.stride[2], spec.dilation[2], spec.kernel_size[2]
     map_d = pad_index(D, dlo, dhi, spec.mode).astype(np.intp)
     map_h = pad_index(H, hlo, hhi, spec.mode).astype(np.intp)
-    if (wlo, whi) == (0, 0):
-        return x, map_d, map_h
-    xw = np.empty((N, C, D, H, W + wlo + whi), dtype=x.dtype)
-    _cpu.direct.pad_w(x, pad_index(W, wlo, whi, spec.mode).astype(np.intp), xw, nthreads)
-    return xw, map_d, map_h
+    taps = np.arange(kw) * dw
+    phase_len = -(-(W + wlo + whi) // sw)
+    toff = ((taps % sw) * phase_len + taps // sw).astype(np.intp)
+    if (wlo, whi) == (0, 0) and sw == 1:
+        return x, map_d, map_h, toff
+    map_w = pad_index(W, wlo, whi, spec.mode)
+    # row position ph * phase_len + j holds padded column j * sw + ph (-1 past the end: never read)
+    cols = np.arange(phase_len)[None, :] * sw + np.arange(sw)[:, None]
+    phases = np.where(cols < map_w.size, map_w[np.minimum(cols, map_w.size - 1)], -1).ravel().astype(np.intp)
+    rows = np.empty((N, C, D, H, phases.size), dtype=x.dtype)
+    _cpu.direct.pad_w(x, phases, rows, nthreads)
+    return rows, map_d, map_h, toff
 
 
 def direct_conv3d(x, w, b, spec, nthreads):
-    xw, map_d, map_h = _direct_operands(x, spec, nthreads)
+    rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)
     O, Cg = w.shape[:2]
     G = spec.groups
     Og = O // G
@@ -44,7 +53,8 @@ def direct_conv3d(x, w, b, spec, nthreads):
     wpack = np.ascontiguousarray(w.reshape((G, Og // ob, ob) + w.shape[1:]).transpose(0, 1, 3, 4, 5, 6, 2))
     bias = np.zeros(O, x.dtype) if b is None else b
     out = np.empty(spec.out_shape, dtype=x.dtype)
-    _cpu.direct.conv3d_direct(xw, wpack, bias, out, map_d, map_h, *spec.stride, *spec.dilation, nthreads)
+    (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
+    _cpu.direct.conv3d_direct(rows, wpack, bias, out, map_d, map_h, toff, sd, sh, dd, dh, nthreads)
     return out
 
 
@@ -91,8 +101,7 @@ CALL_OVERHEAD = 20e-6
 def direct_cost(spec, nthreads):
     Og = spec.w_shape[0] // spec.groups
     ob = 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1
-    efficiency = 1.0 if spec.stride == (1, 1, 1) else 0.25   # strided columns run the scalar loop
-    return CALL_OVERHEAD + spec.flops() / (DIRECT_GFLOPS[ob] * 1e9 * nthreads * efficiency)
+    return CALL_OVERHEAD + spec.flops() / (DIRECT_GFLOPS[ob] * 1e9 * nthreads)
 
 
 def torch_cost(spec, nthreads):
@@ -192,14 +201,15 @@ def backward_input(grad, w, spec, algorithm, nthreads):
 
 def backward_weight(x, grad, spec, nthreads):
     """d loss / d weight: correlation of the (padded) input with the output gradient, by the wgrad kernel."""
-    xw, map_d, map_h = _direct_operands(x, spec, nthreads)
+    rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)
     O, Cg = spec.w_shape[:2]
     vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
     planes = grad.shape[0] * grad.shape[2]
     nchunk = max(1, min(planes, 16 // (O * Cg)))   # from the shape only: same sums for any thread count
     partial = np.zeros((nchunk, O, Cg) + spec.kernel_size[:2] + (spec.kernel_size[2] * vl,), x.dtype)
-    _cpu.direct.wgrad_direct(xw, np.ascontiguousarray(grad), partial, map_d, map_h, *spec.stride,
-                             *spec.dilation, spec.groups, nthreads)
+    (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
+    _cpu.direct.wgrad_direct(rows, np.ascontiguousarray(grad), partial, map_d, map_h, toff, sd, sh, dd, dh,
+                             spec.groups, nthreads)
     return partial.reshape(partial.shape[:-1] + (spec.kernel_size[2], vl)).sum(axis=(0, -1))
 
 
