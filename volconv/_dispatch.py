@@ -1,6 +1,7 @@
 """One dispatch point for every op: numpy arrays and torch tensors in, numpy arrays out to the kernels, and the
 result handed back in the caller's type, dtype and device. torch is never imported here: a tensor can only
 come from a program that already imported it."""
+import numbers
 import sys
 
 import numpy as np
@@ -32,7 +33,10 @@ def _device(x):
 class Caller:
     """What the caller gave (numpy or torch, dtype, device): numpy views for the kernels, results back."""
 
-    def __init__(self, op, arrays, names, *, promote_ints=False):
+    def __init__(self, op, arrays, names, *, optional=("bias",), promote_ints=False):
+        for a, n in zip(arrays, names):
+            if a is None and n not in optional:
+                raise TypeError(f"{n} must be a numpy array or a torch tensor, got None")
         present = [(a, n) for a, n in zip(arrays, names) if a is not None]
         first, first_name = present[0]
         self.torch_dtype = first.dtype if is_tensor(first) else None
@@ -62,8 +66,10 @@ class Caller:
             return a.numpy()
         if isinstance(a, np.ndarray):
             return a
-        if isinstance(a, (list, tuple)) or np.isscalar(a):
-            return np.asarray(a)
+        if isinstance(a, (list, tuple, numbers.Number)):  # array-likes of numbers are welcome
+            arr = np.asarray(a)
+            if arr.dtype.kind in "biufc":
+                return arr
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(a).__name__}")
 
     def cast(self, a, name, *, same_dtype=False):

@@ -172,6 +172,12 @@ class ConvSpec:
             out.append((padded - extent) // s + 1)
         self.out_shape = (N, O) + tuple(out)
 
+    def padded(self):
+        """The same convolution on an input already padded by self.pads."""
+        shape = self.x_shape[:2] + tuple(n + lo + hi for n, (lo, hi) in zip(self.x_shape[2:], self.pads))
+        return ConvSpec(shape, self.w_shape, stride=self.stride, pads=((0, 0),) * 3, dilation=self.dilation,
+                        groups=self.groups, mode="constant")
+
     @property
     def kernel_size(self):
         return self.w_shape[2:]

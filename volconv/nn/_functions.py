@@ -8,10 +8,6 @@ from .._dispatch import Caller
 from .._validate import workers as resolve_workers
 from ..ops import dense
 
-# torch.nn.functional.pad modes for volconv's scipy-named boundary modes (those torch's conv3d can reach)
-_TORCH_PAD = {"constant": "constant", "mirror": "reflect", "nearest": "replicate", "wrap": "circular"}
-
-
 class Conv3dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, spec, algorithm, nthreads):
@@ -37,14 +33,6 @@ class Conv3dFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
-def _torch_conv3d(x, w, b, spec):
-    """torch's own conv3d (autograd by torch) for the specs 'auto' hands to oneDNN."""
-    pad = tuple(p for lo_hi in reversed(spec.pads) for p in lo_hi)  # F.pad wants the last axis first
-    if any(pad):
-        x = torch.nn.functional.pad(x, pad, mode=_TORCH_PAD[spec.mode])
-    return torch.nn.functional.conv3d(x, w, b, stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
-
-
 def conv3d_autograd(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm, workers):
     """vc.conv3d on torch tensors that need gradients."""
     caller = Caller("conv3d", [input, weight, bias], ["input", "weight", "bias"])
@@ -60,7 +48,7 @@ def conv3d_autograd(input, weight, bias, stride, padding, dilation, groups, padd
     if algorithm == "auto":
         algorithm = dense.choose_algorithm(x.detach().numpy(), spec, nthreads, allow_torch=True)
     if algorithm == "torch":
-        out = _torch_conv3d(x, w, b, spec)
+        out = dense.torch_conv3d_tensors(x, w, b, spec)
     else:
         out = Conv3dFunction.apply(x, w, b, spec, algorithm, nthreads)
     return out.to(input.dtype)

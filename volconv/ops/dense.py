@@ -64,18 +64,43 @@ def fft_conv3d(x, w, b, spec, nthreads):
     return run_fft(x, w, b, spec.pads, spec.mode, spec.stride, spec.dilation, spec.groups, nthreads)
 
 
+def torch_padding(spec):
+    """How to hand spec's padding to torch: (pad for F.pad with its mode, or None; padding for conv3d).
+    Symmetric zero padding goes to conv3d itself (no padded copy); anything else is padded first."""
+    if spec.mode == "constant" and all(lo == hi for lo, hi in spec.pads):
+        return None, tuple(lo for lo, _ in spec.pads)
+    pad = tuple(p for lo_hi in reversed(spec.pads) for p in lo_hi)  # F.pad wants the last axis first
+    return (pad, TORCH_PAD_MODES[spec.mode]), 0
+
+
+# torch.nn.functional.pad's names for the scipy boundary modes torch's conv3d can reach
+TORCH_PAD_MODES = {"constant": "constant", "mirror": "reflect", "nearest": "replicate", "wrap": "circular"}
+
+
+def torch_conv3d_tensors(x, w, b, spec):
+    """torch's own conv3d on tensors (autograd by torch when they need it)."""
+    torch = _import_torch("algorithm='torch'")
+    pad, padding = torch_padding(spec)
+    if pad is not None:
+        x = torch.nn.functional.pad(x, pad[0], mode=pad[1])
+    return torch.nn.functional.conv3d(x, w, b, stride=spec.stride, padding=padding, dilation=spec.dilation,
+                                      groups=spec.groups)
+
+
 def torch_conv3d(x, w, b, spec, nthreads):
     torch = _import_torch("algorithm='torch'")
-    xp = pad_array(x, spec.pads, spec.mode)
+    if spec.mode == "reflect":  # scipy's 'reflect' (symmetric) has no torch name: pad here
+        x, spec = pad_array(x, spec.pads, spec.mode), spec.padded()
     previous = torch.get_num_threads()
-    torch.set_num_threads(nthreads)
+    if previous != nthreads:
+        torch.set_num_threads(nthreads)
     try:
         with torch.no_grad():
-            out = torch.nn.functional.conv3d(torch.from_numpy(xp), torch.from_numpy(w),
-                                             None if b is None else torch.from_numpy(b),
-                                             stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
+            out = torch_conv3d_tensors(torch.from_numpy(x), torch.from_numpy(w),
+                                       None if b is None else torch.from_numpy(b), spec)
     finally:
-        torch.set_num_threads(previous)
+        if previous != nthreads:
+            torch.set_num_threads(previous)
     return out.numpy()
 
 
