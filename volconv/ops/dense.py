@@ -121,12 +121,14 @@ def _import_torch(why):
 DIRECT_GFLOPS = {1: 110.0, 4: 120.0, 8: 130.0}   # per thread, by output-channel block (1: per-channel)
 TORCH_GFLOPS = 140.0                              # per thread, oneDNN, when channels mix (Cg >= 4, Og >= 4)
 CALL_OVERHEAD = 20e-6
+BANDWIDTH = 12e9   # bytes/s the direct path streams (input, its W-padded row copy, output), both cores
 
 
 def direct_cost(spec, nthreads):
     Og = spec.w_shape[0] // spec.groups
     ob = 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1
-    return CALL_OVERHEAD + spec.flops() / (DIRECT_GFLOPS[ob] * 1e9 * nthreads)
+    traffic = 4.0 * (2 * np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
+    return CALL_OVERHEAD + traffic / BANDWIDTH + spec.flops() / (DIRECT_GFLOPS[ob] * 1e9 * nthreads)
 
 
 def torch_cost(spec, nthreads):
