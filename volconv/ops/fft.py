@@ -10,7 +10,7 @@ How it works
   sits after its lo leading zeros in a box of length L >= n + max(lo, hi); the reads of the last outputs run
   past the end of the box and wrap around into those leading zeros, which is exactly the hi trailing zeros
   they need. The textbook linear convolution needs L >= n + lo + hi (= n + k - 1 for 'same'). Other boundary
-  modes are padded explicitly (one gather per axis with pad_index) and then treated like 'valid'.
+  modes are padded explicitly (one gather per axis, _validate.pad_array) and then treated like 'valid'.
 * Channels: every input channel and every kernel is transformed once; a per-group contraction over input
   channels combines the spectra, so a call costs N*C + O*C/groups forward and N*O inverse transforms.
 * Pruned transforms: the data fills only part of the box and the outputs only part of the result, so the
@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.fft as sfft
 
-from .._validate import pad_index
+from .._validate import pad_array
 
 # Bytes of spectra a pass may hold (kernel spectra + input and output spectra of the batch chunk); larger problems
 # are cut into blocks and batch chunks.
@@ -74,7 +74,7 @@ def fft_conv3d(x, weight, bias, pads, mode, stride, dilation, groups, nthreads):
     """
     plan = _plan_for(x.shape, weight.shape, pads, mode, stride, dilation, groups, x.dtype)
     if mode != "constant":
-        x = _pad_explicit(x, pads, mode)
+        x = pad_array(x, pads, mode)
     kernel_spectra = _kernel_spectra(weight, dilation, plan.box, nthreads)
     n, o = x.shape[0], weight.shape[0]
     blocks = list(itertools.product(*plan.segments))
@@ -173,14 +173,6 @@ def _workers(transforms, box, nthreads):
     """Threads for the transforms of one pass: starting pocketfft's threads costs ~15 us a call, more than
     splitting a small array saves (measured crossover: about 32k complex points per call)."""
     return nthreads if transforms * box[0] * box[1] * (box[2] // 2 + 1) >= 32768 else 1
-
-
-def _pad_explicit(x, pads, mode):
-    """Materialise a non-constant boundary: one gather per axis with pad_index."""
-    for axis, (lo, hi) in zip((2, 3, 4), pads):
-        if lo or hi:
-            x = np.take(x, pad_index(x.shape[axis], lo, hi, mode), axis=axis)
-    return x
 
 
 def _nonempty(block):
