@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from .. import _cpu
-from .._dispatch import Caller, is_tensor, wants_autograd
+from .._dispatch import Caller, wants_autograd
 from .._validate import (ConvSpec, conv_padding, pad_array, pad_index, scipy_mode, torch_padding_mode, triple,
                          workers as resolve_workers)
 
@@ -43,12 +43,16 @@ def _direct_operands(x, spec, nthreads):
     return rows, map_d, map_h, toff
 
 
+def _channel_block(spec):
+    """Output channels that share each input-row load in the direct kernel (its register block)."""
+    Og = spec.w_shape[0] // spec.groups
+    return 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1
+
+
 def direct_conv3d(x, w, b, spec, nthreads):
     rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)
-    O, Cg = w.shape[:2]
-    G = spec.groups
+    O, G, ob = w.shape[0], spec.groups, _channel_block(spec)
     Og = O // G
-    ob = 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1  # output channels sharing each input-row load
     # (G, Og/ob, ob, Cg, kd, kh, kw) -> (G, Og/ob, Cg, kd, kh, kw, ob): the ob weights of a tap are adjacent.
     wpack = np.ascontiguousarray(w.reshape((G, Og // ob, ob) + w.shape[1:]).transpose(0, 1, 3, 4, 5, 6, 2))
     bias = np.zeros(O, x.dtype) if b is None else b
@@ -125,10 +129,8 @@ BANDWIDTH = 12e9   # bytes/s the direct path streams (input, its W-padded row co
 
 
 def direct_cost(spec, nthreads):
-    Og = spec.w_shape[0] // spec.groups
-    ob = 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1
     traffic = 4.0 * (2 * np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
-    return CALL_OVERHEAD + traffic / BANDWIDTH + spec.flops() / (DIRECT_GFLOPS[ob] * 1e9 * nthreads)
+    return CALL_OVERHEAD + traffic / BANDWIDTH + spec.flops() / (DIRECT_GFLOPS[_channel_block(spec)] * 1e9 * nthreads)
 
 
 def torch_cost(spec, nthreads):
@@ -262,8 +264,6 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
                                algorithm, workers)
     caller = Caller("conv3d", [input, weight, bias], ["input", "weight", "bias"])
     x, w, b = caller.arrays
-    if x.dtype.kind != "f" and not is_tensor(input):
-        caller.cast(x, "input")
     spec = conv_spec(x.shape, w.shape, b, stride, padding, dilation, groups, padding_mode)
     x = caller.cast(x, "input")
     w = caller.cast(w, "weight", same_dtype=True)
