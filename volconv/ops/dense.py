@@ -9,6 +9,8 @@ Every path goes through `run(x, w, b, spec, algorithm, nthreads)` on checked num
 direct and torch algorithms (only the outputs whose window holds them); in an FFT they spread over the whole
 output, so "auto" never picks FFT for an input that is not finite.
 """
+import itertools
+import math
 import sys
 
 import numpy as np
@@ -202,29 +204,45 @@ def _fold_padding(grad_padded, shape, pads, mode):
     return np.ascontiguousarray(g)
 
 
+def _stride_phase(n_grad, start, stop, k, d, s, rho):
+    """One stride phase of a transposed convolution along one axis: the input positions i = q*s + rho in
+    [start, stop) receive grad[q - m_t] * w[t] from exactly the taps t with t*d = rho (mod s), m_t = (t*d - rho)/s.
+    That is a stride-1 correlation of grad with those taps reversed (dilation d / gcd(d, s)).
+    Returns (taps, (lo, hi) padding of grad, dilation, destination slice) or None when nothing lands."""
+    taps = [t for t in range(k) if (t * d - rho) % s == 0]
+    q0, q1 = -(-(start - rho) // s), -(-(stop - rho) // s)
+    if not taps or q1 <= q0:
+        return None
+    dilation = d // math.gcd(d, s)
+    lo = (taps[-1] * d - rho) // s - q0
+    hi = (q1 - q0) - n_grad - lo + dilation * (len(taps) - 1)
+    first = q0 * s + rho - start
+    return taps[::-1], (lo, hi), dilation, slice(first, first + (q1 - q0 - 1) * s + 1, s)
+
+
 def backward_input(grad, w, spec, algorithm, nthreads):
-    """d loss / d input: a transposed convolution, run as a correlation of the stride-dilated output
-    gradient with the flipped kernel, input and output channels swapped within each group."""
+    """d loss / d input: a transposed convolution. Split into the stride's phases (stride 1: one phase, the
+    flipped kernel), each a stride-1 correlation of the output gradient with a sub-kernel, input and output
+    channels swapped within each group: the work of the forward pass, never stride^3 times it."""
     N, O = grad.shape[:2]
     G = spec.groups
     Og, Cg = O // G, w.shape[1]
-    k = spec.kernel_size
-    wt = w.reshape((G, Og, Cg) + k).transpose(0, 2, 1, 3, 4, 5).reshape((G * Cg, Og) + k)
-    wt = np.ascontiguousarray(wt[..., ::-1, ::-1, ::-1])
-    if spec.stride != (1, 1, 1):  # zero insertion (costs stride^3 more work; a phase split would not)
-        up = np.zeros((N, O) + tuple((n - 1) * s + 1 for n, s in zip(grad.shape[2:], spec.stride)), grad.dtype)
-        up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.stride)] = grad
-        grad = up
-    padded = tuple(n + lo + hi for n, (lo, hi) in zip(spec.x_shape[2:], spec.pads))
-    zero_pad = spec.mode == "constant"
-    tpads = []
-    for n_up, P, kk, d, (lo, hi) in zip(grad.shape[2:], padded, k, spec.dilation, spec.pads):
-        full_lo = d * (kk - 1)
-        full_hi = P - n_up - full_lo + d * (kk - 1)   # reaches the padded extent (torch's output_padding)
-        tpads.append((full_lo - lo, full_hi - hi) if zero_pad else (full_lo, full_hi))
-    tspec = ConvSpec(grad.shape, wt.shape, stride=(1, 1, 1), pads=tuple(tpads), dilation=spec.dilation,
-                     groups=G, mode="constant")
-    gx = run(np.ascontiguousarray(grad), wt, None, tspec, algorithm, nthreads, allow_torch=False)
+    wt = w.reshape((G, Og, Cg) + spec.kernel_size).transpose(0, 2, 1, 3, 4, 5).reshape((G * Cg, Og) +
+                                                                                      spec.kernel_size)
+    zero_pad = spec.mode == "constant"   # then only the unpadded positions are computed
+    spans = [(lo, lo + n) if zero_pad else (0, n + lo + hi) for n, (lo, hi) in zip(spec.x_shape[2:], spec.pads)]
+    gx = np.zeros((N, G * Cg) + tuple(b - a for a, b in spans), grad.dtype)
+    grad = np.ascontiguousarray(grad)
+    for rho in itertools.product(*(range(s) for s in spec.stride)):
+        phases = [_stride_phase(n, a, b, k, d, s, r) for n, (a, b), k, d, s, r in
+                  zip(grad.shape[2:], spans, spec.kernel_size, spec.dilation, spec.stride, rho)]
+        if None in phases:
+            continue
+        taps, pads, dilation, dst = zip(*phases)
+        sub = np.ascontiguousarray(wt[:, :, list(taps[0])][:, :, :, list(taps[1])][..., list(taps[2])])
+        pspec = ConvSpec(grad.shape, sub.shape, stride=(1, 1, 1), pads=pads, dilation=dilation, groups=G,
+                         mode="constant")
+        gx[(slice(None), slice(None)) + dst] = run(grad, sub, None, pspec, algorithm, nthreads, allow_torch=False)
     return gx if zero_pad else _fold_padding(gx, spec.x_shape[2:], spec.pads, spec.mode)
 
 
