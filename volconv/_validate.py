@@ -172,6 +172,10 @@ class ConvSpec:
             out.append((padded - extent) // s + 1)
         self.out_shape = (N, O) + tuple(out)
 
+    def with_cval(self, cval):
+        return ConvSpec(self.x_shape, self.w_shape, stride=self.stride, pads=self.pads, dilation=self.dilation,
+                        groups=self.groups, mode=self.mode, cval=cval)
+
     def padded(self):
         """The same convolution on an input already padded by self.pads."""
         shape = self.x_shape[:2] + tuple(n + lo + hi for n, (lo, hi) in zip(self.x_shape[2:], self.pads))

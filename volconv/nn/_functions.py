@@ -33,22 +33,39 @@ class Conv3dFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+def tensor(a, like=None):
+    """a as a torch tensor (numpy operands of a differentiable call join the autograd graph as constants)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    t = torch.as_tensor(a)
+    return t if like is None else t.to(like.dtype)
+
+
+def conv_autograd(x, w, b, spec, algorithm, workers):
+    """Differentiable convolution of tensors by volconv's kernels (or by torch's, when "auto" hands the call
+    to oneDNN). Computed in float32/float64, returned in the input's dtype."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, w = x.to(dtype).contiguous(), w.to(dtype).contiguous()
+    b = None if b is None else b.to(dtype).contiguous()
+    algorithm, nthreads = dense.resolve_algorithm(algorithm), resolve_workers(workers)
+    torch_reachable = spec.mode in dense.TORCH_PAD_MODES and spec.cval == 0
+    if algorithm == "auto":
+        algorithm = dense.choose_algorithm(x.detach().numpy(), spec, nthreads, allow_torch=torch_reachable)
+    if algorithm == "torch" and torch_reachable:
+        out = dense.torch_conv3d_tensors(x, w, b, spec)
+    else:
+        out = Conv3dFunction.apply(x, w, b, spec, "auto" if algorithm == "torch" else algorithm, nthreads)
+    return out
+
+
 def conv3d_autograd(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm, workers):
     """vc.conv3d on torch tensors that need gradients."""
-    caller = Caller("conv3d", [input, weight, bias], ["input", "weight", "bias"])
+    Caller("conv3d", [input, weight, bias], ["input", "weight", "bias"])  # devices and dtypes checked
     spec = dense.conv_spec(tuple(input.shape), tuple(weight.shape), bias, stride, padding, dilation, groups,
                            padding_mode)
     for t, name in ((weight, "weight"), (bias, "bias")):
         if t is not None and t.dtype != input.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
-    dtype = torch.float64 if caller.dtype.itemsize == 8 else torch.float32
-    x, w = input.to(dtype).contiguous(), weight.to(dtype).contiguous()
-    b = None if bias is None else bias.to(dtype).contiguous()
-    algorithm, nthreads = dense.resolve_algorithm(algorithm), resolve_workers(workers)
-    if algorithm == "auto":
-        algorithm = dense.choose_algorithm(x.detach().numpy(), spec, nthreads, allow_torch=True)
-    if algorithm == "torch":
-        out = dense.torch_conv3d_tensors(x, w, b, spec)
-    else:
-        out = Conv3dFunction.apply(x, w, b, spec, algorithm, nthreads)
+    out = conv_autograd(tensor(input), tensor(weight, like=input),
+                        None if bias is None else tensor(bias, like=input), spec, algorithm, workers)
     return out.to(input.dtype)

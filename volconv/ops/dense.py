@@ -128,6 +128,7 @@ DIRECT_GFLOPS = {1: 110.0, 4: 120.0, 8: 130.0}   # per thread, by output-channel
 TORCH_GFLOPS = 140.0                              # per thread, oneDNN, when channels mix (Cg >= 4, Og >= 4)
 CALL_OVERHEAD = 20e-6
 BANDWIDTH = 12e9   # bytes/s the direct path streams (input, its W-padded row copy, output), both cores
+MIN_WORK_PER_THREAD = 4e6   # flops (about 40 us): below this a second thread costs more than it saves
 
 
 def direct_cost(spec, nthreads):
@@ -186,7 +187,14 @@ def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
         x = x - x.dtype.type(spec.cval)
     if algorithm == "auto":
         algorithm = choose_algorithm(x, spec, nthreads, allow_torch=allow_torch)
-    return ALGORITHMS[algorithm](x, w, b, spec, nthreads)
+    return ALGORITHMS[algorithm](x, w, b, spec, threads_for(spec, nthreads))
+
+
+def threads_for(spec, nthreads):
+    """No more threads than the work can feed: a thread that finishes its share in a few microseconds then
+    waits at the barrier for a sibling the OS may have descheduled (on a busy machine, a whole time slice)."""
+    work = spec.flops() + 8.0 * np.prod(spec.out_shape, dtype=np.float64)
+    return int(max(1, min(nthreads, work // MIN_WORK_PER_THREAD)))
 
 
 def _fold_padding(grad_padded, shape, pads, mode):
@@ -247,7 +255,12 @@ def backward_input(grad, w, spec, algorithm, nthreads):
 
 
 def backward_weight(x, grad, spec, nthreads):
-    """d loss / d weight: correlation of the (padded) input with the output gradient, by the wgrad kernel."""
+    """d loss / d weight: correlation of the (padded) input with the output gradient, by the wgrad kernel.
+    A constant cval outside is the forward's bias cval * sum(w): its weight gradient is cval * sum(grad)."""
+    nthreads = threads_for(spec, nthreads)
+    if spec.mode == "constant" and spec.cval != 0:
+        gw = backward_weight(x - x.dtype.type(spec.cval), grad, spec.with_cval(0.0), nthreads)
+        return gw + spec.cval * grad.sum(axis=(0, 2, 3, 4)).reshape(-1, 1, 1, 1, 1)
     rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)
     O, Cg = spec.w_shape[:2]
     vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
@@ -331,10 +344,17 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip)
             raise ValueError(f"origin {origin!r} moves the kernel of size {n} off its centre: each origin must "
                              f"lie in [-(size // 2), (size - 1) // 2]")
     pads = tuple((n // 2 + o, n - 1 - n // 2 - o) for n, o in zip(k.shape, origins))
-    v = caller.cast(v, "volume")
-    k = caller.cast(k, "kernel")
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
                     groups=1, mode=mode, cval=float(cval))
+    if wants_autograd(volume, kernel):
+        from ..nn._functions import conv_autograd, tensor
+
+        w = tensor(kernel, like=volume if caller.is_tensor else None)
+        w = w.flip((0, 1, 2)) if flip else w
+        return conv_autograd(tensor(volume, like=w)[None, None], w[None, None], None, spec, algorithm,
+                             workers)[0, 0]
+    v = caller.cast(v, "volume")
+    k = caller.cast(k, "kernel")
     out = run(v[None, None], k[None, None], None, spec, resolve_algorithm(algorithm), resolve_workers(workers))
     return caller.result(out[0, 0])
 
