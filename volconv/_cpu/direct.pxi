@@ -72,15 +72,23 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, 
     cdef Py_ssize_t kd = wpack.shape[3], kh = wpack.shape[4]
     cdef int kw = <int>wpack.shape[5], OB = <int>wpack.shape[6]
     cdef Py_ssize_t ocs = out.strides[1] // sizeof(floating)
-    cdef Py_ssize_t ntask = N * G * Do * Ho * nOB, t, rest, n, g, ob, od, oh, c, a, b, xd, xh, o0
+    cdef Py_ssize_t xs_c = x.strides[1] // sizeof(floating), xs_d = x.strides[2] // sizeof(floating)
+    cdef Py_ssize_t xs_h = x.strides[3] // sizeof(floating), ws_b = kw * OB
+    cdef Py_ssize_t ntask = N * G * Do * Ho * nOB, t, rest, n, g, ob, od, oh, c, a, j, xd, o0, nb
     cdef int nr
     cdef const floating **rows
     cdef const floating **wts
+    cdef Py_ssize_t *hrow
+    cdef Py_ssize_t *htap
+    cdef const floating *plane
+    cdef const floating *wplane
     if ntask == 0:
         return
     with nogil, parallel(num_threads=nthreads):
         rows = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
         wts = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
+        hrow = <Py_ssize_t *>malloc(kh * sizeof(Py_ssize_t))
+        htap = <Py_ssize_t *>malloc(kh * sizeof(Py_ssize_t))
         # Task order: output-channel block fastest, so the blocks of one output row reuse its input rows
         # from L1/L2 before moving on.
         for t in prange(ntask, schedule="static"):
@@ -92,18 +100,24 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, 
             rest = rest // Do
             g = rest % G
             n = rest // G
+            nb = 0  # the H taps that land on a row (zero padding drops the others), looked up once per task
+            for j in range(kh):
+                xd = map_h[oh * sh + j * dh]
+                if xd >= 0:
+                    hrow[nb] = xd * xs_h
+                    htap[nb] = j * ws_b
+                    nb = nb + 1
             nr = 0
             for c in range(Cg):
                 for a in range(kd):
                     xd = map_d[od * sd + a * dd]
                     if xd < 0:
                         continue
-                    for b in range(kh):
-                        xh = map_h[oh * sh + b * dh]
-                        if xh < 0:
-                            continue
-                        rows[nr] = &x[n, g * Cg + c, xd, xh, 0]
-                        wts[nr] = &wpack[g, ob, c, a, b, 0, 0]
+                    plane = &x[n, g * Cg + c, xd, 0, 0]
+                    wplane = &wpack[g, ob, c, a, 0, 0, 0]
+                    for j in range(nb):
+                        rows[nr] = plane + hrow[j]
+                        wts[nr] = wplane + htap[j]
                         nr = nr + 1
             o0 = (g * nOB + ob) * OB
             if floating is float:
@@ -112,6 +126,8 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, 
                 corr_row_f64(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo, &bias[o0])
         free(rows)
         free(wts)
+        free(hrow)
+        free(htap)
 
 
 def wgrad_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, ::1] grad,
