@@ -11,14 +11,17 @@ from .ops.dense import conv3d
 
 
 def best_times(contenders, rounds=5, min_seconds=0.0):
-    """{name: fn} -> {name: best seconds}. One warm-up call each, then `rounds` round-robin passes."""
+    """{name: fn} -> {name: best seconds}. One warm-up call each, then `rounds` round-robin passes, each
+    starting with the next contender (whoever runs right after a big anchor meets cold caches)."""
     for fn in contenders.values():
         fn()
     best = {name: float("inf") for name in contenders}
+    names = list(contenders)
     start = time.perf_counter()
     r = 0
     while r < rounds or time.perf_counter() - start < min_seconds:
-        for name, fn in contenders.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = contenders[name]
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)

@@ -3,7 +3,7 @@
 # different instruction sets. No validation here: volconv/ops/dense.py hands over checked, contiguous arrays.
 #
 # Layout conventions shared with ops/dense.py:
-#   x      (N, C, D, H, Wr)  input rows already padded along W (the contiguous axis) and, for a W stride s,
+#   rows of (N, C, D, H, W) padded along W (the contiguous axis) to Wr by row_map and, for a W stride s,
 #                            split into s phases, so that every tap reads a contiguous run;
 #   toff   (kw,)             offset of tap e in such a row: output column w reads row[w + toff[e]];
 #   map_d  (Dp,), map_h (Hp,) padded D/H position -> row of x, or -1 for a zero row (constant padding);
@@ -11,6 +11,7 @@
 
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 cdef extern from "kernels.h" nogil:
     int vc_vector_bytes()
@@ -61,69 +62,110 @@ def pad_w(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] map_w, floati
                 out[n, c, d, h, p] = x[n, c, d, h, s] if s >= 0 else 0
 
 
-def conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, :, :, ::1] wpack,
-                  const floating[::1] bias, floating[:, :, :, :, ::1] out,
-                  const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h, const Py_ssize_t[::1] toff,
-                  int sd, int sh, int dd, int dh, int nthreads):
-    """out[n, o, od, oh, ow] = bias[o] + sum x[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]] * w."""
+cdef inline void pad_plane(const floating *src, Py_ssize_t H, Py_ssize_t W, const Py_ssize_t *row_map,
+                           Py_ssize_t Wr, Py_ssize_t wlo, bint unit_stride, floating *dst) noexcept nogil:
+    """One input plane (H, W) -> H padded rows of Wr (row_map: source column or -1 for zero)."""
+    cdef Py_ssize_t h, j, s
+    for h in range(H):
+        if unit_stride:  # the middle of the row is the source row itself: one contiguous copy
+            memcpy(dst + h * Wr + wlo, src + h * W, W * sizeof(floating))
+            for j in range(wlo):
+                s = row_map[j]
+                dst[h * Wr + j] = src[h * W + s] if s >= 0 else 0
+            for j in range(wlo + W, Wr):
+                s = row_map[j]
+                dst[h * Wr + j] = src[h * W + s] if s >= 0 else 0
+        else:
+            for j in range(Wr):
+                s = row_map[j]
+                dst[h * Wr + j] = src[h * W + s] if s >= 0 else 0
+
+
+def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_map, Py_ssize_t wlo,
+                  bint unit_stride,
+                  const floating[:, :, :, :, :, :, ::1] wpack, const floating[::1] bias,
+                  floating[:, :, :, :, ::1] out, const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
+                  const Py_ssize_t[::1] toff, int sd, int sh, int dd, int dh, Py_ssize_t nchunk, int nthreads):
+    """out[n, o, od, oh, ow] = bias[o] + sum xp[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]] * w
+    where xp's rows are x's rows laid out by row_map (padding, stride phases). unit_stride (W stride 1): the
+    source row sits whole at wlo in its padded row.
+
+    Work unit: (n, group, chunk of output planes). A unit keeps a ring of (kd - 1) * dd + 1 padded planes per
+    input channel, slot = padded position mod ring size: each plane is padded once, while it is hot in L2,
+    instead of a padded copy of the whole volume going through memory."""
     cdef Py_ssize_t N = out.shape[0], Do = out.shape[2], Ho = out.shape[3]
+    cdef Py_ssize_t H = x.shape[3], W = x.shape[4], Wr = row_map.shape[0]
     cdef int Wo = <int>out.shape[4]
     cdef Py_ssize_t G = wpack.shape[0], nOB = wpack.shape[1], Cg = wpack.shape[2]
     cdef Py_ssize_t kd = wpack.shape[3], kh = wpack.shape[4]
     cdef int kw = <int>wpack.shape[5], OB = <int>wpack.shape[6]
-    cdef Py_ssize_t ocs = out.strides[1] // sizeof(floating)
-    cdef Py_ssize_t xs_c = x.strides[1] // sizeof(floating), xs_d = x.strides[2] // sizeof(floating)
-    cdef Py_ssize_t xs_h = x.strides[3] // sizeof(floating), ws_b = kw * OB
-    cdef Py_ssize_t ntask = N * G * Do * Ho * nOB, t, rest, n, g, ob, od, oh, c, a, j, xd, o0, nb
+    cdef Py_ssize_t S = (kd - 1) * dd + 1, plane = H * Wr, per = (Do + nchunk - 1) // nchunk
+    cdef Py_ssize_t ocs = out.strides[1] // sizeof(floating), ws_b = kw * OB
+    cdef Py_ssize_t nunit = N * G * nchunk, u, n, g, k, od, oh, ob, c, a, j, pos, slot, xd, nb, o0
     cdef int nr
+    cdef floating *ring
+    cdef Py_ssize_t *tags
     cdef const floating **rows
     cdef const floating **wts
     cdef Py_ssize_t *hrow
     cdef Py_ssize_t *htap
-    cdef const floating *plane
+    cdef const floating *xplane
     cdef const floating *wplane
-    if ntask == 0:
+    if nunit == 0 or Do == 0 or Ho == 0:
         return
     with nogil, parallel(num_threads=nthreads):
+        ring = <floating *>malloc(Cg * S * plane * sizeof(floating))
+        tags = <Py_ssize_t *>malloc(Cg * S * sizeof(Py_ssize_t))
         rows = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
         wts = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
         hrow = <Py_ssize_t *>malloc(kh * sizeof(Py_ssize_t))
         htap = <Py_ssize_t *>malloc(kh * sizeof(Py_ssize_t))
-        # Task order: output-channel block fastest, so the blocks of one output row reuse its input rows
-        # from L1/L2 before moving on.
-        for t in prange(ntask, schedule="static"):
-            ob = t % nOB
-            rest = t // nOB
-            oh = rest % Ho
-            rest = rest // Ho
-            od = rest % Do
-            rest = rest // Do
-            g = rest % G
-            n = rest // G
-            nb = 0  # the H taps that land on a row (zero padding drops the others), looked up once per task
-            for j in range(kh):
-                xd = map_h[oh * sh + j * dh]
-                if xd >= 0:
-                    hrow[nb] = xd * xs_h
-                    htap[nb] = j * ws_b
-                    nb = nb + 1
-            nr = 0
-            for c in range(Cg):
-                for a in range(kd):
-                    xd = map_d[od * sd + a * dd]
-                    if xd < 0:
-                        continue
-                    plane = &x[n, g * Cg + c, xd, 0, 0]
-                    wplane = &wpack[g, ob, c, a, 0, 0, 0]
-                    for j in range(nb):
-                        rows[nr] = plane + hrow[j]
-                        wts[nr] = wplane + htap[j]
-                        nr = nr + 1
-            o0 = (g * nOB + ob) * OB
-            if floating is float:
-                corr_row_f32(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo, &bias[o0])
-            else:
-                corr_row_f64(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo, &bias[o0])
+        for u in prange(nunit, schedule="static"):
+            k = u % nchunk
+            g = (u // nchunk) % G
+            n = u // (nchunk * G)
+            for j in range(Cg * S):
+                tags[j] = -1
+            for od in range(k * per, min(Do, (k + 1) * per)):
+                for c in range(Cg):  # bring this output plane's input planes into the ring
+                    for a in range(kd):
+                        pos = od * sd + a * dd
+                        slot = c * S + pos % S
+                        xd = map_d[pos]
+                        if xd >= 0 and tags[slot] != pos:
+                            pad_plane(&x[n, g * Cg + c, xd, 0, 0], H, W, &row_map[0], Wr, wlo, unit_stride,
+                                      ring + slot * plane)
+                            tags[slot] = pos
+                for oh in range(Ho):
+                    nb = 0  # the H taps that land on a row (zero padding drops the others)
+                    for j in range(kh):
+                        xd = map_h[oh * sh + j * dh]
+                        if xd >= 0:
+                            hrow[nb] = xd * Wr
+                            htap[nb] = j * ws_b
+                            nb = nb + 1
+                    for ob in range(nOB):
+                        nr = 0
+                        for c in range(Cg):
+                            for a in range(kd):
+                                pos = od * sd + a * dd
+                                if map_d[pos] < 0:
+                                    continue
+                                xplane = ring + (c * S + pos % S) * plane
+                                wplane = &wpack[g, ob, c, a, 0, 0, 0]
+                                for j in range(nb):
+                                    rows[nr] = xplane + hrow[j]
+                                    wts[nr] = wplane + htap[j]
+                                    nr = nr + 1
+                        o0 = (g * nOB + ob) * OB
+                        if floating is float:
+                            corr_row_f32(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo,
+                                         &bias[o0])
+                        else:
+                            corr_row_f64(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo,
+                                         &bias[o0])
+        free(ring)
+        free(tags)
         free(rows)
         free(wts)
         free(hrow)

@@ -23,25 +23,32 @@ from .._validate import (ConvSpec, conv_padding, pad_array, pad_index, scipy_mod
 # ----------------------------------------------------------------------------------------------- algorithms
 
 
-def _direct_operands(x, spec, nthreads):
-    """The direct kernels' input layout: rows padded along W and split into the W stride's phases (so every
-    tap reads a contiguous run at offset toff[e]), and D/H maps from padded position to row (-1: zeros)."""
+def _row_layout(x_shape, spec):
+    """The direct kernels' row layout: each input row padded along W and split into the W stride's phases
+    (row_map: source column of every position, -1 for zero), so that every tap reads a contiguous run at
+    offset toff[e]; and D/H maps from padded position to plane/row (-1: zeros)."""
     (dlo, dhi), (hlo, hhi), (wlo, whi) = spec.pads
-    N, C, D, H, W = x.shape
+    D, H, W = x_shape[2:]
     sw, dw, kw = spec.stride[2], spec.dilation[2], spec.kernel_size[2]
     map_d = pad_index(D, dlo, dhi, spec.mode).astype(np.intp)
     map_h = pad_index(H, hlo, hhi, spec.mode).astype(np.intp)
-    taps = np.arange(kw) * dw
-    phase_len = -(-(W + wlo + whi) // sw)
-    toff = ((taps % sw) * phase_len + taps // sw).astype(np.intp)
-    if (wlo, whi) == (0, 0) and sw == 1:
-        return x, map_d, map_h, toff
     map_w = pad_index(W, wlo, whi, spec.mode)
+    phase_len = -(-map_w.size // sw)
     # row position ph * phase_len + j holds padded column j * sw + ph (-1 past the end: never read)
     cols = np.arange(phase_len)[None, :] * sw + np.arange(sw)[:, None]
-    phases = np.where(cols < map_w.size, map_w[np.minimum(cols, map_w.size - 1)], -1).ravel().astype(np.intp)
-    rows = np.empty((N, C, D, H, phases.size), dtype=x.dtype)
-    _cpu.direct.pad_w(x, phases, rows, nthreads)
+    row_map = np.where(cols < map_w.size, map_w[np.minimum(cols, map_w.size - 1)], -1).ravel().astype(np.intp)
+    taps = np.arange(kw) * dw
+    toff = ((taps % sw) * phase_len + taps // sw).astype(np.intp)
+    return row_map, map_d, map_h, toff
+
+
+def _direct_operands(x, spec, nthreads):
+    """x's rows laid out by _row_layout in one padded copy (the weight-gradient kernel reads it whole)."""
+    row_map, map_d, map_h, toff = _row_layout(x.shape, spec)
+    if spec.pads[2] == (0, 0) and spec.stride[2] == 1:
+        return x, map_d, map_h, toff
+    rows = np.empty(x.shape[:4] + row_map.shape, dtype=x.dtype)
+    _cpu.direct.pad_w(x, row_map, rows, nthreads)
     return rows, map_d, map_h, toff
 
 
@@ -52,7 +59,7 @@ def _channel_block(spec):
 
 
 def direct_conv3d(x, w, b, spec, nthreads):
-    rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)
+    row_map, map_d, map_h, toff = _row_layout(x.shape, spec)
     O, G, ob = w.shape[0], spec.groups, _channel_block(spec)
     Og = O // G
     # (G, Og/ob, ob, Cg, kd, kh, kw) -> (G, Og/ob, Cg, kd, kh, kw, ob): the ob weights of a tap are adjacent.
@@ -60,7 +67,10 @@ def direct_conv3d(x, w, b, spec, nthreads):
     bias = np.zeros(O, x.dtype) if b is None else b
     out = np.empty(spec.out_shape, dtype=x.dtype)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    _cpu.direct.conv3d_direct(rows, wpack, bias, out, map_d, map_h, toff, sd, sh, dd, dh, nthreads)
+    # work units (n, group, run of output planes): enough for every thread; each unit pads its planes once
+    nchunk = int(min(spec.out_shape[2], max(1, -(-2 * nthreads // (x.shape[0] * G)))))
+    _cpu.direct.conv3d_direct(x, row_map, spec.pads[2][0], spec.stride[2] == 1, wpack, bias, out, map_d, map_h,
+                              toff, sd, sh, dd, dh, nchunk, nthreads)
     return out
 
 
@@ -127,12 +137,12 @@ def _import_torch(why):
 DIRECT_GFLOPS = {1: 110.0, 4: 120.0, 8: 130.0}   # per thread, by output-channel block (1: per-channel)
 TORCH_GFLOPS = 140.0                              # per thread, oneDNN, when channels mix (Cg >= 4, Og >= 4)
 CALL_OVERHEAD = 20e-6
-BANDWIDTH = 12e9   # bytes/s the direct path streams (input, its W-padded row copy, output), both cores
+BANDWIDTH = 12e9   # bytes/s the direct path streams (input and output), both cores
 MIN_WORK_PER_THREAD = 4e6   # flops (about 40 us): below this a second thread costs more than it saves
 
 
 def direct_cost(spec, nthreads):
-    traffic = 4.0 * (2 * np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
+    traffic = 4.0 * (np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
     return CALL_OVERHEAD + traffic / BANDWIDTH + spec.flops() / (DIRECT_GFLOPS[_channel_block(spec)] * 1e9 * nthreads)
 
 
