@@ -129,28 +129,45 @@ static void FN(corr_row)(T *out, ptrdiff_t ocs, int OB, const T *const *rows, co
     }
 }
 
+/* Weight gradient of NT taps of one row pair (NT independent FMA chains, g loaded once per vector):
+ * vacc[i*VL + lane] += sum over w of g[w] * x[w + toff[i]], lanes kept apart (added once by the caller). */
+#define VC_DEFINE_WGRAD(NT)                                                                           \
+static inline void FN(wgrad_taps_##NT)(const T *g, const T *x, int wv_end, const ptrdiff_t *toff,       \
+                                       T *vacc)                                                        \
+{                                                                                                     \
+    VEC a[NT];                                                                                        \
+    _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) a[i] = *(UVEC *)(vacc + i * VL);             \
+    for (int w = 0; w < wv_end; w += VL) {                                                            \
+        const VEC gv = *(const UVEC *)(g + w);                                                        \
+        _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++)                                          \
+            a[i] += gv * *(const UVEC *)(x + w + toff[i]);                                            \
+    }                                                                                                 \
+    _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) *(UVEC *)(vacc + i * VL) = a[i];             \
+}
+
+VC_DEFINE_WGRAD(8)
+VC_DEFINE_WGRAD(4)
+VC_DEFINE_WGRAD(2)
+VC_DEFINE_WGRAD(1)
+
 /* Weight gradient of one row pair: vacc[e*VL + lane] += sum_w g[w] * x[w + toff[e]] (lane-wise partial
  * sums; the caller adds the VL lanes once at the end, so the order is fixed and the result deterministic). */
 static void FN(wgrad_row)(const T *g, const T *x, int Wo, int kw, const ptrdiff_t *toff, T *vacc)
 {
     const int wv_end = Wo - Wo % VL;
     int e = 0;
-    for (; e + 8 <= kw; e += 8) { /* 8 taps at a time: g loaded once, 8 independent FMA chains */
-        VEC a[8];
-        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) a[i] = *(UVEC *)(vacc + (e + i) * VL);
-        for (int w = 0; w < wv_end; w += VL) {
-            const VEC gv = *(const UVEC *)(g + w);
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
-                a[i] += gv * *(const UVEC *)(x + w + toff[e + i]);
-        }
-        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) *(UVEC *)(vacc + (e + i) * VL) = a[i];
+    for (; e + 8 <= kw; e += 8)
+        FN(wgrad_taps_8)(g, x, wv_end, toff + e, vacc + e * VL);
+    if (e + 4 <= kw) {
+        FN(wgrad_taps_4)(g, x, wv_end, toff + e, vacc + e * VL);
+        e += 4;
     }
-    for (; e < kw; e++) {
-        VEC a = *(UVEC *)(vacc + e * VL);
-        for (int w = 0; w < wv_end; w += VL)
-            a += *(const UVEC *)(g + w) * *(const UVEC *)(x + w + toff[e]);
-        *(UVEC *)(vacc + e * VL) = a;
+    if (e + 2 <= kw) {
+        FN(wgrad_taps_2)(g, x, wv_end, toff + e, vacc + e * VL);
+        e += 2;
     }
+    if (e < kw)
+        FN(wgrad_taps_1)(g, x, wv_end, toff + e, vacc + e * VL);
     for (e = 0; e < kw; e++)
         for (int w = wv_end; w < Wo; w++)
             vacc[e * VL] += g[w] * x[w + toff[e]];

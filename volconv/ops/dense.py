@@ -132,12 +132,14 @@ def _import_torch(why):
 
 
 # ----------------------------------------------------------------------------------------------- cost model
-# Calibrated on the development machine (2 Zen 4 cores, float32; bench/bench_dense.py): sustained rates of
-# the direct kernel by register block, of oneDNN for channel-mixing layers, and a fixed cost per call.
-DIRECT_GFLOPS = {1: 110.0, 4: 120.0, 8: 130.0}   # per thread, by output-channel block (1: per-channel)
-TORCH_GFLOPS = 140.0                              # per thread, oneDNN, when channels mix (Cg >= 4, Og >= 4)
+# Calibrated on the development machine (2 Zen 4 cores, float32, bench/bench_dense.py and a sweep
+# of layer shapes): sustained rates per thread of the direct kernel by register block, of its weight-gradient
+# kernel, of oneDNN for channel-mixing layers, the bandwidth the direct path streams at, a fixed cost per call.
+DIRECT_GFLOPS = {1: 90.0, 4: 110.0, 8: 160.0}    # by output-channel block (1: one channel / depthwise)
+WGRAD_GFLOPS = {1: 37.0, 4: 24.0, 8: 24.0}       # channel-mixing layers stream both planes per channel pair
+TORCH_GFLOPS = 130.0                              # oneDNN, when channels mix (Cg >= 4, Og >= 4)
 CALL_OVERHEAD = 20e-6
-BANDWIDTH = 12e9   # bytes/s the direct path streams (input and output), both cores
+BANDWIDTH = 25e9   # bytes/s the direct path streams (input and output), both cores
 MIN_WORK_PER_THREAD = 4e6   # flops (about 40 us): below this a second thread costs more than it saves
 
 
@@ -161,12 +163,22 @@ def fft_cost(spec, nthreads):
     return seconds * 2 / min(nthreads, 2)
 
 
-def choose_algorithm(x, spec, nthreads, *, allow_torch):
+def wgrad_cost(spec, nthreads):
+    return CALL_OVERHEAD + spec.flops() / (WGRAD_GFLOPS[_channel_block(spec)] * 1e9 * nthreads)
+
+
+def choose_algorithm(x, spec, nthreads, *, allow_torch, backward=False):
+    """The cheapest algorithm by the cost model. backward: the call will be differentiated, so the cost is a
+    training step's (volconv: forward + input gradient, about another forward, + the weight-gradient kernel;
+    torch: its forward and backward, about three forwards)."""
     costs = {"direct": direct_cost(spec, nthreads)}
     if allow_torch and "torch" in sys.modules:
         costs["torch"] = torch_cost(spec, nthreads)
     if min(spec.kernel_size) > 3:
         costs["fft"] = fft_cost(spec, nthreads)
+    if backward:
+        costs = {name: 3 * c if name == "torch" else 2 * c + wgrad_cost(spec, nthreads)
+                 for name, c in costs.items()}
     name = min(costs, key=costs.get)
     if name == "fft" and not np.isfinite(x).all():  # an FFT would spread NaN/Inf over the whole output
         costs.pop("fft")
