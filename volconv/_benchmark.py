@@ -96,7 +96,7 @@ def single_channel(table, sizes, n, threads, rounds):
             c["volconv direct"] = lambda: conv3d(x5, w5, padding=k // 2, algorithm="direct", workers=threads)
         c["fftconvolve"] = lambda: ss.fftconvolve(x, w[::-1, ::-1, ::-1], mode="same")
         c["oaconvolve"] = lambda: ss.oaconvolve(x, w[::-1, ::-1, ::-1], mode="same")
-        times = best_times(c, rounds=rounds if k <= 7 else max(2, rounds // 2))
+        times = best_times(c, rounds=rounds if k <= 7 else max(len(c) + 1, rounds // 2))
         ours = [name for name in c if name.startswith("volconv")]
         anchors = [name for name in c if not name.startswith("volconv")]
         table.add(f"1 ch {n}^3 k={k}", times, ours, anchors, flops=2.0 * n ** 3 * k ** 3)
@@ -130,7 +130,7 @@ def layer(table, name, C, O, groups, k, n, threads, rounds):
                                                           algorithm="direct", workers=threads)),
         "torch": fwd_bwd(lambda a, b: torch.nn.functional.conv3d(a, b, padding=k // 2, groups=groups)),
     }
-    table.add(f"{name} fwd+bwd", best_times(c, rounds=max(2, rounds // 2)), ["volconv", "volconv direct"],
+    table.add(f"{name} fwd+bwd", best_times(c, rounds=max(len(c) + 1, rounds // 2)), ["volconv", "volconv direct"],
               ["torch"], flops=3 * flops)
 
 
