@@ -525,3 +525,23 @@ def test_every_simd_build(level):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"VOLCONV_SIMD={level}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
     assert " passed" in run.stdout and "no tests ran" not in run.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The AVX-512 shift kernel (one channel per output, unit W taps, kw <= vector length): its edges
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [1, 2, 7, 8, 9, 15, 16, 17])   # 8 / 16: one vector of double / float
+@pytest.mark.parametrize("width", [16, 17, 33, 69])           # one vector, +1 (unaligned tail), several
+def test_unit_tap_rows_of_every_width(kw, width, dtype, rng):
+    """Depthwise and single-channel rows of every width around the vector length, kernel widths around it
+    too, zero and non-zero padding: the aligned-load/shuffle path, its unaligned tail and its fallback."""
+    x = rng.standard_normal((2, 3, 4, 5, width)).astype(dtype)
+    w = rng.standard_normal((3, 1, 2, 3, kw)).astype(dtype)
+    b = rng.standard_normal(3).astype(dtype)
+    for padding, mode in [((0, 1, kw // 2), "zeros"), ((1, 1, kw - 1), "circular")]:
+        if kw - 1 > width:
+            continue
+        out = vc.conv3d(x, w, b, padding=padding, groups=3, padding_mode=mode, algorithm="direct")
+        check_conv3d(out, x, w, b, padding=padding, groups=3, padding_mode=mode, algorithm="direct")

@@ -11,6 +11,9 @@
 
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
+
+cdef extern from "stdlib.h" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
 from libc.string cimport memcpy
 
 cdef extern from "kernels.h" nogil:
@@ -19,9 +22,9 @@ cdef extern from "kernels.h" nogil:
     int vc_have_openmp()
     int vc_cpu_level()
     void corr_row_f32(float *out, Py_ssize_t ocs, int OB, const float *const *rows, const float *const *wts,
-                      int nrows, int kw, const Py_ssize_t *toff, int Wo, const float *bias)
+                      int nrows, int kw, const Py_ssize_t *toff, int Wo, const float *bias, int aligned_unit)
     void corr_row_f64(double *out, Py_ssize_t ocs, int OB, const double *const *rows, const double *const *wts,
-                      int nrows, int kw, const Py_ssize_t *toff, int Wo, const double *bias)
+                      int nrows, int kw, const Py_ssize_t *toff, int Wo, const double *bias, int aligned_unit)
     void wgrad_row_f32(const float *g, const float *x, int Wo, int kw, const Py_ssize_t *toff, float *vacc)
     void wgrad_row_f64(const double *g, const double *x, int Wo, int kw, const Py_ssize_t *toff, double *vacc)
 
@@ -63,32 +66,33 @@ def pad_w(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] map_w, floati
 
 
 cdef inline void pad_plane(const floating *src, Py_ssize_t H, Py_ssize_t W, const Py_ssize_t *row_map,
-                           Py_ssize_t Wr, Py_ssize_t wlo, bint unit_stride, floating *dst) noexcept nogil:
-    """One input plane (H, W) -> H padded rows of Wr (row_map: source column or -1 for zero)."""
+                           Py_ssize_t Wr, Py_ssize_t wlo, bint unit_stride, floating *dst,
+                           Py_ssize_t ds) noexcept nogil:
+    """One input plane (H, W) -> H padded rows of Wr, ds apart (row_map: source column or -1 for zero)."""
     cdef Py_ssize_t h, j, s
     for h in range(H):
         if unit_stride:  # the middle of the row is the source row itself: one contiguous copy
-            memcpy(dst + h * Wr + wlo, src + h * W, W * sizeof(floating))
+            memcpy(dst + h * ds + wlo, src + h * W, W * sizeof(floating))
             for j in range(wlo):
                 s = row_map[j]
-                dst[h * Wr + j] = src[h * W + s] if s >= 0 else 0
+                dst[h * ds + j] = src[h * W + s] if s >= 0 else 0
             for j in range(wlo + W, Wr):
                 s = row_map[j]
-                dst[h * Wr + j] = src[h * W + s] if s >= 0 else 0
+                dst[h * ds + j] = src[h * W + s] if s >= 0 else 0
         else:
             for j in range(Wr):
                 s = row_map[j]
-                dst[h * Wr + j] = src[h * W + s] if s >= 0 else 0
+                dst[h * ds + j] = src[h * W + s] if s >= 0 else 0
 
 
 def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_map, Py_ssize_t wlo,
-                  bint unit_stride,
+                  bint unit_stride, bint unit_taps,
                   const floating[:, :, :, :, :, :, ::1] wpack, const floating[::1] bias,
                   floating[:, :, :, :, ::1] out, const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
                   const Py_ssize_t[::1] toff, int sd, int sh, int dd, int dh, Py_ssize_t nchunk, int nthreads):
     """out[n, o, od, oh, ow] = bias[o] + sum xp[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]] * w
     where xp's rows are x's rows laid out by row_map (padding, stride phases). unit_stride (W stride 1): the
-    source row sits whole at wlo in its padded row.
+    source row sits whole at wlo in its padded row. unit_taps: toff[e] == e (W stride and dilation 1).
 
     Work unit: (n, group, chunk of output planes). A unit keeps a ring of (kd - 1) * dd + 1 padded planes per
     input channel, slot = padded position mod ring size: each plane is padded once, while it is hot in L2,
@@ -99,7 +103,10 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
     cdef Py_ssize_t G = wpack.shape[0], nOB = wpack.shape[1], Cg = wpack.shape[2]
     cdef Py_ssize_t kd = wpack.shape[3], kh = wpack.shape[4]
     cdef int kw = <int>wpack.shape[5], OB = <int>wpack.shape[6]
-    cdef Py_ssize_t S = (kd - 1) * dd + 1, plane = H * Wr, per = (Do + nchunk - 1) // nchunk
+    # ring rows start on vector boundaries (VL-aligned loads for the shift kernel)
+    cdef Py_ssize_t VL = vc_vector_bytes() // sizeof(floating), ds = (Wr + VL - 1) // VL * VL
+    cdef Py_ssize_t S = (kd - 1) * dd + 1, plane = H * ds, per = (Do + nchunk - 1) // nchunk
+    cdef size_t ring_bytes = ((Cg * S * plane + VL) * sizeof(floating) + 63) // 64 * 64
     cdef Py_ssize_t ocs = out.strides[1] // sizeof(floating), ws_b = kw * OB
     cdef Py_ssize_t nunit = N * G * nchunk, u, n, g, k, od, oh, ob, c, a, j, pos, slot, xd, nb, o0
     cdef int nr
@@ -114,7 +121,7 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
     if nunit == 0 or Do == 0 or Ho == 0:
         return
     with nogil, parallel(num_threads=nthreads):
-        ring = <floating *>malloc(Cg * S * plane * sizeof(floating))
+        ring = <floating *>aligned_alloc(64, ring_bytes)  # + VL: the shift kernel loads one vector ahead
         tags = <Py_ssize_t *>malloc(Cg * S * sizeof(Py_ssize_t))
         rows = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
         wts = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
@@ -134,14 +141,14 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
                         xd = map_d[pos]
                         if xd >= 0 and tags[slot] != pos:
                             pad_plane(&x[n, g * Cg + c, xd, 0, 0], H, W, &row_map[0], Wr, wlo, unit_stride,
-                                      ring + slot * plane)
+                                      ring + slot * plane, ds)
                             tags[slot] = pos
                 for oh in range(Ho):
                     nb = 0  # the H taps that land on a row (zero padding drops the others)
                     for j in range(kh):
                         xd = map_h[oh * sh + j * dh]
                         if xd >= 0:
-                            hrow[nb] = xd * Wr
+                            hrow[nb] = xd * ds
                             htap[nb] = j * ws_b
                             nb = nb + 1
                     for ob in range(nOB):
@@ -160,10 +167,10 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
                         o0 = (g * nOB + ob) * OB
                         if floating is float:
                             corr_row_f32(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo,
-                                         &bias[o0])
+                                         &bias[o0], unit_taps)
                         else:
                             corr_row_f64(&out[n, o0, od, oh, 0], ocs, OB, rows, wts, nr, kw, &toff[0], Wo,
-                                         &bias[o0])
+                                         &bias[o0], unit_taps)
         free(ring)
         free(tags)
         free(rows)

@@ -56,15 +56,19 @@ static int vc_cpu_level(void)
 }
 
 #define T float
+#define IT int
 #define SUF f32
 #include "kernels_impl.h"
 #undef T
+#undef IT
 #undef SUF
 
 #define T double
+#define IT long long
 #define SUF f64
 #include "kernels_impl.h"
 #undef T
+#undef IT
 #undef SUF
 
 #endif

@@ -72,6 +72,52 @@ VC_DEFINE_BLOCK(1, 1, 2)
 VC_DEFINE_BLOCK(4, 1, 1)
 VC_DEFINE_BLOCK(8, 1, 1)
 
+#if VC_VBYTES >= 64
+typedef IT FN(vc_idx) __attribute__((vector_size(VC_VBYTES)));
+
+/* {e, e + 1, ..., e + VL - 1}: a constant once e is (the tap loop below is fully unrolled). */
+static inline FN(vc_idx) FN(shift_mask)(int e)
+{
+    FN(vc_idx) m;
+    for (int i = 0; i < VL; i++)
+        m[i] = (IT)(i + e);
+    return m;
+}
+
+/* Lanes E .. E + VL - 1 of the concatenation (lo, hi): the row shifted by E columns, without reloading it. */
+#define VC_SHIFT(lo, hi, E) __builtin_shuffle((lo), (hi), FN(shift_mask)(E))
+
+/* One output channel, WV aligned vectors at w0, taps at columns 0 .. kw - 1 (kw <= VL): each input row is
+ * loaded once, aligned (no load straddles two cache lines), and every tap's vector is a register shuffle of
+ * two neighbours. Used when the rows are VL-aligned (the ring of padded planes) and the W taps are unit-spaced. */
+#define VC_DEFINE_SHIFT_BLOCK(WV)                                                                     \
+static inline void FN(shift_block_##WV)(T *out, const T *const *rows, const T *const *wts, int nrows,  \
+                                         int kw, ptrdiff_t w0, T bias)                                 \
+{                                                                                                     \
+    VEC acc[WV];                                                                                      \
+    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) acc[j] = (VEC){0} + bias;                   \
+    for (int r = 0; r < nrows; r++) {                                                                 \
+        const T *src = rows[r] + w0;                                                                  \
+        const T *wt = wts[r];                                                                         \
+        VEC A[WV + 1];                                                                                \
+        _Pragma("GCC unroll 16") for (int j = 0; j <= WV; j++) A[j] = *(const VEC *)(src + j * VL);   \
+        _Pragma("GCC unroll 16") for (int e = 0; e < VL; e++) {                                       \
+            if (e >= kw) break;                                                                       \
+            const T wv = wt[e];                                                                       \
+            _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++)                                     \
+                acc[j] += wv * VC_SHIFT(A[j], A[j + 1], e);                                           \
+        }                                                                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) *(UVEC *)(out + w0 + j * VL) = acc[j];      \
+}
+#endif
+
+#if VC_VBYTES >= 64
+VC_DEFINE_SHIFT_BLOCK(8)
+VC_DEFINE_SHIFT_BLOCK(4)
+VC_DEFINE_SHIFT_BLOCK(1)
+#endif
+
 /* Any OB: accumulate in memory; only for rows narrower than a vector. */
 static void FN(corr_row_scalar)(T *out, ptrdiff_t ocs, int OB, const T *const *rows, const T *const *wts,
                                 int nrows, int kw, const ptrdiff_t *toff, int Wo, const T *bias)
@@ -108,8 +154,22 @@ static void FN(corr_row_scalar)(T *out, ptrdiff_t ocs, int OB, const T *const *r
 /* out[o*ocs + w] = bias[o] + sum_r sum_e wts[r][e*OB + o] * rows[r][w + toff[e]], w < Wo, o < OB.
  * OB is 1, 4 or 8 (output channels sharing every input row). */
 static void FN(corr_row)(T *out, ptrdiff_t ocs, int OB, const T *const *rows, const T *const *wts,
-                         int nrows, int kw, const ptrdiff_t *toff, int Wo, const T *bias)
+                         int nrows, int kw, const ptrdiff_t *toff, int Wo, const T *bias, int aligned_unit)
 {
+#if VC_VBYTES >= 64
+    if (OB == 1 && aligned_unit && kw <= VL && Wo >= VL) { /* rows VL-aligned, toff[e] == e */
+        ptrdiff_t w0 = 0;
+        for (; w0 + 8 * VL <= Wo; w0 += 8 * VL)
+            FN(shift_block_8)(out, rows, wts, nrows, kw, w0, bias[0]);
+        for (; w0 + 4 * VL <= Wo; w0 += 4 * VL)
+            FN(shift_block_4)(out, rows, wts, nrows, kw, w0, bias[0]);
+        for (; w0 + VL <= Wo; w0 += VL)
+            FN(shift_block_1)(out, rows, wts, nrows, kw, w0, bias[0]);
+        if (w0 < Wo) /* unaligned tail */
+            FN(block_1x1)(out, ocs, rows, wts, nrows, kw, toff, Wo - VL, bias);
+        return;
+    }
+#endif
     if (Wo < VL) {
         FN(corr_row_scalar)(out, ocs, OB, rows, wts, nrows, kw, toff, Wo, bias);
     } else if (OB == 8) {

@@ -69,8 +69,9 @@ def direct_conv3d(x, w, b, spec, nthreads):
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
     # work units (n, group, run of output planes): enough for every thread; each unit pads its planes once
     nchunk = int(min(spec.out_shape[2], max(1, -(-2 * nthreads // (x.shape[0] * G)))))
-    _cpu.direct.conv3d_direct(x, row_map, spec.pads[2][0], spec.stride[2] == 1, wpack, bias, out, map_d, map_h,
-                              toff, sd, sh, dd, dh, nchunk, nthreads)
+    unit_stride, unit_taps = spec.stride[2] == 1, spec.stride[2] == spec.dilation[2] == 1
+    _cpu.direct.conv3d_direct(x, row_map, spec.pads[2][0], unit_stride, unit_taps, wpack, bias,
+                              out, map_d, map_h, toff, sd, sh, dd, dh, nchunk, nthreads)
     return out
 
 
