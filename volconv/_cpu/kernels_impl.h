@@ -90,32 +90,43 @@ static inline FN(vc_idx) FN(shift_mask)(int e)
 /* One output channel, WV aligned vectors at w0, taps at columns 0 .. kw - 1 (kw <= VL): each input row is
  * loaded once, aligned (no load straddles two cache lines), and every tap's vector is a register shuffle of
  * two neighbours. Used when the rows are VL-aligned (the ring of padded planes) and the W taps are unit-spaced. */
-#define VC_DEFINE_SHIFT_BLOCK(WV)                                                                     \
-static inline void FN(shift_block_##WV)(T *out, const T *const *rows, const T *const *wts, int nrows,  \
-                                         int kw, ptrdiff_t w0, T bias)                                 \
-{                                                                                                     \
-    VEC acc[WV];                                                                                      \
-    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) acc[j] = (VEC){0} + bias;                   \
-    for (int r = 0; r < nrows; r++) {                                                                 \
-        const T *src = rows[r] + w0;                                                                  \
-        const T *wt = wts[r];                                                                         \
+/* Row R into accumulator set SET: load it once (WV + 1 aligned vectors), then every tap by shuffles. */
+#define VC_SHIFT_ROW(WV, SET, R)                                                                      \
+    do {                                                                                              \
+        const T *src = rows[R] + w0;                                                                  \
+        const T *wt = wts[R];                                                                         \
         VEC A[WV + 1];                                                                                \
         _Pragma("GCC unroll 16") for (int j = 0; j <= WV; j++) A[j] = *(const VEC *)(src + j * VL);   \
         _Pragma("GCC unroll 16") for (int e = 0; e < VL; e++) {                                       \
             if (e >= kw) break;                                                                       \
             const T wv = wt[e];                                                                       \
             _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++)                                     \
-                acc[j] += wv * VC_SHIFT(A[j], A[j + 1], e);                                           \
+                acc[SET][j] += wv * VC_SHIFT(A[j], A[j + 1], e);                                      \
         }                                                                                             \
-    }                                                                                                 \
-    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) *(UVEC *)(out + w0 + j * VL) = acc[j];      \
-}
-#endif
+    } while (0)
 
-#if VC_VBYTES >= 64
-VC_DEFINE_SHIFT_BLOCK(8)
-VC_DEFINE_SHIFT_BLOCK(4)
-VC_DEFINE_SHIFT_BLOCK(1)
+#define VC_DEFINE_SHIFT_BLOCK(WV, NS)                                                                 \
+static inline void FN(shift_block_##WV)(T *out, const T *const *rows, const T *const *wts, int nrows,  \
+                                         int kw, ptrdiff_t w0, T bias)                                 \
+{                                                                                                     \
+    VEC acc[NS][WV];                                                                                  \
+    _Pragma("GCC unroll 16") for (int s = 0; s < NS; s++)                                             \
+    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++)                                             \
+        acc[s][j] = (VEC){0} + (s == 0 ? bias : (T)0);                                                \
+    int r = 0;                                                                                        \
+    for (; r + NS <= nrows; r += NS) /* NS rows at a time, row s into set s: more independent chains */ \
+        _Pragma("GCC unroll 16") for (int s = 0; s < NS; s++)                                         \
+            VC_SHIFT_ROW(WV, s, r + s);                                                               \
+    for (; r < nrows; r++) /* leftover rows (nrows % NS) go to set 0 */                               \
+        VC_SHIFT_ROW(WV, 0, r);                                                                       \
+    _Pragma("GCC unroll 16") for (int s = 1; s < NS; s++)                                             \
+    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) acc[0][j] += acc[s][j];                     \
+    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) *(UVEC *)(out + w0 + j * VL) = acc[0][j];   \
+}
+
+VC_DEFINE_SHIFT_BLOCK(8, 1)
+VC_DEFINE_SHIFT_BLOCK(4, 2)
+VC_DEFINE_SHIFT_BLOCK(1, 2)
 #endif
 
 /* Any OB: accumulate in memory; only for rows narrower than a vector. */
