@@ -10,9 +10,10 @@ from . import _cpu
 from .ops.dense import conv3d
 
 
-def best_times(contenders, rounds=5, min_seconds=0.0):
+def best_times(contenders, rounds=5, min_seconds=0.0, repeat=2):
     """{name: fn} -> {name: best seconds}. One warm-up call each, then `rounds` round-robin passes, each
-    starting with the next contender (whoever runs right after a big anchor meets cold caches)."""
+    starting with the next contender; within a pass each contender runs `repeat` times back to back (the
+    first call after another contender meets its cold caches and freshly released memory)."""
     for fn in contenders.values():
         fn()
     best = {name: float("inf") for name in contenders}
@@ -22,9 +23,10 @@ def best_times(contenders, rounds=5, min_seconds=0.0):
     while r < rounds or time.perf_counter() - start < min_seconds:
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = contenders[name]
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
         r += 1
     return best
 
