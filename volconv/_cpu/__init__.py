@@ -5,7 +5,11 @@ VOLCONV_SIMD=generic|avx2|avx512 forces one (tests use it to check every build o
 import importlib
 import os
 
-from . import _direct_generic
+try:
+    from . import _direct_generic
+except ImportError as e:  # a source checkout without built extensions (e.g. `import volconv` from the repo root)
+    raise ImportError("volconv's compiled kernels are not built here: install with `pip install -e .` in the source "
+                      "tree, or run from outside it to use an installed volconv") from e
 
 _LEVELS = ("generic", "avx2", "avx512")
 
