@@ -304,3 +304,37 @@ def test_filter_gradient_with_numpy_kernel():
     import scipy.ndimage as ndi
     expected = ndi.correlate(np.ones((6, 6, 6)), k[::-1, ::-1, ::-1], mode="constant")
     np.testing.assert_allclose(v.grad.numpy(), expected, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Gradients on rows wide enough for the vector kernels (gradcheck's tiny volumes only reach their scalar tails)
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cin, cout, groups, k, stride, dilation, width", [
+    (4, 8, 1, 3, 1, 1, 37),    # 4-channel blocks of the weight gradient, taps 3, a tail of 5 columns
+    (8, 8, 2, 5, 1, 1, 64),    # grouped, 4-channel blocks, taps 4 + 1
+    (3, 3, 3, 9, 1, 1, 40),    # depthwise: one channel per block, taps 8 + 1
+    (2, 3, 1, 7, 2, 1, 45),    # stride: phase-split rows
+    (3, 2, 1, 3, 1, 2, 33),    # dilation
+    (1, 1, 1, 1, 1, 1, 16),    # pointwise, exactly one vector
+])
+def test_wide_row_gradients_match_torch(cin, cout, groups, k, stride, dilation, width, dtype):
+    torch.manual_seed(7)
+    x = torch.randn(2, cin, 5, 6, width, dtype=dtype, requires_grad=True)
+    w = torch.randn(cout, cin // groups, k, k, k, dtype=dtype, requires_grad=True)
+    kw = dict(stride=stride, dilation=dilation, groups=groups, padding=dilation * (k // 2))
+    g = torch.randn_like(torch.nn.functional.conv3d(x, w, **kw))
+    gx, gw = torch.autograd.grad(vc.conv3d(x, w, algorithm="direct", **kw), (x, w), g)
+    def grads(xv, wv, gv):
+        xv, wv = xv.detach().double().requires_grad_(), wv.detach().double().requires_grad_()
+        return torch.autograd.grad(torch.nn.functional.conv3d(xv, wv, **kw), (xv, wv), gv.double())
+
+    rx, rw = grads(x, w, g)
+    mag_x, mag_w = grads(x.abs(), w.abs(), g.abs())   # per entry: the sum of |products| it adds up
+    # rounding of a sum of T terms: within ~sqrt(T) * eps of that magnitude (x8 margin, as in conftest)
+    eps = torch.finfo(dtype).eps
+    terms_w = g[:, 0].numel()
+    terms_x = w[0].numel() * cout // groups
+    assert ((gw.double() - rw).abs() <= 8 * eps * terms_w ** 0.5 * mag_w + 1e-300).all()
+    assert ((gx.double() - rx).abs() <= 8 * eps * terms_x ** 0.5 * mag_x + 1e-300).all()

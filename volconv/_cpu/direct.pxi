@@ -25,8 +25,10 @@ cdef extern from "kernels.h" nogil:
                       int nrows, int kw, const Py_ssize_t *toff, int Wo, const float *bias, int aligned_unit)
     void corr_row_f64(double *out, Py_ssize_t ocs, int OB, const double *const *rows, const double *const *wts,
                       int nrows, int kw, const Py_ssize_t *toff, int Wo, const double *bias, int aligned_unit)
-    void wgrad_row_f32(const float *g, const float *x, int Wo, int kw, const Py_ssize_t *toff, float *vacc)
-    void wgrad_row_f64(const double *g, const double *x, int Wo, int kw, const Py_ssize_t *toff, double *vacc)
+    void wgrad_rows_f32(const float *const *grows, Py_ssize_t gcs, const float *const *xrows, int nr, int Wo,
+                        int kw, const Py_ssize_t *toff, int OB, float *vacc)
+    void wgrad_rows_f64(const double *const *grows, Py_ssize_t gcs, const double *const *xrows, int nr, int Wo,
+                        int kw, const Py_ssize_t *toff, int OB, double *vacc)
 
 ctypedef fused floating:
     float
@@ -49,22 +51,6 @@ def cpu_level():
     return vc_cpu_level()
 
 
-def pad_w(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] map_w, floating[:, :, :, :, ::1] out,
-          int nthreads):
-    """out[..., p] = x[..., map_w[p]], or 0 where map_w[p] < 0."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], D = x.shape[2], H = x.shape[3]
-    cdef Py_ssize_t Wp = out.shape[4], nrow = N * C * D * H, t, p, s, n, c, d, h
-    with nogil:
-        for t in prange(nrow, num_threads=nthreads, schedule="static"):
-            h = t % H
-            d = (t // H) % D
-            c = (t // (H * D)) % C
-            n = t // (H * D * C)
-            for p in range(Wp):
-                s = map_w[p]
-                out[n, c, d, h, p] = x[n, c, d, h, s] if s >= 0 else 0
-
-
 cdef inline void pad_plane(const floating *src, Py_ssize_t H, Py_ssize_t W, const Py_ssize_t *row_map,
                            Py_ssize_t Wr, Py_ssize_t wlo, bint unit_stride, floating *dst,
                            Py_ssize_t ds) noexcept nogil:
@@ -83,6 +69,17 @@ cdef inline void pad_plane(const floating *src, Py_ssize_t H, Py_ssize_t W, cons
             for j in range(Wr):
                 s = row_map[j]
                 dst[h * ds + j] = src[h * W + s] if s >= 0 else 0
+
+
+def pad_rows(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_map, Py_ssize_t wlo, bint unit_stride,
+             floating[:, :, :, :, ::1] out, int nthreads):
+    """Every row of x laid out by row_map (as pad_plane), into out (N, C, D, H, Wr)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], D = x.shape[2], H = x.shape[3], W = x.shape[4]
+    cdef Py_ssize_t Wr = out.shape[4], t
+    with nogil:
+        for t in prange(N * C * D, num_threads=nthreads, schedule="static"):
+            pad_plane(&x[t // (C * D), (t // D) % C, t % D, 0, 0], H, W, &row_map[0], Wr, wlo, unit_stride,
+                      &out[t // (C * D), (t // D) % C, t % D, 0, 0], Wr)
 
 
 def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_map, Py_ssize_t wlo,
@@ -180,42 +177,74 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
 
 
 def wgrad_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, ::1] grad,
-                 floating[:, :, :, :, :, ::1] partial, const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
-                 const Py_ssize_t[::1] toff, int sd, int sh, int dd, int dh, int groups, int nthreads):
-    """Weight gradient, lane-wise partial sums:
-    partial[k, o, c, a, b, e*VL + lane] = sum over the k-th chunk of (n, od) and all oh, ow of
-        grad[n, o, od, oh, ow] * x[n, group(o)*Cg + c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]].
-    The caller adds lanes and chunks in a fixed order (deterministic, no atomics)."""
-    cdef Py_ssize_t nchunk = partial.shape[0], O = partial.shape[1], Cg = partial.shape[2]
-    cdef Py_ssize_t kd = partial.shape[3], kh = partial.shape[4]
+                 floating[:, :, :, :, :, ::1] partial, const Py_ssize_t[::1] map_d,
+                 const Py_ssize_t[::1] map_h, const Py_ssize_t[::1] toff, int kh, int sd, int sh, int dd, int dh,
+                 int nthreads):
+    """Weight gradient in chunks: partial[k, g, ob, c, a*kh + b, o*kw + e] = sum over the k-th chunk of (n, od) planes
+    and all oh, ow of grad[n, (g*nOB + ob)*OB + o, od, oh, ow] *
+                       x[n, g*Cg + c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]]
+    (x: rows laid out as the direct kernel's). A task owns (chunk, group, block of OB output channels): its
+    gradient rows are reused from cache over every input channel, and its lane-wise partial sums (per-thread
+    scratch) are added in a fixed order at the end: deterministic, no atomics."""
+    cdef Py_ssize_t nchunk = partial.shape[0], G = partial.shape[1], nOB = partial.shape[2]
     cdef int kw = <int>toff.shape[0]
+    cdef Py_ssize_t Cg = partial.shape[3], kd = partial.shape[4] // kh
+    cdef int OB = <int>(partial.shape[5] // kw)
     cdef Py_ssize_t N = grad.shape[0], Do = grad.shape[2], Ho = grad.shape[3]
     cdef int Wo = <int>grad.shape[4]
-    cdef Py_ssize_t Og = O // groups, planes = N * Do, per = (planes + nchunk - 1) // nchunk
-    cdef Py_ssize_t ntask = nchunk * O * Cg, t, k, o, c, q, n, od, oh, a, b, xd, xh, cx
+    cdef Py_ssize_t VL = vc_vector_bytes() // sizeof(floating), gcs = grad.strides[1] // sizeof(floating)
+    cdef Py_ssize_t per_tap = OB * kw * VL, nacc = Cg * kd * kh * per_tap
+    cdef Py_ssize_t planes = N * Do, per = (planes + nchunk - 1) // nchunk
+    cdef Py_ssize_t ntask = nchunk * G * nOB, t, k, g, ob, q, n, od, c, a, b, oh, oh0, xd, xh, i, o, e, lane
+    cdef int nr
+    cdef floating s
+    cdef floating *vacc
+    cdef const floating **grows
+    cdef const floating **xrows
     if ntask == 0:
         return
-    with nogil:
-        for t in prange(ntask, num_threads=nthreads, schedule="dynamic"):
-            c = t % Cg
-            o = (t // Cg) % O
-            k = t // (Cg * O)
-            cx = (o // Og) * Cg + c
+    with nogil, parallel(num_threads=nthreads):
+        vacc = <floating *>malloc(nacc * sizeof(floating))
+        grows = <const floating **>malloc(8 * sizeof(floating *))
+        xrows = <const floating **>malloc(8 * sizeof(floating *))
+        for t in prange(ntask, schedule="dynamic"):
+            ob = t % nOB
+            g = (t // nOB) % G
+            k = t // (nOB * G)
+            for i in range(nacc):
+                vacc[i] = 0
             for q in range(k * per, min(planes, (k + 1) * per)):
                 n = q // Do
                 od = q % Do
-                for a in range(kd):
-                    xd = map_d[od * sd + a * dd]
-                    if xd < 0:
-                        continue
-                    for oh in range(Ho):
-                        for b in range(kh):
-                            xh = map_h[oh * sh + b * dh]
-                            if xh < 0:
+                for oh0 in range(0, Ho, 8):  # 8 output rows at a time: their gradient rows stay in L1
+                    for c in range(Cg):
+                        for a in range(kd):
+                            xd = map_d[od * sd + a * dd]
+                            if xd < 0:
                                 continue
-                            if floating is float:
-                                wgrad_row_f32(&grad[n, o, od, oh, 0], &x[n, cx, xd, xh, 0], Wo, kw, &toff[0],
-                                              &partial[k, o, c, a, b, 0])
-                            else:
-                                wgrad_row_f64(&grad[n, o, od, oh, 0], &x[n, cx, xd, xh, 0], Wo, kw, &toff[0],
-                                              &partial[k, o, c, a, b, 0])
+                            for b in range(kh):
+                                nr = 0
+                                for oh in range(oh0, min(Ho, oh0 + 8)):
+                                    xh = map_h[oh * sh + b * dh]
+                                    if xh >= 0:
+                                        grows[nr] = &grad[n, (g * nOB + ob) * OB, od, oh, 0]
+                                        xrows[nr] = &x[n, g * Cg + c, xd, xh, 0]
+                                        nr = nr + 1
+                                if floating is float:
+                                    wgrad_rows_f32(grows, gcs, xrows, nr, Wo, kw, &toff[0], OB,
+                                                   vacc + ((c * kd + a) * kh + b) * per_tap)
+                                else:
+                                    wgrad_rows_f64(grows, gcs, xrows, nr, Wo, kw, &toff[0], OB,
+                                                   vacc + ((c * kd + a) * kh + b) * per_tap)
+            for c in range(Cg):  # lanes added in order: the same sums whatever the thread count
+                for a in range(kd):
+                    for b in range(kh):
+                        for o in range(OB):
+                            for e in range(kw):
+                                s = 0
+                                for lane in range(VL):
+                                    s = s + vacc[((c * kd + a) * kh + b) * per_tap + (o * kw + e) * VL + lane]
+                                partial[k, g, ob, c, a * kh + b, o * kw + e] = s
+        free(vacc)
+        free(grows)
+        free(xrows)

@@ -200,48 +200,89 @@ static void FN(corr_row)(T *out, ptrdiff_t ocs, int OB, const T *const *rows, co
     }
 }
 
-/* Weight gradient of NT taps of one row pair (NT independent FMA chains, g loaded once per vector):
- * vacc[i*VL + lane] += sum over w of g[w] * x[w + toff[i]], lanes kept apart (added once by the caller). */
-#define VC_DEFINE_WGRAD(NT)                                                                           \
-static inline void FN(wgrad_taps_##NT)(const T *g, const T *x, int wv_end, const ptrdiff_t *toff,       \
-                                       T *vacc)                                                        \
+/* Weight gradient, OB output channels (gcs apart in grad) x NT taps, summed over nr row pairs:
+ * vacc[o*ocs + i*VL + lane] += sum_r sum over w of grows[r][o*gcs + w] * xrows[r][w + toff[i]]
+ * (lanes kept apart; the caller adds them once, in a fixed order). The accumulators stay in registers over
+ * all the rows; each x vector serves OB channels, each g vector NT taps; NS sets take alternate rows when
+ * OB*NT alone is too few independent FMA chains. */
+#define VC_WGRAD_ROW(OB, NT, SET, R)                                                                  \
+    do {                                                                                              \
+        const T *g = grows[R], *x = xrows[R];                                                         \
+        for (int w = 0; w < wv_end; w += VL) {                                                        \
+            VEC xv[NT];                                                                               \
+            _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) xv[i] = *(const UVEC *)(x + w + toff[i]); \
+            _Pragma("GCC unroll 8") for (int o = 0; o < OB; o++) {                                    \
+                const VEC gv = *(const UVEC *)(g + o * gcs + w);                                      \
+                _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) a[SET][o][i] += gv * xv[i];      \
+            }                                                                                         \
+        }                                                                                             \
+    } while (0)
+
+#define VC_DEFINE_WGRAD(OB, NT, NS)                                                                   \
+static inline void FN(wgrad_##OB##x##NT)(const T *const *grows, ptrdiff_t gcs, const T *const *xrows,   \
+                                          int nr, int wv_end, const ptrdiff_t *toff, T *vacc,          \
+                                          ptrdiff_t ocs)                                               \
 {                                                                                                     \
-    VEC a[NT];                                                                                        \
-    _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) a[i] = *(UVEC *)(vacc + i * VL);             \
-    for (int w = 0; w < wv_end; w += VL) {                                                            \
-        const VEC gv = *(const UVEC *)(g + w);                                                        \
-        _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++)                                          \
-            a[i] += gv * *(const UVEC *)(x + w + toff[i]);                                            \
+    VEC a[NS][OB][NT];                                                                                \
+    _Pragma("GCC unroll 8") for (int o = 0; o < OB; o++)                                              \
+    _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) {                                            \
+        a[0][o][i] = *(UVEC *)(vacc + o * ocs + i * VL);                                              \
+        _Pragma("GCC unroll 8") for (int s = 1; s < NS; s++) a[s][o][i] = (VEC){0};                   \
     }                                                                                                 \
-    _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) *(UVEC *)(vacc + i * VL) = a[i];             \
+    int r = 0;                                                                                        \
+    for (; r + NS <= nr; r += NS)                                                                     \
+        _Pragma("GCC unroll 8") for (int s = 0; s < NS; s++) VC_WGRAD_ROW(OB, NT, s, r + s);          \
+    for (; r < nr; r++)                                                                               \
+        VC_WGRAD_ROW(OB, NT, 0, r);                                                                   \
+    _Pragma("GCC unroll 8") for (int s = 1; s < NS; s++)                                              \
+    _Pragma("GCC unroll 8") for (int o = 0; o < OB; o++)                                              \
+    _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) a[0][o][i] += a[s][o][i];                    \
+    _Pragma("GCC unroll 8") for (int o = 0; o < OB; o++)                                              \
+    _Pragma("GCC unroll 8") for (int i = 0; i < NT; i++) *(UVEC *)(vacc + o * ocs + i * VL) = a[0][o][i]; \
 }
 
-VC_DEFINE_WGRAD(8)
-VC_DEFINE_WGRAD(4)
-VC_DEFINE_WGRAD(2)
-VC_DEFINE_WGRAD(1)
+VC_DEFINE_WGRAD(1, 8, 1)
+VC_DEFINE_WGRAD(1, 7, 1)
+VC_DEFINE_WGRAD(1, 6, 1)
+VC_DEFINE_WGRAD(1, 5, 1)
+VC_DEFINE_WGRAD(1, 4, 2)
+VC_DEFINE_WGRAD(1, 3, 2)
+VC_DEFINE_WGRAD(1, 2, 2)
+VC_DEFINE_WGRAD(1, 1, 2)
+VC_DEFINE_WGRAD(4, 4, 1)
+VC_DEFINE_WGRAD(4, 3, 1)
+VC_DEFINE_WGRAD(4, 2, 1)
+VC_DEFINE_WGRAD(4, 1, 2)
 
-/* Weight gradient of one row pair: vacc[e*VL + lane] += sum_w g[w] * x[w + toff[e]] (lane-wise partial
- * sums; the caller adds the VL lanes once at the end, so the order is fixed and the result deterministic). */
-static void FN(wgrad_row)(const T *g, const T *x, int Wo, int kw, const ptrdiff_t *toff, T *vacc)
+#define VC_WGRAD_CASE(OB, NT)                                                                         \
+    case NT:                                                                                          \
+        FN(wgrad_##OB##x##NT)(grows, gcs, xrows, nr, wv_end, toff + e, vacc + e * VL, ocs);           \
+        break;
+
+/* Weight gradient of one (input row offset, output-channel block): vacc[o*kw*VL + e*VL + lane] +=
+ * sum_r sum_w grows[r][o*gcs + w] * xrows[r][w + toff[e]], o < OB (1 or 4), e < kw; the taps of a row in
+ * as few calls as the register budget allows. */
+static void FN(wgrad_rows)(const T *const *grows, ptrdiff_t gcs, const T *const *xrows, int nr, int Wo, int kw,
+                           const ptrdiff_t *toff, int OB, T *vacc)
 {
     const int wv_end = Wo - Wo % VL;
-    int e = 0;
-    for (; e + 8 <= kw; e += 8)
-        FN(wgrad_taps_8)(g, x, wv_end, toff + e, vacc + e * VL);
-    if (e + 4 <= kw) {
-        FN(wgrad_taps_4)(g, x, wv_end, toff + e, vacc + e * VL);
-        e += 4;
+    const ptrdiff_t ocs = (ptrdiff_t)kw * VL;
+    for (int e = 0, nt; e < kw; e += nt) {
+        nt = kw - e < (OB == 4 ? 4 : 8) ? kw - e : (OB == 4 ? 4 : 8);
+        if (OB == 4) {
+            switch (nt) { VC_WGRAD_CASE(4, 4) VC_WGRAD_CASE(4, 3) VC_WGRAD_CASE(4, 2) VC_WGRAD_CASE(4, 1) }
+        } else {
+            switch (nt) {
+                VC_WGRAD_CASE(1, 8) VC_WGRAD_CASE(1, 7) VC_WGRAD_CASE(1, 6) VC_WGRAD_CASE(1, 5)
+                VC_WGRAD_CASE(1, 4) VC_WGRAD_CASE(1, 3) VC_WGRAD_CASE(1, 2) VC_WGRAD_CASE(1, 1)
+            }
+        }
     }
-    if (e + 2 <= kw) {
-        FN(wgrad_taps_2)(g, x, wv_end, toff + e, vacc + e * VL);
-        e += 2;
-    }
-    if (e < kw)
-        FN(wgrad_taps_1)(g, x, wv_end, toff + e, vacc + e * VL);
-    for (e = 0; e < kw; e++)
-        for (int w = wv_end; w < Wo; w++)
-            vacc[e * VL] += g[w] * x[w + toff[e]];
+    for (int r = 0; r < nr; r++) /* columns past the last whole vector */
+        for (int o = 0; o < OB; o++)
+            for (int e = 0; e < kw; e++)
+                for (int w = wv_end; w < Wo; w++)
+                    vacc[o * ocs + e * VL] += grows[r][o * gcs + w] * xrows[r][w + toff[e]];
 }
 
 #undef FN

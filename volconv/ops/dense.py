@@ -48,7 +48,7 @@ def _direct_operands(x, spec, nthreads):
     if spec.pads[2] == (0, 0) and spec.stride[2] == 1:
         return x, map_d, map_h, toff
     rows = np.empty(x.shape[:4] + row_map.shape, dtype=x.dtype)
-    _cpu.direct.pad_w(x, row_map, rows, nthreads)
+    _cpu.direct.pad_rows(x, row_map, spec.pads[2][0], spec.stride[2] == 1, rows, nthreads)
     return rows, map_d, map_h, toff
 
 
@@ -137,7 +137,7 @@ def _import_torch(why):
 # of layer shapes): sustained rates per thread of the direct kernel by register block, of its weight-gradient
 # kernel, of oneDNN for channel-mixing layers, the bandwidth the direct path streams at, a fixed cost per call.
 DIRECT_GFLOPS = {1: 90.0, 4: 110.0, 8: 160.0}    # by output-channel block (1: one channel / depthwise)
-WGRAD_GFLOPS = {1: 37.0, 4: 24.0, 8: 24.0}       # channel-mixing layers stream both planes per channel pair
+WGRAD_GFLOPS = {1: 47.0, 4: 55.0, 8: 55.0}       # weight-gradient kernel (unaligned tap loads)
 TORCH_GFLOPS = 130.0                              # oneDNN, when channels mix (Cg >= 4, Og >= 4)
 CALL_OVERHEAD = 20e-6
 BANDWIDTH = 25e9   # bytes/s the direct path streams (input and output), both cores
@@ -285,15 +285,18 @@ def backward_weight(x, grad, spec, nthreads):
         gw = backward_weight(x - x.dtype.type(spec.cval), grad, spec.with_cval(0.0), nthreads)
         return gw + spec.cval * grad.sum(axis=(0, 2, 3, 4)).reshape(-1, 1, 1, 1, 1)
     rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)
-    O, Cg = spec.w_shape[:2]
-    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
-    planes = grad.shape[0] * grad.shape[2]
-    nchunk = max(1, min(planes, 16 // (O * Cg)))   # from the shape only: same sums for any thread count
-    partial = np.zeros((nchunk, O, Cg) + spec.kernel_size[:2] + (spec.kernel_size[2] * vl,), x.dtype)
+    (O, Cg), G, k = spec.w_shape[:2], spec.groups, spec.kernel_size
+    ob = 4 if (O // G) % 4 == 0 else 1   # output channels sharing each input-row load
+    nob = O // G // ob
+    # chunks of (n, od) planes, from the shape only (the same sums for any thread count): enough tasks to share
+    nchunk = int(max(1, min(grad.shape[0] * grad.shape[2], 8 // (G * nob))))
+    partial = np.empty((nchunk, G, nob, Cg, k[0] * k[1], ob * k[2]), x.dtype)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    _cpu.direct.wgrad_direct(rows, np.ascontiguousarray(grad), partial, map_d, map_h, toff, sd, sh, dd, dh,
-                             spec.groups, nthreads)
-    return partial.reshape(partial.shape[:-1] + (spec.kernel_size[2], vl)).sum(axis=(0, -1))
+    _cpu.direct.wgrad_direct(rows, np.ascontiguousarray(grad), partial, map_d, map_h, toff, k[1], sd, sh, dd, dh,
+                             nthreads)
+    # (G, nob, Cg, kd, kh, ob, kw) -> (G, nob, ob, Cg, kd, kh, kw) = (O, Cg, kd, kh, kw)
+    summed = partial.sum(axis=0).reshape((G, nob, Cg) + k[:2] + (ob, k[2]))
+    return np.ascontiguousarray(summed.transpose(0, 1, 5, 2, 3, 4, 6)).reshape(spec.w_shape)
 
 
 # ---------------------------------------------------------------------------------------------- public API
