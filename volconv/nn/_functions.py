@@ -27,7 +27,7 @@ class Conv3dFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.from_numpy(dense.backward_input(g, w.numpy(), ctx.spec, ctx.algorithm, ctx.nthreads))
         if ctx.needs_input_grad[1]:
-            gw = torch.from_numpy(dense.backward_weight(x.numpy(), g, ctx.spec, ctx.nthreads))
+            gw = torch.from_numpy(dense.backward_weight(x.numpy(), g, ctx.spec, ctx.nthreads, ctx.algorithm))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(dim=(0, 2, 3, 4))
         return gx, gw, gb, None, None, None

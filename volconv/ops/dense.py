@@ -170,15 +170,15 @@ def wgrad_cost(spec, nthreads):
 
 def choose_algorithm(x, spec, nthreads, *, allow_torch, backward=False):
     """The cheapest algorithm by the cost model. backward: the call will be differentiated, so the cost is a
-    training step's (volconv: forward + input gradient, about another forward, + the weight-gradient kernel;
-    torch: its forward and backward, about three forwards)."""
+    training step's (forward + input gradient, about another forward, + weight gradient: the direct kernel's,
+    or for fft and torch about one more forward)."""
     costs = {"direct": direct_cost(spec, nthreads)}
     if allow_torch and "torch" in sys.modules:
         costs["torch"] = torch_cost(spec, nthreads)
     if min(spec.kernel_size) > 3:
         costs["fft"] = fft_cost(spec, nthreads)
-    if backward:
-        costs = {name: 3 * c if name == "torch" else 2 * c + wgrad_cost(spec, nthreads)
+    if backward:  # torch: forward + backward ~ 3 forwards; fft: its weight gradient is another FFT convolution
+        costs = {name: 3 * c if name in ("torch", "fft") else 2 * c + wgrad_cost(spec, nthreads)
                  for name, c in costs.items()}
     name = min(costs, key=costs.get)
     if name == "fft" and not np.isfinite(x).all():  # an FFT would spread NaN/Inf over the whole output
@@ -277,13 +277,16 @@ def backward_input(grad, w, spec, algorithm, nthreads):
     return gx if zero_pad else _fold_padding(gx, spec.x_shape[2:], spec.pads, spec.mode)
 
 
-def backward_weight(x, grad, spec, nthreads):
-    """d loss / d weight: correlation of the (padded) input with the output gradient, by the wgrad kernel.
-    A constant cval outside is the forward's bias cval * sum(w): its weight gradient is cval * sum(grad)."""
+def backward_weight(x, grad, spec, nthreads, algorithm="direct"):
+    """d loss / d weight: correlation of the (padded) input with the output gradient; by the FFT for the
+    layers whose forward runs it (large kernels), else by the weight-gradient kernel. A constant cval outside
+    is the forward's bias cval * sum(w): its weight gradient is cval * sum(grad)."""
     nthreads = threads_for(spec, nthreads)
     if spec.mode == "constant" and spec.cval != 0:
-        gw = backward_weight(x - x.dtype.type(spec.cval), grad, spec.with_cval(0.0), nthreads)
+        gw = backward_weight(x - x.dtype.type(spec.cval), grad, spec.with_cval(0.0), nthreads, algorithm)
         return gw + spec.cval * grad.sum(axis=(0, 2, 3, 4)).reshape(-1, 1, 1, 1, 1)
+    if algorithm == "fft":
+        return _backward_weight_fft(x, grad, spec, nthreads)
     rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)
     (O, Cg), G, k = spec.w_shape[:2], spec.groups, spec.kernel_size
     ob = 4 if (O // G) % 4 == 0 else 1   # output channels sharing each input-row load
@@ -297,6 +300,24 @@ def backward_weight(x, grad, spec, nthreads):
     # (G, nob, Cg, kd, kh, ob, kw) -> (G, nob, ob, Cg, kd, kh, kw) = (O, Cg, kd, kh, kw)
     summed = partial.sum(axis=0).reshape((G, nob, Cg) + k[:2] + (ob, k[2]))
     return np.ascontiguousarray(summed.transpose(0, 1, 5, 2, 3, 4, 6)).reshape(spec.w_shape)
+
+
+def _backward_weight_fft(x, grad, spec, nthreads):
+    """The weight gradient as a convolution: per group, batch and channels swap places, the output gradient
+    is the kernel; the layer's dilation becomes the stride and its stride the dilation. The FFT does it at a
+    forward pass's cost, whatever the kernel size."""
+    G, (O, Cg) = spec.groups, spec.w_shape[:2]
+    Og = O // G
+    gw = np.empty(spec.w_shape, x.dtype)
+    for g in range(G):
+        xt = np.ascontiguousarray(x[:, g * Cg:(g + 1) * Cg].transpose(1, 0, 2, 3, 4))       # (Cg, N, ...)
+        gt = np.ascontiguousarray(grad[:, g * Og:(g + 1) * Og].transpose(1, 0, 2, 3, 4))    # (Og, N, ...)
+        tspec = ConvSpec(xt.shape, gt.shape, stride=spec.dilation, pads=spec.pads, dilation=spec.stride, groups=1,
+                         mode=spec.mode)
+        lags = fft_conv3d(xt, gt, None, tspec, nthreads)  # (Cg, Og, >= kd, >= kh, >= kw): the first k lags count
+        gw[g * Og:(g + 1) * Og] = lags[(slice(None), slice(None)) + tuple(slice(k) for k in spec.kernel_size)] \
+            .transpose(1, 0, 2, 3, 4)
+    return gw
 
 
 # ---------------------------------------------------------------------------------------------- public API
