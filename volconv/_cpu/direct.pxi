@@ -1,4 +1,4 @@
-# Direct 3D cross-correlation loops (OpenMP over output rows); the SIMD work is in kernels.h.
+# Direct 3D cross-correlation and weight-gradient loops (OpenMP over work units); the SIMD work is in kernels.h.
 # Included by _direct_generic.pyx, _direct_avx2.pyx and _direct_avx512.pyx, which setup.py compiles with
 # different instruction sets. No validation here: volconv/ops/dense.py hands over checked, contiguous arrays.
 #
@@ -11,10 +11,10 @@
 
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 cdef extern from "stdlib.h" nogil:
-    void *aligned_alloc(size_t alignment, size_t size)
-from libc.string cimport memcpy
+    void *aligned_alloc(size_t alignment, size_t size)  # C11; libc.stdlib does not declare it
 
 cdef extern from "kernels.h" nogil:
     int vc_vector_bytes()
