@@ -2,11 +2,13 @@
 
 `import volconv` needs numpy and scipy only; `volconv.nn` (PyTorch layers) is imported on first use and needs
 torch."""
+from . import kernels
 from ._cuda import has_cuda
+from .kernels import SeparableKernel
 from .ops.dense import conv3d, convolve, correlate
 
 __version__ = "0.1.0"
-__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "nn"]
+__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "nn"]
 
 
 def __getattr__(name):

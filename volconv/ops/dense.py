@@ -16,7 +16,9 @@ import sys
 import numpy as np
 
 from .. import _cpu
-from .._dispatch import Caller, wants_autograd
+from .._dispatch import Caller, is_tensor, wants_autograd
+from .._dispatch import _torch as _dispatch_torch
+from ..kernels import Kernel, SeparableKernel
 from .._validate import (ConvSpec, conv_padding, pad_array, pad_index, scipy_mode, torch_padding_mode, triple,
                          workers as resolve_workers)
 
@@ -213,6 +215,30 @@ def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
     return ALGORITHMS[algorithm](x, w, b, spec, threads_for(spec, nthreads))
 
 
+def run_separable(x, kernel, spec, algorithm, nthreads):
+    """A SeparableKernel (one 3-D kernel, applied to every channel of x) by 1-D passes: per rank-1 term, one
+    pass per axis, each padding only its own axis (boundary modes extend each axis on its own, so the passes
+    are exact), with that axis's stride and dilation. spec: the geometry of the whole 3-D kernel."""
+    if spec.mode == "constant" and spec.cval != 0:  # passes of zero padding, then the constant's share
+        dense_sum = float(np.sum(kernel.weights * np.prod([f.sum(axis=1) for f in kernel.factors], axis=0)))
+        out = run_separable(x - x.dtype.type(spec.cval), kernel, spec.with_cval(0.0), algorithm, nthreads)
+        return out + x.dtype.type(spec.cval * dense_sum)
+    C = x.shape[1]
+    out = None
+    for weight, factors in kernel.terms():
+        y = x
+        for axis, f in enumerate(factors):
+            shape = [1, 1, 1]
+            shape[axis] = f.size
+            w = np.ascontiguousarray(np.broadcast_to(f.reshape(shape).astype(x.dtype), (C, 1) + tuple(shape)))
+            one = lambda t, v: tuple(t[a] if a == axis else v for a in range(3))  # noqa: E731
+            pspec = ConvSpec(y.shape, w.shape, stride=one(spec.stride, 1), pads=one(spec.pads, (0, 0)),
+                             dilation=one(spec.dilation, 1), groups=C, mode=spec.mode)
+            y = run(y, w, None, pspec, algorithm, nthreads)
+        out = y * x.dtype.type(weight) if out is None else out + y * x.dtype.type(weight)
+    return out
+
+
 def threads_for(spec, nthreads):
     """No more threads than the work can feed: a thread that finishes its share in a few microseconds then
     waits at the barrier for a sibling the OS may have descheduled (on a busy machine, a whole time slice)."""
@@ -335,6 +361,8 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the caller's type,
     dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
     propagate as in torch (algorithm="fft" spreads them over the whole output)."""
+    if isinstance(weight, Kernel):
+        return _conv3d_kernel(input, weight, bias, stride, padding, dilation, padding_mode, algorithm, workers)
     if wants_autograd(input, weight, bias):
         from ..nn._functions import conv3d_autograd
 
@@ -347,6 +375,31 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     w = caller.cast(w, "weight", same_dtype=True)
     b = caller.cast(b, "bias", same_dtype=True)
     out = run(x, w, b, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+    return caller.result(out)
+
+
+def _conv3d_kernel(input, kernel, bias, stride, padding, dilation, padding_mode, algorithm, workers):
+    """conv3d with a kernel object (vc.kernels): the kernel applied to every channel (depthwise), separable
+    kernels by 1-D passes."""
+    C = input.shape[1] if getattr(input, "ndim", 0) == 5 else None
+    if C is None:
+        raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(getattr(input, 'shape', ()))}")
+    dense = kernel.to_dense()
+    if not isinstance(kernel, SeparableKernel) or wants_autograd(input, bias):
+        weight = np.ascontiguousarray(np.broadcast_to(dense, (C, 1) + dense.shape))
+        if is_tensor(input):
+            weight = _dispatch_torch().as_tensor(weight).to(input.dtype)
+        else:
+            weight = weight.astype(input.dtype if input.dtype.kind == "f" else np.float64)
+        return conv3d(input, weight, bias, stride, padding, dilation, C, padding_mode=padding_mode,
+                      algorithm=algorithm, workers=workers)
+    caller = Caller("conv3d", [input, bias], ["input", "bias"])
+    x, b = caller.arrays
+    spec = conv_spec(x.shape, (C, 1) + dense.shape, b, stride, padding, dilation, C, padding_mode)
+    x = caller.cast(x, "input")
+    out = run_separable(x, kernel, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+    if b is not None:
+        out += caller.cast(b, "bias", same_dtype=True).reshape(1, -1, 1, 1, 1)
     return caller.result(out)
 
 
@@ -373,6 +426,9 @@ def conv_spec(x_shape, w_shape, b, stride, padding, dilation, groups, padding_mo
 
 
 def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip):
+    separable = kernel if isinstance(kernel, SeparableKernel) and not wants_autograd(volume) else None
+    if isinstance(kernel, Kernel):
+        kernel = kernel.to_dense()
     caller = Caller(op, [volume, kernel], ["volume", "kernel"], promote_ints=True)
     v, k = caller.arrays
     if v.ndim != 3:
@@ -401,6 +457,11 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip)
         return conv_autograd(tensor(volume, like=w)[None, None], w[None, None], None, spec, algorithm,
                              workers)[0, 0]
     v = caller.cast(v, "volume")
+    if separable is not None:
+        if flip:
+            separable = SeparableKernel([f[:, ::-1] for f in separable.factors], separable.weights)
+        out = run_separable(v[None, None], separable, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+        return caller.result(out[0, 0])
     k = caller.cast(k, "kernel")
     out = run(v[None, None], k[None, None], None, spec, resolve_algorithm(algorithm), resolve_workers(workers))
     return caller.result(out[0, 0])

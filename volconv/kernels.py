@@ -1,0 +1,200 @@
+"""Kernels in physical units (mm) or voxels, as objects that volconv's filters accept wherever they accept a
+kernel array.
+
+A kernel that is a sum of outer products of 1-D factors says so (`SeparableKernel`): volconv then runs it as
+1-D passes, never building the 3-D array. The Gaussian and the box are rank 1 (three passes), the Laplacian
+of Gaussian rank 3. The low-rank (CP) kernels extend the same mechanism.
+
+Sizes: `zooms` are the voxel sizes in mm (vc.io.Volume.zooms); with zooms=None every size is in voxels.
+"""
+import math
+import os
+
+import numpy as np
+
+
+class Kernel:
+    """A 3-D correlation kernel (kd, kh, kw) in voxels."""
+
+    def to_dense(self):
+        """The kernel as a float64 array (kd, kh, kw)."""
+        raise NotImplementedError
+
+    @property
+    def shape(self):
+        return self.to_dense().shape
+
+    def __array__(self, dtype=None, copy=None):
+        dense = self.to_dense()
+        return dense if dtype is None else dense.astype(dtype)
+
+
+class DenseKernel(Kernel):
+    """A kernel given by its values."""
+
+    def __init__(self, values, name="kernel"):
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 3 or min(values.shape) < 1:
+            raise ValueError(f"{name} must be a non-empty 3-D array, got shape {values.shape}")
+        self.values = values
+
+    def to_dense(self):
+        return self.values
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    def __repr__(self):
+        return f"DenseKernel(shape={self.shape})"
+
+
+class SeparableKernel(Kernel):
+    """sum over r of weights[r] * outer(factors[0][r], factors[1][r], factors[2][r]).
+
+    factors: three arrays, one per axis (D, H, W), each (rank, k_axis) or (k_axis,) for rank 1."""
+
+    def __init__(self, factors, weights=None):
+        if len(factors) != 3:
+            raise ValueError(f"factors must hold one array per axis (3), got {len(factors)}")
+        fs = [np.atleast_2d(np.asarray(f, dtype=np.float64)) for f in factors]
+        rank = fs[0].shape[0]
+        if any(f.ndim != 2 or f.shape[0] != rank or f.shape[1] < 1 for f in fs):
+            raise ValueError("factors must be three non-empty arrays of shape (rank, k_axis) with one rank, got "
+                             f"shapes {[f.shape for f in fs]}")
+        self.factors = fs
+        self.weights = np.ones(rank) if weights is None else np.asarray(weights, dtype=np.float64).reshape(rank)
+
+    @property
+    def rank(self):
+        return self.factors[0].shape[0]
+
+    @property
+    def shape(self):
+        return tuple(f.shape[1] for f in self.factors)
+
+    def terms(self):
+        """(weight, (f_d, f_h, f_w)) for each rank-1 term."""
+        for r in range(self.rank):
+            yield self.weights[r], tuple(f[r] for f in self.factors)
+
+    def to_dense(self):
+        return np.einsum("r,ri,rj,rk->ijk", self.weights, *self.factors)
+
+    def __repr__(self):
+        return f"SeparableKernel(shape={self.shape}, rank={self.rank})"
+
+
+def as_kernel(kernel, name="kernel"):
+    """A Kernel from a Kernel or anything array-like."""
+    return kernel if isinstance(kernel, Kernel) else DenseKernel(kernel, name)
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def _per_axis(value, name):
+    """A positive size per axis (float or sequence of 3) -> 3 floats."""
+    try:
+        values = tuple(float(v) for v in value) if np.ndim(value) else (float(value),) * 3
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or a sequence of 3 numbers, got {value!r}") from None
+    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"{name} must be a non-negative number or 3 of them, got {value!r}")
+    return values
+
+
+def _voxels(size, zooms, name):
+    """Sizes in mm (zooms given) or voxels (zooms None) -> voxels per axis."""
+    size = _per_axis(size, name)
+    if zooms is None:
+        return size
+    zooms = _per_axis(zooms, "zooms")
+    if min(zooms) <= 0:
+        raise ValueError(f"zooms must be positive voxel sizes in mm, got {zooms!r}")
+    return tuple(s / z for s, z in zip(size, zooms))
+
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def _gaussian_1d(sigma, order, truncate):
+    """scipy.ndimage's 1-D Gaussian (derivative) kernel for correlation: the same radius and numbers."""
+    radius = int(truncate * sigma + 0.5)
+    if sigma == 0:
+        return np.ones(1) if order == 0 else np.zeros(1)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 / sigma ** 2 * x ** 2)
+    phi /= phi.sum()
+    if order == 0:
+        return phi
+    if order == 2:  # d2/dx2 of the normalised Gaussian: (x^2 / s^4 - 1 / s^2) phi (symmetric: no flip needed)
+        return (x ** 2 / sigma ** 4 - 1.0 / sigma ** 2) * phi
+    raise ValueError(f"order must be 0 or 2, got {order}")
+
+
+def _sigmas(sigma, fwhm, zooms):
+    if (sigma is None) == (fwhm is None):
+        raise ValueError("give exactly one of sigma and fwhm")
+    if fwhm is not None:
+        return tuple(f / FWHM_PER_SIGMA for f in _voxels(fwhm, zooms, "fwhm"))
+    return _voxels(sigma, zooms, "sigma")
+
+
+def gaussian(sigma=None, zooms=None, truncate=4.0, *, fwhm=None):
+    """Gaussian kernel: sigma (or fwhm) per axis, in mm when zooms are given, in voxels otherwise. The same
+    numbers as scipy.ndimage.gaussian_filter(volume, sigma / zooms, truncate=truncate). Separable (rank 1)."""
+    sig = _sigmas(sigma, fwhm, zooms)
+    return SeparableKernel([_gaussian_1d(s, 0, truncate) for s in sig])
+
+
+def log(sigma=None, zooms=None, truncate=4.0, *, fwhm=None):
+    """Laplacian of Gaussian: the same numbers as scipy.ndimage.gaussian_laplace(volume, sigma / zooms).
+    A sum of three separable terms (d2G x G x G + G x d2G x G + G x G x d2G). With mode="constant" and a
+    non-zero cval, volconv applies it as the one 3-D kernel it is (== scipy.ndimage.correlate with
+    .to_dense()), whereas scipy's gaussian_laplace pads every 1-D pass with cval."""
+    sig = _sigmas(sigma, fwhm, zooms)
+    g = [_gaussian_1d(s, 0, truncate) for s in sig]
+    d2 = [_gaussian_1d(s, 2, truncate) for s in sig]
+    return SeparableKernel([np.stack([d2[a] if a == t else g[a] for t in range(3)]) for a in range(3)])
+
+
+def box(size, zooms=None, *, normalize=True):
+    """A box of `size` (mm with zooms, else voxels) per axis: round(size / zoom) voxels, at least 1. Normalised
+    to sum 1 (a mean filter) unless normalize=False. Separable (rank 1)."""
+    n = [max(1, int(round(v))) for v in _voxels(size, zooms, "size")]
+    return SeparableKernel([np.full(k, 1.0 / k if normalize else 1.0) for k in n])
+
+
+def ball(radius, zooms=None, *, normalize=True):
+    """The voxels whose centres lie within `radius` (mm with zooms, else voxels) of the centre (an ellipsoid in
+    voxels when the zooms differ), like fslmaths -kernel sphere. Normalised to sum 1 unless normalize=False."""
+    rad = _voxels(radius, zooms, "radius")
+    if min(rad) <= 0:
+        raise ValueError(f"radius must be positive, got {radius!r}")
+    half = [int(math.floor(r)) for r in rad]
+    grids = np.meshgrid(*[np.arange(-h, h + 1) / r for h, r in zip(half, rad)], indexing="ij")
+    inside = (sum(g ** 2 for g in grids) <= 1.0 + 1e-12).astype(np.float64)
+    return DenseKernel(inside / inside.sum() if normalize else inside)
+
+
+def from_file(path):
+    """A kernel stored as .npy or as a NIfTI image (its 3-D data, in voxels)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"kernel file {path!r} does not exist")
+    if path.endswith(".npy"):
+        values = np.load(path, allow_pickle=False)
+    else:
+        import nibabel as nib
+
+        try:
+            values = np.asanyarray(nib.load(path).dataobj, dtype=np.float64)
+        except Exception as e:  # nibabel raises several types for files it cannot read
+            raise ValueError(f"kernel file {path!r} is neither .npy nor a readable NIfTI image: {e}") from None
+    if values.ndim == 4 and values.shape[3] == 1:
+        values = values[..., 0]
+    return DenseKernel(values, name=f"kernel in {path!r}")
+
+
+__all__ = ["Kernel", "DenseKernel", "SeparableKernel", "as_kernel", "gaussian", "log", "box", "ball", "from_file"]
