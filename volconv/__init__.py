@@ -1,19 +1,22 @@
 """volconv: fast 3D convolution for medical volumes and PyTorch 3D models.
 
-`import volconv` needs numpy and scipy only; `volconv.nn` (PyTorch layers) is imported on first use and needs
-torch."""
+`import volconv` needs numpy and scipy only; `volconv.nn` (PyTorch layers, needs torch) and `volconv.io` (NIfTI,
+nibabel) are imported on first use."""
 from . import kernels
 from ._cuda import has_cuda
 from .kernels import SeparableKernel
 from .ops.dense import conv3d, convolve, correlate
 
 __version__ = "0.1.0"
-__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "nn"]
+__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "nn", "io", "Volume"]
 
 
 def __getattr__(name):
-    if name == "nn":  # lazy: torch is optional
-        import importlib
+    """Lazy submodules: `nn` needs torch (optional), `io` imports nibabel (slow to import)."""
+    import importlib
 
-        return importlib.import_module(".nn", __name__)
+    if name in ("nn", "io"):
+        return importlib.import_module(f".{name}", __name__)
+    if name == "Volume":
+        return importlib.import_module(".io", __name__).Volume
     raise AttributeError(f"module 'volconv' has no attribute {name!r}")

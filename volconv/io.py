@@ -1,0 +1,479 @@
+"""NIfTI volumes in and out: `load`, `save` and the `Volume` they exchange.
+
+nibabel does the format work; this module adds what a filtering tool needs around it:
+
+- load: NIfTI-1 and NIfTI-2, plain or gzipped (recognised by content, not by file name), scl_slope/scl_inter
+  applied, float32 unless another dtype is asked for, memory-mapped when nibabel can (plain file, no scaling),
+  and every broken input (not NIfTI, corrupt gzip, truncated data) refused at load time with the file's name.
+- the voxel sizes (`Volume.zooms`) come from the affine, as every resampling or kernel in mm must; a
+  `NiftiWarning` says when pixdim disagrees with the affine or when xyzt_units name a spatial unit other than mm.
+- save: the source header's geometry and metadata are kept (affine, qform and sform with their codes, xyzt
+  units, TR, dim_info), float32 unless another dtype is asked for, never a new scale factor, and the file appears
+  atomically: it is written to a temporary file beside the target and renamed into place, so a failure leaves
+  neither a partial output nor a temporary file.
+"""
+import errno
+import gzip
+import os
+import stat
+import tempfile
+import warnings
+import zlib
+
+import nibabel as nib
+import numpy as np
+from nibabel.affines import voxel_sizes
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+__all__ = ["NiftiError", "NiftiWarning", "Volume", "load", "save"]
+
+# pixdim and the affine's voxel sizes may differ by float32 rounding of the sform rows (about 1e-7); anything
+# beyond this relative difference is a real disagreement.
+ZOOM_RTOL = 1e-4
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+_SAVE_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "int8", "uint8", "int16", "uint16", "int32",
+                                           "uint32", "int64", "uint64"))
+# Unit names as nibabel's Nifti1Header.get_xyzt_units spells them -> words for the warning, and the factor to mm.
+_SPATIAL_UNITS = {"meter": ("meters", 1000.0), "micron": ("micrometres (microns)", 0.001)}
+
+
+class NiftiError(ValueError):
+    """An input file that is not a readable NIfTI volume; the message names the file and the problem."""
+
+
+class NiftiWarning(UserWarning):
+    """A readable NIfTI file with doubtful geometry (pixdim vs affine, spatial unit other than mm)."""
+
+
+class Volume:
+    """A NIfTI volume.
+
+    Attributes
+    ----------
+    data : numpy.ndarray
+        3-D (x, y, z) or 4-D (x, y, z, t) array; float32 from `load` unless another dtype was asked for.
+    affine : numpy.ndarray
+        4x4 float64 voxel -> world (mm) transform.
+    header : nibabel.Nifti1Header or nibabel.Nifti2Header
+        The source's header (a fresh Nifti1Header when none was given); `save` keeps its geometry and metadata.
+    zooms : tuple of 3 floats
+        Voxel sizes in mm, from the affine (``nibabel.affines.voxel_sizes``), not from pixdim.
+    """
+
+    def __init__(self, data, affine, header=None):
+        if hasattr(data, "detach"):  # a torch tensor handed back by a filter
+            data = data.detach().cpu().numpy()
+        data = np.asanyarray(data)
+        if data.ndim not in (3, 4):
+            raise ValueError(f"Volume data must be 3-D (x, y, z) or 4-D (x, y, z, t), got shape {data.shape}")
+        affine = np.array(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise ValueError(f"Volume affine must be a finite 4x4 matrix, got {affine.shape}")
+        if header is None:  # geometry from the affine alone: both forms 'aligned', units mm and s
+            header = nib.Nifti1Header()
+            header.set_sform(affine, code="aligned")
+            header.set_qform(affine, code="aligned")
+            header.set_xyzt_units("mm", "sec")
+        elif not isinstance(header, nib.Nifti1Header):  # Nifti2Header is a subclass
+            raise TypeError(f"Volume header must be a nibabel Nifti1Header or Nifti2Header, "
+                            f"got {type(header).__name__}")
+        self.data = data
+        self.affine = affine
+        self.header = header
+
+    @property
+    def zooms(self):
+        return tuple(float(z) for z in voxel_sizes(self.affine))
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def with_data(self, data):
+        """A Volume with the same affine and (a copy of the) header holding `data`, e.g. a filtered copy.
+
+        The spatial shape must stay the same (the affine describes it); the 4th dimension may change."""
+        new = Volume(data, self.affine.copy(), self.header.copy())
+        if new.data.shape[:3] != self.data.shape[:3]:
+            raise ValueError(f"with_data: new data has spatial shape {new.data.shape[:3]}, the volume's "
+                             f"geometry is for {self.data.shape[:3]}")
+        return new
+
+    def __repr__(self):
+        zooms = "x".join(f"{z:g}" for z in self.zooms)
+        return f"Volume(shape={self.data.shape}, dtype={self.data.dtype}, zooms={zooms} mm)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# load
+# --------------------------------------------------------------------------------------------------------------
+
+def load(path, *, dtype=np.float32, mmap=True):
+    """Read a NIfTI-1 or NIfTI-2 volume (.nii or .nii.gz) into a `Volume`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    dtype : numpy dtype or None
+        Type of ``Volume.data`` (default float32; scl_slope/scl_inter are applied in it). An integer dtype is
+        accepted only when every stored value is a whole number in its range (no silent rounding). None gives
+        what nibabel's array proxy gives, without a copy when possible: the stored type and byte order when the
+        file is unscaled (memory-mapped for a plain file), nibabel's float type when it is scaled.
+    mmap : bool or {"c", "r"}
+        Passed to nibabel: memory-map an uncompressed, unscaled file instead of reading it (True means
+        copy-on-write, "c"). Gzipped files are always read whole.
+
+    Raises
+    ------
+    FileNotFoundError
+        `path` does not exist.
+    NiftiError
+        `path` is not a NIfTI file, its gzip stream is corrupt, its data is truncated, or its data is not a
+        3-D or 4-D array of numbers.
+
+    Warns
+    -----
+    NiftiWarning (a UserWarning)
+        pixdim disagrees with the affine's voxel sizes, or xyzt_units give a spatial unit other than mm
+        (meters, microns) or none at all.
+    """
+    path = os.fspath(path)
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "fiu":
+            raise ValueError(f"load: dtype must be a real floating or integer numpy dtype, or None; got {dtype}")
+    if os.path.isdir(path):
+        raise NiftiError(f"{path}: is a directory, not a NIfTI file")
+    with open(path, "rb") as f:  # FileNotFoundError / PermissionError name the file themselves
+        gzipped = f.read(2) == _GZIP_MAGIC
+
+    try:
+        if gzipped:  # read it all now: a corrupt or truncated stream must fail here, not at first use
+            with gzip.open(path, "rb") as f:
+                img_class = _nifti_class(path, f.read(548))
+                f.seek(0)
+                img = img_class.from_file_map({"image": nib.FileHolder(fileobj=f)}, mmap=False)
+                data = _read_data(path, img, dtype)
+                f.read()  # to the end of the stream, so gzip checks its CRC and length
+        else:
+            with open(path, "rb") as f:
+                img_class = _nifti_class(path, f.read(548))
+            if path.lower().endswith((".gz", ".bz2", ".zst")):  # nibabel would decompress by the name
+                with open(path, "rb") as f:
+                    img = img_class.from_file_map({"image": nib.FileHolder(fileobj=f)}, mmap=False)
+                    _check_size(path, img, os.path.getsize(path))
+                    data = _read_data(path, img, dtype)
+            else:
+                img = img_class.from_file_map({"image": nib.FileHolder(filename=path)}, mmap=mmap)
+                _check_size(path, img, os.path.getsize(path))
+                data = _read_data(path, img, dtype)
+    except (NiftiError, PermissionError):
+        raise
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+        raise NiftiError(f"{path}: corrupt or truncated gzip stream ({e})") from e
+    except (OSError, ValueError, HeaderDataError, ImageFileError) as e:
+        reason = " ".join(str(e).split())
+        if "Expected" in reason and "bytes" in reason:  # nibabel's array_from_file: stream shorter than data
+            raise NiftiError(f"{path}: truncated data: {reason}") from e
+        raise NiftiError(f"{path}: unreadable NIfTI file: {reason}") from e
+
+    vol = Volume(data, img.affine, img.header)
+    _warn_geometry(path, vol)
+    return vol
+
+
+def _nifti_class(path, block):
+    """The nibabel image class for a header's first bytes, or NiftiError saying what the file is instead."""
+    if len(block) < 348:
+        raise NiftiError(f"{path}: not a NIfTI file (only {len(block)} bytes, a NIfTI-1 header alone is 348)")
+    sizes = {int.from_bytes(block[:4], "little"), int.from_bytes(block[:4], "big")}
+    if 540 in sizes and block[4:8] == b"n+2\0":
+        return nib.Nifti2Image
+    if 348 in sizes and block[344:348] == b"n+1\0":
+        return nib.Nifti1Image
+    if 540 in sizes and block[4:8] == b"ni2\0" or 348 in sizes and block[344:348] == b"ni1\0":
+        raise NiftiError(f"{path}: a NIfTI header of a .hdr/.img pair; only single-file NIfTI (.nii, .nii.gz) "
+                         f"is supported")
+    if 348 in sizes:
+        raise NiftiError(f"{path}: not a NIfTI file (an Analyze 7.5 header without the NIfTI magic)")
+    raise NiftiError(f"{path}: not a NIfTI file (no NIfTI-1 or NIfTI-2 header: sizeof_hdr is neither 348 nor "
+                     f"540)")
+
+
+def _check_size(path, img, file_size):
+    proxy = img.dataobj
+    needed = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
+    if file_size < needed:
+        raise NiftiError(f"{path}: truncated data: the header describes {proxy.shape} {proxy.dtype} voxels "
+                         f"ending at byte {needed}, the file has {file_size} bytes")
+
+
+def _read_data(path, img, dtype):
+    proxy = img.dataobj
+    stored = proxy.dtype
+    if stored.fields is not None or stored.kind == "c":
+        if dtype is not None:
+            raise NiftiError(f"{path}: {'RGB' if stored.fields else 'complex'} data ({stored}) cannot be read as "
+                             f"{dtype}; load it with dtype=None")
+    if dtype is None or dtype.kind == "f":
+        data = np.asarray(proxy, dtype=dtype)
+    else:
+        data = _as_integers(path, np.asarray(proxy), dtype)
+    if isinstance(data, np.memmap):  # astype of a memmap is an np.memmap that maps nothing: say what it is
+        data = data.view(np.ndarray)
+    shape = data.shape
+    if data.ndim < 3:  # a single slice or line: still a volume in the affine's 3-D space
+        data = data.reshape(shape + (1,) * (3 - data.ndim))
+    elif data.ndim > 4:
+        if any(n != 1 for n in shape[4:]):
+            raise NiftiError(f"{path}: {data.ndim}-D data of shape {shape}; volconv reads 3-D and 4-D volumes")
+        data = data.reshape(shape[:4])
+    return data
+
+
+def _as_integers(path, values, dtype):
+    """Stored (scaled) values -> an integer dtype, refused unless every value is a whole number in range."""
+    info = np.iinfo(dtype)
+    if values.dtype.kind in "iub":
+        lo, hi = (values.min(), values.max()) if values.size else (0, 0)
+        exact = True
+    else:
+        finite = np.isfinite(values).all()
+        lo, hi = (np.nanmin(values), np.nanmax(values)) if values.size and finite else (0, 0)
+        exact = finite and bool(np.all(values == np.round(values)))
+    if not exact or lo < info.min or hi > info.max:
+        raise NiftiError(f"{path}: stored values (range {lo:g} to {hi:g}{'' if exact else ', not all whole'}) "
+                         f"do not fit {dtype} exactly; load as float and convert")
+    return values.astype(dtype, copy=False)
+
+
+def _warn_geometry(path, vol):
+    header = vol.header
+    zooms = np.array(vol.zooms)
+    pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
+    if not np.allclose(zooms, pixdim, rtol=ZOOM_RTOL, atol=0):
+        form = "sform" if header["sform_code"] > 0 else "qform"
+        warnings.warn(f"{path}: voxel sizes from the affine ({form}) are {_fmt(zooms)} but pixdim says "
+                      f"{_fmt(pixdim)}; volconv uses the affine's", NiftiWarning, stacklevel=3)
+    unit = header.get_xyzt_units()[0]
+    if unit == "mm":
+        return
+    if unit in _SPATIAL_UNITS:
+        words, to_mm = _SPATIAL_UNITS[unit]
+        warnings.warn(f"{path}: xyzt_units say the spatial unit is {words}, not mm: the voxel sizes "
+                      f"{_fmt(zooms)} are in {words} ({_fmt(zooms * to_mm)} mm), but volconv reads zooms and "
+                      f"the affine as mm", NiftiWarning, stacklevel=3)
+    else:
+        warnings.warn(f"{path}: xyzt_units give no spatial unit ({unit}); volconv assumes mm "
+                      f"(voxel sizes {_fmt(zooms)})", NiftiWarning, stacklevel=3)
+
+
+def _fmt(values):
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# save
+# --------------------------------------------------------------------------------------------------------------
+
+def save(vol, path, *, dtype=None, overwrite=True):
+    """Write `vol` to `path` (.nii or .nii.gz; NIfTI-2 when the volume's header is a Nifti2Header).
+
+    The output keeps the source header's affine, qform and sform (values and codes), xyzt units, TR
+    (pixdim[4]), dim_info and other metadata; a changed ``vol.affine`` goes into both forms with their codes
+    (sform 'aligned' when it had none). A Volume without a source header gets sform and qform code 'aligned'
+    and units mm/s. The file is written in the machine's byte order, with scl_slope 1 and scl_inter 0, and
+    cal_min = cal_max = 0 (the source's display range is stale once the data changed; 0/0 tells viewers to use
+    the data range).
+
+    Parameters
+    ----------
+    dtype : numpy dtype or None
+        On-disk type; None means float32. Integer dtypes are written only when asked: values are rounded to
+        the nearest integer (halves to even, as numpy.rint), clipped to the dtype's range and NaN becomes 0,
+        with a NiftiWarning counting clipped and NaN voxels.
+    overwrite : bool
+        False refuses to replace an existing `path` (FileExistsError).
+
+    The data goes to a temporary file in the target directory, which is renamed over `path` once complete
+    (os.replace): on any failure `path` is left as it was and the temporary file is removed.
+
+    Raises
+    ------
+    FileExistsError
+        `path` exists and overwrite is False.
+    FileNotFoundError, NotADirectoryError, PermissionError, OSError
+        The output directory does not exist, is not a directory or cannot be written (naming the directory);
+        writing failed, e.g. disk full (naming `path`).
+    ValueError
+        `path` does not end in .nii or .nii.gz, or `dtype` is not a NIfTI number type.
+    """
+    if not isinstance(vol, Volume):
+        raise TypeError(f"save: expected a volconv.io.Volume, got {type(vol).__name__}")
+    path = os.fspath(path)
+    ext = next((e for e in _NIFTI_EXTENSIONS if path.lower().endswith(e)), None)
+    if ext is None:
+        raise ValueError(f"{path}: output file name must end in .nii or .nii.gz")
+    out_dtype = np.dtype(np.float32 if dtype is None else dtype)
+    if out_dtype not in _SAVE_DTYPES:
+        raise ValueError(f"save: dtype must be one of {', '.join(str(d) for d in _SAVE_DTYPES)}; got {out_dtype}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(directory):
+        raise FileNotFoundError(errno.ENOENT, "output directory does not exist", directory)
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(errno.ENOTDIR, "output directory is not a directory", directory)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "output path is a directory", path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", path)
+
+    data = _cast_for_output(path, vol.data, out_dtype)
+    header = _output_header(vol, data.shape, out_dtype)
+    img_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = img_class(data, vol.affine, header=header, dtype=out_dtype)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~_umask()
+
+    base = os.path.basename(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base[:-len(ext)]}.", suffix=f".tmp{ext}", dir=directory)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create a file in the output directory (for {base}): {e.strerror}",
+                      directory) from e
+    try:
+        with _open_temp(fd) as raw:
+            if ext == ".nii.gz":
+                # our own gzip stream: the header names the final file, not the temporary one
+                with gzip.GzipFile(filename=base[:-3], mode="wb", fileobj=raw, mtime=0,
+                                   compresslevel=_GZIP_LEVEL) as stream:
+                    img.to_file_map({"image": nib.FileHolder(fileobj=stream)})
+            else:
+                img.to_file_map({"image": nib.FileHolder(fileobj=raw)})
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, mode)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_no_clobber(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError) and e.errno is not None:
+            raise OSError(e.errno, f"{e.strerror or e}: could not write (nothing was left behind)", path) from e
+        raise
+    _fsync_directory(directory)
+
+
+_GZIP_LEVEL = 1  # nibabel's own default: 3-4x faster than zlib's 6, output ~10% larger
+
+
+def _open_temp(fd):
+    """The writable file object for the temporary output (a seam for tests that simulate a full disk)."""
+    return os.fdopen(fd, "wb")
+
+
+def _link_no_clobber(tmp, path):
+    """Move tmp to path unless path exists, atomically where the file system has hard links."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", path) from None
+    except OSError:  # no hard links here (some network / FAT file systems): check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _umask():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (briefly)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory):
+    """Make the rename durable; not every platform can open a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _cast_for_output(path, data, out_dtype):
+    data = np.asarray(data)
+    if data.ndim not in (3, 4):
+        raise ValueError(f"{path}: Volume data must be 3-D or 4-D, got shape {data.shape}")
+    if data.dtype.kind not in "fiub":
+        raise ValueError(f"{path}: cannot save {data.dtype} data; take the real part or the magnitude first")
+    if out_dtype.kind == "f" or data.dtype.kind == "b":
+        return data.astype(out_dtype)  # also native byte order
+    info = np.iinfo(out_dtype)
+    if data.dtype.kind in "iu":
+        src = np.iinfo(data.dtype)
+        lo, hi = max(info.min, src.min), min(info.max, src.max)
+        clipped = int(np.count_nonzero((data < lo) | (data > hi))) if (lo, hi) != (src.min, src.max) else 0
+        out = np.clip(data, np.array(lo, data.dtype), np.array(hi, data.dtype)).astype(out_dtype)
+        n_nan = 0
+    else:
+        # float32 holds every 8/16-bit integer exactly; wider outputs (and other floats) round in float64
+        work = np.rint(data, dtype=np.float32 if data.dtype == np.float32 and info.bits < 32 else np.float64)
+        lo, hi = (_float_bound(info.min, work.dtype, +1), _float_bound(info.max, work.dtype, -1))
+        nan = np.isnan(work)
+        n_nan = int(np.count_nonzero(nan))
+        work[nan] = 0
+        clipped = int(np.count_nonzero((work < lo) | (work > hi)))
+        out = np.clip(work, lo, hi, out=work).astype(out_dtype)
+    if clipped or n_nan:
+        what = []
+        if clipped:
+            what.append(f"{clipped} voxels outside {out_dtype}'s range [{info.min}, {info.max}] clipped")
+        if n_nan:
+            what.append(f"{n_nan} NaN voxels written as 0")
+        warnings.warn(f"{path}: saving as {out_dtype}: {'; '.join(what)}", NiftiWarning, stacklevel=3)
+    return out
+
+
+def _float_bound(limit, ftype, direction):
+    """The float of type ftype nearest to the integer `limit` that does not overshoot it (towards direction)."""
+    bound = ftype.type(limit)
+    if (direction < 0 and int(bound) > limit) or (direction > 0 and int(bound) < limit):
+        bound = np.nextafter(bound, ftype.type(direction * np.inf))
+    return bound
+
+
+def _output_header(vol, shape, out_dtype):
+    header = vol.header.copy()
+    native = "<" if np.little_endian else ">"
+    if header.endianness != native:
+        header = header.as_byteswapped(native)
+    pixdim = header["pixdim"].copy()  # set_data_shape resets pixdim beyond ndim (TR among them)
+    header.set_data_shape(shape)
+    header["pixdim"] = pixdim
+    header.set_data_dtype(out_dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"] = header["cal_max"] = 0
+    affine = vol.affine
+    if not np.allclose(affine, header.get_best_affine()):  # the caller changed the geometry
+        header.set_sform(affine, code=int(header["sform_code"]) or "aligned")
+        header.set_qform(affine, code=int(header["qform_code"]))
+    return header
+
