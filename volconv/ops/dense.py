@@ -439,6 +439,12 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip)
         raise ValueError(f"kernel must not be empty, got shape {k.shape}")
     mode = scipy_mode(mode)
     origins = triple(origin, "origin")
+    # NIfTI data arrive in Fortran order: filter the transposed volume with the transposed kernel (no copy)
+    fortran = v.flags.f_contiguous and not v.flags.c_contiguous
+    if fortran:
+        v, k, origins = v.T, k.T, origins[::-1]
+        if separable is not None:
+            separable = SeparableKernel(separable.factors[::-1], separable.weights)
     if flip:  # convolution = correlation with the flipped kernel, its centre moved as scipy.ndimage does
         k = k[::-1, ::-1, ::-1]
         origins = tuple(-o - (1 - n % 2) for o, n in zip(origins, k.shape))
@@ -461,10 +467,10 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip)
         if flip:
             separable = SeparableKernel([f[:, ::-1] for f in separable.factors], separable.weights)
         out = run_separable(v[None, None], separable, spec, resolve_algorithm(algorithm), resolve_workers(workers))
-        return caller.result(out[0, 0])
-    k = caller.cast(k, "kernel")
-    out = run(v[None, None], k[None, None], None, spec, resolve_algorithm(algorithm), resolve_workers(workers))
-    return caller.result(out[0, 0])
+    else:
+        k = caller.cast(k, "kernel")
+        out = run(v[None, None], k[None, None], None, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+    return caller.result(out[0, 0].T if fortran else out[0, 0])
 
 
 def correlate(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None):
