@@ -87,21 +87,23 @@ static inline FN(vc_idx) FN(shift_mask)(int e)
 /* Lanes E .. E + VL - 1 of the concatenation (lo, hi): the row shifted by E columns, without reloading it. */
 #define VC_SHIFT(lo, hi, E) __builtin_shuffle((lo), (hi), FN(shift_mask)(E))
 
-/* One output channel, WV aligned vectors at w0, taps at columns 0 .. kw - 1 (kw <= VL): each input row is
+/* One output channel, WV aligned vectors at w0, taps at columns 0 .. kw - 1 (kw <= 2 VL): each input row is
  * loaded once, aligned (no load straddles two cache lines), and every tap's vector is a register shuffle of
  * two neighbours. Used when the rows are VL-aligned (the ring of padded planes) and the W taps are unit-spaced. */
-/* Row R into accumulator set SET: load it once (WV + 1 aligned vectors), then every tap by shuffles. */
+/* Row R into accumulator set SET: load it once (WV + 2 aligned vectors), then every tap (kw <= 2 VL) as a
+ * shuffle of two neighbours. The vector past the row's end is read but unused when kw <= VL + 1. */
 #define VC_SHIFT_ROW(WV, SET, R)                                                                      \
     do {                                                                                              \
         const T *src = rows[R] + w0;                                                                  \
         const T *wt = wts[R];                                                                         \
-        VEC A[WV + 1];                                                                                \
+        VEC A[WV + 2];                                                                                \
         _Pragma("GCC unroll 16") for (int j = 0; j <= WV; j++) A[j] = *(const VEC *)(src + j * VL);   \
-        _Pragma("GCC unroll 16") for (int e = 0; e < VL; e++) {                                       \
+        A[WV + 1] = kw > VL + 1 ? *(const VEC *)(src + (WV + 1) * VL) : A[WV];                        \
+        _Pragma("GCC unroll 32") for (int e = 0; e < 2 * VL; e++) {                                   \
             if (e >= kw) break;                                                                       \
             const T wv = wt[e];                                                                       \
             _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++)                                     \
-                acc[SET][j] += wv * VC_SHIFT(A[j], A[j + 1], e);                                      \
+                acc[SET][j] += wv * VC_SHIFT(A[j + e / VL], A[j + e / VL + 1], e % VL);               \
         }                                                                                             \
     } while (0)
 
@@ -168,7 +170,7 @@ static void FN(corr_row)(T *out, ptrdiff_t ocs, int OB, const T *const *rows, co
                          int nrows, int kw, const ptrdiff_t *toff, int Wo, const T *bias, int aligned_unit)
 {
 #if VC_VBYTES >= 64
-    if (OB == 1 && aligned_unit && kw <= VL && Wo >= VL) { /* rows VL-aligned, toff[e] == e */
+    if (OB == 1 && aligned_unit && kw <= 2 * VL && Wo >= VL) { /* rows VL-aligned, toff[e] == e */
         ptrdiff_t w0 = 0;
         for (; w0 + 8 * VL <= Wo; w0 += 8 * VL)
             FN(shift_block_8)(out, rows, wts, nrows, kw, w0, bias[0]);
