@@ -8,7 +8,7 @@ from .kernels import SeparableKernel
 from .ops.dense import conv3d, convolve, correlate
 
 __version__ = "0.1.0"
-__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "nn", "io", "Volume"]
+__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "nn", "io", "Volume", "filter_nifti"]
 
 
 def __getattr__(name):
@@ -17,6 +17,6 @@ def __getattr__(name):
 
     if name in ("nn", "io"):
         return importlib.import_module(f".{name}", __name__)
-    if name == "Volume":
-        return importlib.import_module(".io", __name__).Volume
+    if name in ("Volume", "filter_nifti"):
+        return getattr(importlib.import_module(".io", __name__), name)
     raise AttributeError(f"module 'volconv' has no attribute {name!r}")
