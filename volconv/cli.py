@@ -1,15 +1,604 @@
-"""The `volconv` command. Subcommands call the library; tests call main([...]) directly."""
+"""The `volconv` command. Subcommands call the library; tests call main([...]) directly.
+
+    volconv filter IN OUT --gaussian 2mm     one NIfTI file (vc.io.filter_nifti), optional --preview PNG
+    volconv batch IN_DIR OUT_DIR --box 3mm   every .nii / .nii.gz of a directory, one progress bar
+    volconv info [IN ...]                    header summary of NIfTI files; without files: the build
+    volconv bench                            sample check against scipy.ndimage, then timings
+
+Exit codes: 0 success, 2 bad arguments (argparse's own), 1 failure. A failure prints one line
+"volconv: error: <file>: <problem>" and leaves no output file behind: the NIfTI is written atomically by
+vc.io.save, the preview PNG through a temporary file that is renamed into place.
+
+Nothing here imports torch (only `--device cuda` would need it, and the CUDA plugin is not built yet);
+matplotlib (--preview) and tqdm (progress bars) are imported only when used.
+"""
 import argparse
+import os
 import sys
+import time
+import warnings
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
+OUTPUT_DTYPES = ("float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
+# Kernel options: exactly one per filter/batch call. dest -> (flag, metavar, what it is)
+KERNEL_OPTIONS = {
+    "gaussian": ("--gaussian", "SIGMA", "Gaussian of standard deviation SIGMA (scipy.ndimage.gaussian_filter)"),
+    "fwhm": ("--fwhm", "FWHM", "Gaussian given by its full width at half maximum (FWHM = 2.3548 sigma)"),
+    "sigma_vox": ("--sigma-vox", "SIGMA", "Gaussian with SIGMA in voxels (a bare number means voxels here)"),
+    "box": ("--box", "SIZE", "mean over a box of SIZE (round(SIZE / voxel size) voxels, at least 1)"),
+    "ball": ("--ball", "RADIUS", "mean over the voxels within RADIUS of the centre (fslmaths -kernel sphere)"),
+    "kernel": ("--kernel", "FILE", "a kernel stored as .npy or NIfTI (its values, in voxels; correlated, "
+                                   "not flipped)"),
+}
+GAUSSIANS = ("gaussian", "fwhm", "sigma_vox")
+PROGRESS_DELAY_S = 1.0  # a progress bar appears only for work that lasts longer than this
+
+
+class CommandError(Exception):
+    """A failure to report as 'volconv: error: <file>: <problem>' (exit code 1)."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{os.fspath(path)}: {problem}" if path is not None else problem)
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+
+
+class Size:
+    """A size per array axis (i, j, k) with its unit: "2mm", "2", "1.5vox", "2,2,3mm"."""
+
+    def __init__(self, values, unit, text):
+        self.values, self.unit, self.text = values, unit, text
+
+    def voxels(self, zooms):
+        """The size in voxels per axis for a volume with these voxel sizes (mm)."""
+        if self.unit == "vox":
+            return self.values
+        return tuple(v / z for v, z in zip(self.values, zooms))
+
+    def __str__(self):
+        values = self.values[:1] if len(set(self.values)) == 1 else self.values
+        return " x ".join(f"{v:g}" for v in values) + (" mm" if self.unit == "mm" else " voxels")
+
+
+_UNITS = {"mm": "mm", "vox": "vox", "voxel": "vox", "voxels": "vox"}
+
+
+def size_type(default_unit="mm", positive=False, units=("mm", "vox")):
+    """argparse type: "2", "2mm", "2.5mm", "1.5vox", "2,2,3mm" -> Size (default_unit without a suffix)."""
+    def parse(text):
+        body = text.strip().lower()
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if body.endswith(u)), None)
+        if unit is not None:
+            body = body[:-len(unit)]
+        unit = _UNITS.get(unit, default_unit)
+        try:
+            values = tuple(float(v) for v in body.split(","))
+        except ValueError:
+            values = ()
+        if len(values) == 1:
+            values *= 3
+        if len(values) != 3 or not all(0 <= v < float("inf") for v in values):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected one size or three comma-separated sizes (one per array axis), each a "
+                f"non-negative number, optionally followed by {' or '.join(units)}: e.g. 2mm, 1.5vox, 2,2,3mm")
+        if unit not in units:
+            raise argparse.ArgumentTypeError(f"{text!r}: the unit must be {' or '.join(units)}, got {unit}")
+        if positive and min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: every size must be positive")
+        if max(values) == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: a size of 0 on every axis does nothing")
+        return Size(values, unit, text)
+
+    parse.__name__ = "size"  # argparse names the type in its messages
+    return parse
+
+
+def workers_type(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-zero integer (threads; -1 all cores, "
+                                         f"-2 all but one)")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+class KernelChoice:
+    """The kernel the options ask for, built per file from its voxel sizes (a size in mm becomes voxels
+    there), remembering the last one built so that the log can say what was applied."""
+
+    def __init__(self, args):
+        self.kind = next(k for k in KERNEL_OPTIONS if getattr(args, k) is not None)
+        self.arg = getattr(args, self.kind)
+        self.truncate = 4.0 if args.truncate is None else args.truncate
+        self.fixed = None
+        if self.kind == "kernel":
+            from . import kernels
+
+            path = self.arg
+            if not os.path.exists(path):
+                raise CommandError(path, "kernel file does not exist")
+            try:
+                self.fixed = kernels.from_file(path)
+                self.fixed.to_dense()
+            except Exception as e:  # np.load and nibabel raise many types for unreadable files
+                problem = _blame(e, path)[1]
+                raise CommandError(path, problem if path in problem else f"not a usable kernel file: {problem}"
+                                   ) from None
+        self.zooms = self.kernel = None
+
+    def __call__(self, zooms):
+        from . import kernels
+
+        size = self.arg
+        mm = getattr(size, "unit", None) == "mm"
+        on = zooms if mm else None
+        if self.kind == "gaussian":
+            kernel = kernels.gaussian(size.values, on, self.truncate)
+        elif self.kind == "sigma_vox":
+            kernel = kernels.gaussian(size.values, None, self.truncate)
+        elif self.kind == "fwhm":
+            kernel = kernels.gaussian(None, on, self.truncate, fwhm=size.values)
+        elif self.kind == "box":
+            kernel = kernels.box(size.values, on)
+        elif self.kind == "ball":
+            kernel = kernels.ball(size.values, on)
+        else:
+            kernel = self.fixed
+        self.zooms, self.kernel = tuple(zooms), kernel
+        return kernel
+
+    def describe(self):
+        """What was applied to the last file: sizes in voxels per axis (the effective sigma for a Gaussian)
+        and the kernel's shape."""
+        from .kernels import FWHM_PER_SIGMA, SeparableKernel
+
+        shape = "x".join(str(n) for n in self.kernel.shape)
+        kind = "separable" if isinstance(self.kernel, SeparableKernel) else "dense"
+        if self.kind == "kernel":
+            return f"kernel from {self.arg}, shape {shape}"
+        vox = self.arg.voxels(self.zooms)
+        if self.kind == "fwhm":
+            vox = tuple(v / FWHM_PER_SIGMA for v in vox)
+        per_axis = ", ".join(f"{v:.4g}" for v in vox)
+        name = {"gaussian": f"gaussian {self.arg}", "sigma_vox": f"gaussian {self.arg}",
+                "fwhm": f"gaussian of FWHM {self.arg}",
+                "box": f"box {self.arg}", "ball": f"ball of radius {self.arg}"}[self.kind]
+        if self.kind in GAUSSIANS:
+            detail = f"sigma {per_axis} voxels per axis, truncate {self.truncate:g}"
+        elif self.kind == "box":
+            detail = f"{per_axis} voxels per axis"
+        else:
+            detail = f"radius {per_axis} voxels per axis"
+        return f"{name}: {detail}, kernel {shape} ({kind})"
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+class Reporter:
+    """Log lines and an optional progress bar on stderr. The bar (tqdm) appears only on a terminal, without
+    --quiet, once the work has lasted PROGRESS_DELAY_S; log lines go above it."""
+
+    def __init__(self, quiet):
+        self.quiet = quiet
+        self.bar = None
+
+    def log(self, text):
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def error(self, text):
+        line = f"volconv: error: {text}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    def start_bar(self, total, unit):
+        if self.quiet or not sys.stderr.isatty():
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:  # progress bars are a convenience
+            return
+        self.bar = tqdm(total=total, unit=unit, delay=PROGRESS_DELAY_S, file=sys.stderr, leave=False,
+                        dynamic_ncols=True)
+
+    def set_progress(self, value):
+        if self.bar is not None:
+            self.bar.n = value
+            self.bar.refresh()
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _blame(exc, default, *paths):
+    """(file, problem) for an exception: the file it names (an OSError's filename, or one of `paths` that its
+    message starts with), else `default`; the problem on one line, without that leading '<file>: '."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return os.fspath(exc.filename), exc.strerror
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for path in (default,) + paths:
+        prefix = f"{os.fspath(path)}: " if path is not None else None
+        if prefix and text.startswith(prefix):
+            return os.fspath(path), text[len(prefix):]
+    return default, text
+
+
+def _report_warnings(reporter, caught):
+    for w in caught:
+        reporter.log(f"volconv: warning: {w.message}")
+
+
+# ------------------------------------------------------------------------------------------------ filter
+
+
+def _check_output(path, force, what="output file"):
+    """Refuse before any work: an existing output without --force, a missing or non-directory parent."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CommandError(path, f"{what} is a directory")
+    if os.path.lexists(path) and not force:
+        raise CommandError(path, f"{what} exists; use --force to overwrite it")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        problem = "does not exist" if not os.path.exists(directory) else "is not a directory"
+        raise CommandError(path, f"output directory {directory} {problem}")
+
+
+def _check_device(device):
+    if device == "cuda":
+        from . import _cuda
+
+        if not _cuda.has_cuda():
+            try:
+                _cuda.require("volconv --device cuda")
+            except RuntimeError as e:
+                raise CommandError(None, str(e)) from None
+        raise CommandError(None, "--device cuda: the CUDA plugin does not filter NIfTI files yet")
+
+
+def _filter_file(args, choice, src, dst, reporter, on_progress=None):
+    """Filter one file with vc.io.filter_nifti; log what was done. Raises CommandError naming the file."""
+    from . import io
+
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = io.filter_nifti(src, dst, choice, mode=args.mode, cval=args.cval, mask=args.mask,
+                                     normalize=args.normalize, outside=args.outside, dtype=args.odt,
+                                     overwrite=args.force, workers=args.workers, progress=on_progress)
+    except FileExistsError as e:
+        raise CommandError(dst, "output file exists; use --force to overwrite it") from e
+    except MemoryError:
+        raise CommandError(src, "not enough memory to filter it") from None
+    except (OSError, ValueError) as e:  # NiftiError is a ValueError
+        culprit, problem = _blame(e, src, dst, args.mask)
+        if os.path.abspath(culprit) == os.path.dirname(os.path.abspath(dst)):
+            culprit, problem = dst, f"{problem}: {os.path.dirname(os.path.abspath(dst))}"  # name the output
+        raise CommandError(culprit, problem) from e
+    _report_warnings(reporter, caught)
+    elapsed = time.perf_counter() - start
+    how = [choice.describe(), "normalized" if args.normalize else f"mode {args.mode}"]
+    if args.mask is not None:
+        how.append(f"mask {args.mask} ({args.outside} outside)")
+    if len(result.shape) == 4:
+        how.append(f"{result.shape[3]} volumes")
+    reporter.log(f"volconv: {src} -> {dst}: {', '.join(how)}, {elapsed:.2f} s")
+    return result
+
+
+def _filter(args):
+    reporter = Reporter(args.quiet)
+    src, dst = args.input, args.output
+    try:
+        _check_device(args.device)
+        choice = KernelChoice(args)
+        _check_output(dst, args.force)
+        preview = _Preview(args.preview, args.force) if args.preview else None
+    except CommandError as e:
+        reporter.error(e)
+        return 1
+    try:
+        reporter.start_bar(total=1, unit="vol")
+        progress = (lambda done, total: _set_total(reporter, done, total)) if reporter.bar else None
+        result = _filter_file(args, choice, src, dst, reporter, progress)
+        reporter.close_bar()
+        if preview is not None:
+            try:
+                preview.write(src, result)
+            except BaseException:
+                _remove(dst)  # all or nothing: no NIfTI without the preview that was asked for
+                raise
+            reporter.log(f"volconv: preview {args.preview}")
+    except CommandError as e:
+        reporter.close_bar()
+        reporter.error(e)
+        return 1
+    finally:
+        if preview is not None:
+            preview.discard()
+    return 0
+
+
+def _set_total(reporter, done, total):
+    reporter.bar.total = total
+    reporter.set_progress(done)
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ preview
+
+
+class _Preview:
+    """Orthogonal mid-slices of the input (top row) and the output (bottom row), as a PNG. The temporary file
+    is made before filtering (an unwritable place fails early) and renamed over the target once complete."""
+
+    def __init__(self, path, force):
+        import tempfile
+
+        self.path = os.fspath(path)
+        _check_output(self.path, force, "preview file")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CommandError(self.path, "--preview needs matplotlib (pip install matplotlib)") from None
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp.png",
+                                            dir=directory)
+        except OSError as e:
+            raise CommandError(self.path, f"cannot create a file in {directory}: {e.strerror}") from None
+        os.close(fd)
+        from .io import _umask
+
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it private; a PNG is as readable as the NIfTI
+
+    def write(self, src, result):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from nibabel import aff2axcodes
+
+        from . import io
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # already reported when the input was filtered
+                before = io.load(src).data
+            after = result.data
+            if before.ndim == 4:  # the first volume of a series
+                before, after = before[..., 0], after[..., 0]
+            zooms = result.zooms
+            planes = {"L": "sagittal", "R": "sagittal", "A": "coronal", "P": "coronal", "S": "axial",
+                      "I": "axial"}
+            codes = aff2axcodes(result.affine)
+            fig = Figure(figsize=(10, 6.5), layout="constrained")
+            FigureCanvasAgg(fig)
+            axes = fig.subplots(2, 3)
+            for row, (label, data) in enumerate((("input", before), ("output", after))):
+                lo, hi = _display_range(data)
+                for axis in range(3):
+                    mid = data.shape[axis] // 2
+                    plane = data.take(mid, axis=axis)  # the other two axes, in order
+                    a, b = [i for i in range(3) if i != axis]
+                    ax = axes[row, axis]
+                    ax.imshow(plane.T, origin="lower", cmap="gray", vmin=lo, vmax=hi,
+                              aspect=zooms[b] / zooms[a], interpolation="nearest")
+                    name = planes.get(codes[axis], "") if codes[axis] else ""
+                    ax.set_title(f"{label}: {name} slice {mid} of axis {axis}".replace(":  ", ": "),
+                                 fontsize=9)
+                    ax.set_axis_off()
+            fig.suptitle(f"{os.path.basename(src)}: input (top), filtered (bottom)", fontsize=10)
+            fig.savefig(self.tmp, format="png", dpi=100)
+            os.replace(self.tmp, self.path)
+        except Exception as e:  # OSError, and whatever matplotlib raises on odd data
+            raise CommandError(self.path, (isinstance(e, OSError) and e.strerror) or _blame(e, self.path)[1]
+                               ) from e
+
+    def discard(self):
+        _remove(self.tmp)
+
+
+def _display_range(data):
+    import numpy as np
+
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(finite, (0.5, 99.5)))
+    return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ batch
+
+
+def _nifti_files(directory):
+    """The NIfTI files of a directory by name, sorted; hidden files (e.g. interrupted temporaries) skipped."""
+    names = []
+    for entry in os.scandir(directory):
+        if entry.name.startswith(".") or not entry.name.lower().endswith(NIFTI_EXTENSIONS):
+            continue
+        if entry.is_file():
+            names.append(entry.name)
+    return sorted(names)
+
+
+def _batch(args):
+    reporter = Reporter(args.quiet)
+    in_dir, out_dir = args.input_dir, args.output_dir
+    try:
+        _check_device(args.device)
+        choice = KernelChoice(args)
+        if not os.path.isdir(in_dir):
+            raise CommandError(in_dir, "input directory does not exist" if not os.path.exists(in_dir)
+                               else "not a directory")
+        names = _nifti_files(in_dir)
+        if not names:
+            raise CommandError(in_dir, "no .nii or .nii.gz files in this directory")
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise CommandError(out_dir, "output directory is not a directory")
+        if os.path.isdir(out_dir) and os.path.samefile(in_dir, out_dir):
+            raise CommandError(out_dir, "the output directory is the input directory")
+        if not args.force:
+            for name in names:
+                if os.path.lexists(os.path.join(out_dir, name)):
+                    raise CommandError(os.path.join(out_dir, name), "output file exists; use --force to "
+                                                                    "overwrite it")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise CommandError(out_dir, f"cannot create the output directory: {e.strerror}") from None
+    except CommandError as e:
+        reporter.error(e)
+        return 1
+
+    failed = 0
+    reporter.start_bar(total=len(names), unit="file")
+    try:
+        for i, name in enumerate(names):
+            src, dst = os.path.join(in_dir, name), os.path.join(out_dir, name)
+            progress = (lambda done, total, i=i: reporter.set_progress(i + done / total)) if reporter.bar else None
+            try:
+                _filter_file(args, choice, src, dst, reporter, progress)
+            except CommandError as e:
+                reporter.error(e)
+                failed += 1
+            reporter.set_progress(i + 1)
+    finally:
+        reporter.close_bar()
+    if failed:
+        reporter.error(f"{in_dir}: {failed} of {len(names)} files failed")
+        return 1
+    reporter.log(f"volconv: {len(names)} files filtered into {out_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+def _build_info():
+    from . import __version__, _cpu, has_cuda
+
+    print(f"volconv {__version__}: {_cpu.SIMD} kernels, "
+          f"OpenMP {'on' if _cpu.HAVE_OPENMP else 'off'}, {_cpu.max_threads()} threads, "
+          f"CUDA plugin {'ready' if has_cuda() else 'not built'}")
+
+
+def _read_header(path):
+    """(image, gzipped) with the header and the data's proxy of a NIfTI file, reading the header only.
+    Errors as vc.io.load gives them (NiftiError naming the file, FileNotFoundError)."""
+    import gzip
+
+    import nibabel as nib
+
+    from . import io
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise io.NiftiError(f"{path}: is a directory, not a NIfTI file")
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            block = f.read(548)
+            img_class = io._nifti_class(path, block)  # the one place that says what a file is instead
+            f.seek(0)
+            img = img_class.from_file_map({"image": nib.FileHolder(fileobj=f)}, mmap=False)
+    except (OSError, EOFError, ValueError) as e:
+        if isinstance(e, (io.NiftiError, FileNotFoundError, PermissionError)):
+            raise
+        raise io.NiftiError(f"{path}: unreadable NIfTI header: {_blame(e, path)[1]}") from e
+    return img, gzipped
+
+
+def _file_info(path):
+    import nibabel as nib
+    import numpy as np
+    from nibabel.affines import voxel_sizes
+
+    img, gzipped = _read_header(path)
+    header, proxy = img.header, img.dataobj
+    shape = tuple(int(n) for n in proxy.shape)
+    zooms = voxel_sizes(img.affine)
+    space, time_unit = header.get_xyzt_units()
+    dtype = proxy.dtype
+    order = {"<": "little-endian", ">": "big-endian"}.get(dtype.byteorder, "")
+    if dtype.byteorder == "=":
+        order = "little-endian" if sys.byteorder == "little" else "big-endian"
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    scaled = (slope, inter) != (1.0, 0.0)
+    codes = nib.nifti1.xform_codes.label
+    voxels = int(np.prod(shape[:4] if len(shape) > 3 else shape))
+    lines = [
+        f"{path}",
+        f"  format       {'NIfTI-2' if isinstance(img, nib.Nifti2Image) else 'NIfTI-1'}"
+        f"{', gzip' if gzipped else ''}",
+        f"  shape        {' x '.join(str(n) for n in shape)}",
+        f"  zooms        {' x '.join(f'{z:g}' for z in zooms)} mm (from the affine)",
+    ]
+    pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
+    if not np.allclose(pixdim, zooms, rtol=1e-4, atol=0):
+        lines.append(f"  pixdim       {' x '.join(f'{z:g}' for z in pixdim)} (disagrees with the affine)")
+    if len(shape) > 3:
+        lines.append(f"  TR           {float(header['pixdim'][4]):g} {time_unit}")
+    lines += [
+        f"  dtype        {dtype.name}{', ' + order if dtype.itemsize > 1 and order else ''} (on disk)",
+        f"  orientation  {''.join(c or '?' for c in nib.aff2axcodes(img.affine))}",
+        f"  scaling      " + (f"slope {slope:g}, intercept {inter:g}" if scaled else "none"),
+        f"  sform        code {int(header['sform_code'])} ({codes[int(header['sform_code'])]})",
+        f"  qform        code {int(header['qform_code'])} ({codes[int(header['qform_code'])]})",
+        f"  units        {space}, {time_unit}",
+        f"  memory       {_fmt_bytes(voxels * 4)} as float32",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt_bytes(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _info(args):
-    from . import _cpu, has_cuda
+    if not args.files:
+        _build_info()
+        return 0
+    reporter = Reporter(quiet=False)
+    failed = 0
+    for i, path in enumerate(args.files):
+        try:
+            text = _file_info(path)
+        except (OSError, ValueError) as e:
+            reporter.error("{}: {}".format(*_blame(e, path)))
+            failed += 1
+            continue
+        print(("\n" if i else "") + text)
+    return 1 if failed else 0
 
-    print(f"volconv {__import__('volconv').__version__}: {_cpu.SIMD} kernels, "
-          f"OpenMP {'on' if _cpu.HAVE_OPENMP else 'off'}, {_cpu.max_threads()} threads, "
-          f"CUDA plugin {'ready' if has_cuda() else 'not built'}")
-    return 0
+
+# ------------------------------------------------------------------------------------------------ bench
 
 
 def _sample_check(path, threads):
@@ -45,11 +634,76 @@ def _bench(args):
     return 0 if ok else 1
 
 
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _add_filter_options(p, preview):
+    k = p.add_argument_group("kernel (exactly one; sizes in mm unless suffixed vox: 2mm, 2, 1.5vox, 2,2,3mm "
+                             "for array axes i,j,k)")
+    group = k.add_mutually_exclusive_group(required=True)
+    for dest, (flag, metavar, help_text) in KERNEL_OPTIONS.items():
+        if dest == "kernel":
+            kind = str
+        elif dest == "sigma_vox":
+            kind = size_type(default_unit="vox", units=("vox",))
+        else:
+            kind = size_type(positive=dest in ("box", "ball"))
+        group.add_argument(flag, dest=dest, metavar=metavar, type=kind, help=help_text)
+    k.add_argument("--truncate", type=float, metavar="T",
+                   help="Gaussian radius in sigmas, as scipy.ndimage (default 4)")
+    o = p.add_argument_group("filtering")
+    o.add_argument("--mode", choices=MODES, default="reflect",
+                   help="how the volume extends beyond its edges, as scipy.ndimage (default reflect)")
+    o.add_argument("--cval", type=float, default=0.0, help="value outside the volume for --mode constant")
+    o.add_argument("--mask", metavar="MASK",
+                   help="NIfTI mask of the same grid (non-zero = inside): voxels outside do not contribute")
+    o.add_argument("--normalize", action="store_true",
+                   help="divide by the filtered mask, renormalising at the volume edge and the mask border "
+                        "(fslmaths -fmean; --mode then plays no part)")
+    o.add_argument("--outside", choices=("keep", "zero"), default=None,
+                   help="voxels outside --mask: keep their input value (default) or set them to 0")
+    o.add_argument("--odt", choices=OUTPUT_DTYPES, default="float32",
+                   help="output data type (default float32; integers are rounded and clipped)")
+    o.add_argument("--workers", type=workers_type, metavar="N",
+                   help="threads (default: all OpenMP allows; -1 all cores, -2 all but one)")
+    o.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to filter (default cpu)")
+    o.add_argument("--force", action="store_true", help="overwrite existing output files")
+    if preview:
+        o.add_argument("--preview", metavar="PNG",
+                       help="also write orthogonal mid-slices of the input and the output as a PNG")
+    o.add_argument("--quiet", "-q", action="store_true", help="no log lines or progress bar on stderr")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="volconv", description="Fast 3D convolution for medical volumes.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    s = sub.add_parser("info", help="the kernels this machine runs (SIMD build, threads, CUDA)")
+
+    s = sub.add_parser("filter", help="filter a NIfTI volume (3-D, or 4-D volume by volume)",
+                       description="Filter a NIfTI volume (3-D, or 4-D volume by volume) with a kernel in mm or "
+                                   "voxels, keeping its geometry and header. Example: "
+                                   "volconv filter t1.nii.gz t1_smooth.nii.gz --fwhm 4mm",
+                       epilog="Exit status: 0 success, 1 failure (one line naming the file; no output left "
+                              "behind), 2 bad arguments.")
+    s.add_argument("input", metavar="IN", help="input NIfTI file (.nii or .nii.gz)")
+    s.add_argument("output", metavar="OUT", help="output NIfTI file (.nii or .nii.gz); refused if it exists, "
+                                                 "unless --force")
+    _add_filter_options(s, preview=True)
+    s.set_defaults(run=_filter, parser=s)
+
+    s = sub.add_parser("batch", help="filter every .nii / .nii.gz of a directory into another",
+                       description="Filter every .nii / .nii.gz file of IN_DIR into OUT_DIR (created if needed) "
+                                   "under the same name, with one progress bar. A file that fails is reported "
+                                   "and skipped; the exit status is then 1.")
+    s.add_argument("input_dir", metavar="IN_DIR")
+    s.add_argument("output_dir", metavar="OUT_DIR")
+    _add_filter_options(s, preview=False)
+    s.set_defaults(run=_batch, parser=s)
+
+    s = sub.add_parser("info", help="NIfTI header summary; without files, the kernels this machine runs "
+                                    "(SIMD build, threads, CUDA)")
+    s.add_argument("files", metavar="IN", nargs="*", help="NIfTI files to describe")
     s.set_defaults(run=_info)
+
     s = sub.add_parser("bench", help="check a sample scan against scipy.ndimage, then time volconv against "
                                      "torch and scipy (ratios in one run)")
     s.add_argument("--quick", action="store_true", help="smaller volumes, fewer rounds")
@@ -59,13 +713,34 @@ def build_parser():
     return p
 
 
+def _check_filter_args(sub, args):
+    """Combinations argparse cannot express (exit 2 like its own errors); `sub` is the subcommand's parser."""
+    if args.truncate is not None:
+        if not any(getattr(args, k) is not None for k in GAUSSIANS):
+            sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox)")
+        if not args.truncate > 0:
+            sub.error(f"--truncate must be positive, got {args.truncate:g}")
+    if args.outside is not None and args.mask is None:
+        sub.error("--outside needs --mask")
+    args.outside = args.outside or "keep"
+    out = getattr(args, "output", None)
+    if out is not None and not out.lower().endswith(NIFTI_EXTENSIONS):
+        sub.error(f"{out}: the output file name must end in .nii or .nii.gz")
+
+
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     if args.command is None:
         p.print_help()
         return 2
-    return args.run(args)
+    if args.command in ("filter", "batch"):
+        _check_filter_args(args.parser, args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("volconv: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
