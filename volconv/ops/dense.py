@@ -235,7 +235,9 @@ def run_separable(x, kernel, spec, algorithm, nthreads):
             pspec = ConvSpec(y.shape, w.shape, stride=one(spec.stride, 1), pads=one(spec.pads, (0, 0)),
                              dilation=one(spec.dilation, 1), groups=C, mode=spec.mode)
             y = run(y, w, None, pspec, algorithm, nthreads)
-        out = y * x.dtype.type(weight) if out is None else out + y * x.dtype.type(weight)
+        if weight != 1:
+            y *= x.dtype.type(weight)   # y is this term's own fresh array: scaled in place
+        out = y if out is None else np.add(out, y, out=out)
     return out
 
 
