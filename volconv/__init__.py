@@ -8,14 +8,14 @@ from .kernels import SeparableKernel
 from .ops.dense import conv3d, convolve, correlate
 
 __version__ = "0.1.0"
-__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "nn", "io", "Volume", "filter_nifti"]
+__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "nn", "io", "dask", "Volume", "filter_nifti"]
 
 
 def __getattr__(name):
-    """Lazy submodules: `nn` needs torch (optional), `io` imports nibabel (slow to import)."""
+    """Lazy submodules: `nn` needs torch and `dask` dask (optional), `io` imports nibabel (slow to import)."""
     import importlib
 
-    if name in ("nn", "io"):
+    if name in ("nn", "io", "dask"):
         return importlib.import_module(f".{name}", __name__)
     if name in ("Volume", "filter_nifti"):
         return getattr(importlib.import_module(".io", __name__), name)

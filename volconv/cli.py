@@ -283,23 +283,11 @@ def _filter_file(args, choice, src, dst, reporter, on_progress=None):
             result = io.filter_nifti(src, dst, choice, mode=args.mode, cval=args.cval, mask=args.mask,
                                      normalize=args.normalize, outside=args.outside, dtype=args.odt,
                                      overwrite=args.force, workers=args.workers, progress=on_progress)
-    except FileExistsError as e:
-        raise CommandError(dst, "output file exists; use --force to overwrite it") from e
-    except MemoryError:
-        raise CommandError(src, "not enough memory to filter it") from None
-    except (OSError, ValueError) as e:  # NiftiError is a ValueError
-        culprit, problem = _blame(e, src, dst, args.mask)
-        if os.path.abspath(culprit) == os.path.dirname(os.path.abspath(dst)):
-            culprit, problem = dst, f"{problem}: {os.path.dirname(os.path.abspath(dst))}"  # name the output
-        raise CommandError(culprit, problem) from e
+    except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
+        raise CommandError(*_failure(e, src, dst, args.mask)) from e
     _report_warnings(reporter, caught)
     elapsed = time.perf_counter() - start
-    how = [choice.describe(), "normalized" if args.normalize else f"mode {args.mode}"]
-    if args.mask is not None:
-        how.append(f"mask {args.mask} ({args.outside} outside)")
-    if len(result.shape) == 4:
-        how.append(f"{result.shape[3]} volumes")
-    reporter.log(f"volconv: {src} -> {dst}: {', '.join(how)}, {elapsed:.2f} s")
+    reporter.log(f"volconv: {src} -> {dst}: {_applied(choice, args, result)}, {elapsed:.2f} s")
     return result
 
 
@@ -473,6 +461,21 @@ def _batch(args):
         reporter.error(e)
         return 1
 
+    if args.scheduler is not None:
+        failed = _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter)
+        if failed is None:
+            return 1
+    else:
+        failed = _batch_here(args, choice, in_dir, out_dir, names, reporter)
+    if failed:
+        reporter.error(f"{in_dir}: {failed} of {len(names)} files failed")
+        return 1
+    reporter.log(f"volconv: {len(names)} files filtered into {out_dir}")
+    return 0
+
+
+def _batch_here(args, choice, in_dir, out_dir, names, reporter):
+    """The batch in this process, file after file; returns the number of files that failed."""
     failed = 0
     reporter.start_bar(total=len(names), unit="file")
     try:
@@ -487,11 +490,142 @@ def _batch(args):
             reporter.set_progress(i + 1)
     finally:
         reporter.close_bar()
-    if failed:
-        reporter.error(f"{in_dir}: {failed} of {len(names)} files failed")
-        return 1
-    reporter.log(f"volconv: {len(names)} files filtered into {out_dir}")
-    return 0
+    return failed
+
+
+def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
+    """The batch as dask.distributed tasks, one per file (vc.dask), with --scheduler ADDRESS or 'local'.
+    Reports each file as it finishes, as the batch in this process does; returns the number of files that
+    failed, or None (error reported) when the cluster cannot be used at all. The workers see absolute paths
+    (their working directory is not ours); messages name the files as given."""
+    from . import dask as vdask
+
+    pairs = [(os.path.join(in_dir, name), os.path.join(out_dir, name)) for name in names]
+    as_given = {os.path.abspath(p): p for pair in pairs for p in pair}
+    if args.mask is not None:
+        as_given[os.path.abspath(args.mask)] = args.mask
+    # the options a worker needs (the parsed arguments also hold the parser); one thread per file by default:
+    # dask runs a file on every worker thread
+    options = argparse.Namespace(mode=args.mode, cval=args.cval, normalize=args.normalize, outside=args.outside,
+                                 mask=None if args.mask is None else os.path.abspath(args.mask), odt=args.odt,
+                                 force=args.force, workers=1 if args.workers is None else args.workers)
+
+    def given(text):
+        for path in sorted(as_given, key=len, reverse=True):
+            text = text.replace(path, as_given[path])
+        return text
+
+    cluster = vdask._Cluster(None if args.scheduler == "local" else args.scheduler)
+    try:
+        client = cluster.__enter__()
+    except ImportError as e:
+        reporter.error(CommandError(None, f"--scheduler: {e}"))
+        return None
+    except Exception as e:  # OSError (unreachable, timed out), ValueError (malformed address), ...
+        reporter.error(CommandError(args.scheduler, f"cannot connect to the dask scheduler: {_blame(e, None)[1]}"))
+        return None
+    failed = done = 0
+    tasks = vdask._run_files(client, _filter_scheduled_file, pairs, options, choice)
+    reporter.start_bar(total=len(names), unit="file")
+    try:
+        for i, outcome, exc in tasks:
+            src, dst = pairs[i]
+            if exc is not None:  # the task itself failed: volconv missing on a worker, a worker lost, ...
+                outcome = ("failed", src, f"on the dask cluster: {_blame(exc, None)[1]}")
+            if outcome[0] == "failed":
+                reporter.error(given(f"{outcome[1]}: {outcome[2]}"))
+                failed += 1
+            else:
+                _, caught, how, elapsed = outcome
+                for text in caught:
+                    reporter.log(f"volconv: warning: {given(text)}")
+                reporter.log(f"volconv: {src} -> {dst}: {given(how)}, {elapsed:.2f} s")
+            done += 1
+            reporter.set_progress(done)
+    finally:
+        reporter.close_bar()
+        tasks.close()  # cancels what has not run (Ctrl-C), before the client goes
+        cluster.__exit__(None, None, None)
+    return failed
+
+
+def _filter_scheduled_file(src, dst, options, choice):
+    """One file of `volconv batch --scheduler` on a dask worker (absolute paths), as _filter_file does it
+    here: ("done", warnings, what was applied, seconds) or ("failed", file, problem). Failures come back as
+    values (CommandError does not survive pickling); warnings are caught per thread, since catch_warnings
+    swaps process-wide state and a dask worker filters several files at once."""
+    import copy
+
+    from . import io
+
+    choice = copy.copy(choice)  # it remembers the kernel it built, and a worker may share it between threads
+    start = time.perf_counter()
+    try:
+        with _ThreadWarnings() as caught:
+            result = io.filter_nifti(src, dst, choice, mode=options.mode, cval=options.cval, mask=options.mask,
+                                     normalize=options.normalize, outside=options.outside, dtype=options.odt,
+                                     overwrite=options.force, workers=options.workers)
+    except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
+        return ("failed",) + _failure(e, src, dst, options.mask)
+    return "done", [str(w.message) for w in caught], _applied(choice, options, result), time.perf_counter() - start
+
+
+def _failure(e, src, dst, mask):
+    """(file to name, problem) for an exception of filter_nifti: the one wording of both batch paths."""
+    if isinstance(e, FileExistsError):
+        return dst, "output file exists; use --force to overwrite it"
+    if isinstance(e, MemoryError):
+        return src, "not enough memory to filter it"
+    culprit, problem = _blame(e, src, dst, mask)
+    if os.path.abspath(culprit) == os.path.dirname(os.path.abspath(dst)):
+        culprit, problem = dst, f"{problem}: {os.path.dirname(os.path.abspath(dst))}"  # name the output
+    return culprit, problem
+
+
+def _applied(choice, options, result):
+    """What was done to a file, for the log line."""
+    how = [choice.describe(), "normalized" if options.normalize else f"mode {options.mode}"]
+    if options.mask is not None:
+        how.append(f"mask {options.mask} ({options.outside} outside)")
+    if len(result.shape) == 4:
+        how.append(f"{result.shape[3]} volumes")
+    return ", ".join(how)
+
+
+class _ThreadWarnings:
+    """warnings.catch_warnings(record=True) for the calling thread only. Installs once per process a
+    showwarning that hands each warning to the list of the thread that issued it (others go where they went
+    before), and lets volconv's NiftiWarnings through every time (as _filter_file's "always"), not once."""
+
+    _local = None
+    _lock = None
+
+    def __enter__(self):
+        import threading
+
+        from .io import NiftiWarning
+
+        if _ThreadWarnings._lock is None:
+            _ThreadWarnings._lock, _ThreadWarnings._local = threading.Lock(), threading.local()
+        with _ThreadWarnings._lock:
+            if not getattr(warnings.showwarning, "volconv_per_thread", False):
+                previous, local = warnings.showwarning, _ThreadWarnings._local
+
+                def showwarning(message, category, filename, lineno, file=None, line=None):
+                    sink = getattr(local, "sink", None)
+                    if sink is None:
+                        return previous(message, category, filename, lineno, file, line)
+                    sink.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+                showwarning.volconv_per_thread = True
+                warnings.showwarning = showwarning
+                warnings.filterwarnings("always", category=NiftiWarning)
+        self.caught = _ThreadWarnings._local.sink = []
+        return self.caught
+
+    def __exit__(self, *exc):
+        _ThreadWarnings._local.sink = None
+        return False
 
 
 # ------------------------------------------------------------------------------------------------ info
@@ -697,6 +831,10 @@ def build_parser():
     s.add_argument("input_dir", metavar="IN_DIR")
     s.add_argument("output_dir", metavar="OUT_DIR")
     _add_filter_options(s, preview=False)
+    s.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the files as tasks on a dask.distributed cluster: its scheduler's ADDRESS "
+                        "(tcp://host:8786; the workers need volconv and the same paths), or 'local' for a "
+                        "local cluster; --workers then counts threads per file (default 1). Needs volconv[dask]")
     s.set_defaults(run=_batch, parser=s)
 
     s = sub.add_parser("info", help="NIfTI header summary; without files, the kernels this machine runs "
