@@ -18,10 +18,7 @@ def main(argv=None):
     p.add_argument("--out", help="also write the markdown table to this file")
     a = p.parse_args(argv)
     text = _benchmark.dense(quick=a.quick, threads=a.threads)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    _benchmark.emit(text, a.out)
 
 
 if __name__ == "__main__":

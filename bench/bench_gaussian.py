@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 import volconv as vc
+from volconv import _benchmark
 from volconv._benchmark import Table, best_times
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,10 +61,7 @@ def main(argv=None):
     flops = 2.0 * volume.size * sum(f.shape[1] for f in kernel.factors)   # three 1-D passes
     table.add("gaussian", best_times(c, rounds=5), ["volconv"], [k for k in c if k != "volconv"], flops=flops)
     text = table.markdown() + "\n\nTarget (issue 3): the filtering step >= 8x scipy.ndimage and >= 8x SimpleITK."
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    _benchmark.emit(text, a.out)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,14 @@ class Table:
         return "\n".join(lines)
 
 
+def emit(text, path=None):
+    """Print a benchmark's markdown and, when asked, write it to a file too."""
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def _torch():
     try:
         import torch
