@@ -83,6 +83,19 @@ def workers(value):
     return n
 
 
+def filter_origins(origins, shape, *, flip, name="origin", given=None):
+    """scipy.ndimage origins (a triple) of a kernel of this shape -> the origins of the correlation that runs:
+    convolve (flip) correlates with the flipped kernel, its centre moved as scipy.ndimage does. Each must keep
+    the kernel on its centre voxel's range, as scipy requires."""
+    if flip:
+        origins = tuple(-o - (1 - n % 2) for o, n in zip(origins, shape))
+    for o, n in zip(origins, shape):
+        if not -(n // 2) <= o <= (n - 1) // 2:
+            raise ValueError(f"{name} {given if given is not None else origins!r} moves the kernel of size {n} off "
+                             f"its centre: each origin must lie in [-(size // 2), (size - 1) // 2]")
+    return tuple(origins)
+
+
 def float_dtype(dtype, name, *, promote_ints):
     """float32/float64 -> itself; float16 -> float32 (computed there, cast back by the caller);
     ints and bools -> the smallest float that holds them when promote_ints, else TypeError."""

@@ -83,7 +83,7 @@ def filter(array, kernel, *, mode="reflect", cval=0.0, origin=0, convolve=False,
     da = _require_dask()
     import numpy as np
 
-    from ._validate import scipy_mode, triple
+    from ._validate import filter_origins, scipy_mode, triple
     from ._validate import workers as resolve_workers
     from .kernels import Kernel
     from .ops.dense import correlate
@@ -99,10 +99,7 @@ def filter(array, kernel, *, mode="reflect", cval=0.0, origin=0, convolve=False,
         raise ValueError(f"kernel must be a non-empty 3-D array or a vc.kernels object, got shape {shape}")
     mode = scipy_mode(mode)
     origins = triple(origin, "origin")
-    for o, n in zip(origins, shape):
-        if not -(n // 2) <= o <= (n - 1) // 2:
-            raise ValueError(f"origin {origin!r} moves the kernel of size {n} off its centre: each origin must "
-                             f"lie in [-(size // 2), (size - 1) // 2]")
+    filter_origins(origins, shape, flip=convolve, given=origin)  # refused here rather than in every block
     resolve_workers(workers)  # refused here rather than in every block
     # the dtype volconv returns for this input (float32 kept, integers promoted), from a one-voxel call
     dtype = correlate(np.zeros((1, 1, 1), array.dtype), np.ones((1, 1, 1)), mode=mode, workers=1).dtype

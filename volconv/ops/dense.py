@@ -19,8 +19,8 @@ from .. import _cpu
 from .._dispatch import Caller, is_tensor, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
 from ..kernels import Kernel, SeparableKernel
-from .._validate import (ConvSpec, conv_padding, pad_array, pad_index, scipy_mode, torch_padding_mode, triple,
-                         workers as resolve_workers)
+from .._validate import (ConvSpec, conv_padding, filter_origins, pad_array, pad_index, scipy_mode,
+                         torch_padding_mode, triple, workers as resolve_workers)
 
 # ----------------------------------------------------------------------------------------------- algorithms
 
@@ -447,13 +447,9 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip)
         v, k, origins = v.T, k.T, origins[::-1]
         if separable is not None:
             separable = SeparableKernel(separable.factors[::-1], separable.weights)
-    if flip:  # convolution = correlation with the flipped kernel, its centre moved as scipy.ndimage does
+    origins = filter_origins(origins, k.shape, flip=flip, given=origin)
+    if flip:  # convolution = correlation with the flipped kernel
         k = k[::-1, ::-1, ::-1]
-        origins = tuple(-o - (1 - n % 2) for o, n in zip(origins, k.shape))
-    for o, n in zip(origins, k.shape):
-        if not -(n // 2) <= o <= (n - 1) // 2:
-            raise ValueError(f"origin {origin!r} moves the kernel of size {n} off its centre: each origin must "
-                             f"lie in [-(size // 2), (size - 1) // 2]")
     pads = tuple((n // 2 + o, n - 1 - n // 2 - o) for n, o in zip(k.shape, origins))
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
                     groups=1, mode=mode, cval=float(cval))
