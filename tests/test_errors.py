@@ -194,3 +194,15 @@ def test_cuda_tensor_without_plugin(op):
                                     torch.ones(3, 3, 3, device="cuda"))
     with pytest.raises(Exception, match="volconv was built without its CUDA plugin"):
         call()
+
+
+def test_direct_refuses_a_ring_larger_than_its_limit(monkeypatch):
+    """The padded-plane rings are allocated inside the parallel region (which cannot raise): a layer that
+    would need more than RING_LIMIT is refused beforehand, saying what to do instead."""
+    from volconv.ops import dense
+    monkeypatch.setattr(dense, "RING_LIMIT", 1000)
+    x = np.ones((1, 4, 6, 7, 8), np.float32)
+    w = np.ones((4, 4, 3, 3, 3), np.float32)
+    with pytest.raises(MemoryError, match="algorithm='fft'"):
+        vc.conv3d(x, w, padding=1, algorithm="direct")
+    assert vc.conv3d(x, w, padding=1, algorithm="fft").shape == (1, 4, 6, 7, 8)

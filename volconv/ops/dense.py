@@ -60,15 +60,25 @@ def _channel_block(spec):
     return 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1
 
 
+RING_LIMIT = 4 * 2**30   # bytes of padded-plane rings, all threads together
+
+
 def direct_conv3d(x, w, b, spec, nthreads):
     row_map, map_d, map_h, toff = _row_layout(x.shape, spec)
     O, G, ob = w.shape[0], spec.groups, _channel_block(spec)
-    Og = O // G
+    Og, Cg = O // G, w.shape[1]
     # (G, Og/ob, ob, Cg, kd, kh, kw) -> (G, Og/ob, Cg, kd, kh, kw, ob): the ob weights of a tap are adjacent.
     wpack = np.ascontiguousarray(w.reshape((G, Og // ob, ob) + w.shape[1:]).transpose(0, 1, 3, 4, 5, 6, 2))
     bias = np.zeros(O, x.dtype) if b is None else b
     out = np.empty(spec.out_shape, dtype=x.dtype)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
+    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
+    ring = (Cg * ((w.shape[2] - 1) * spec.dilation[0] + 1) * x.shape[3] * (-(-row_map.size // vl) * vl) + vl) \
+        * x.dtype.itemsize * nthreads
+    if ring > RING_LIMIT:  # the kernel allocates it inside the parallel region, where it cannot raise
+        raise MemoryError(f"the direct algorithm would need {ring / 2**30:.1f} GiB of padded planes for this "
+                          f"layer ({Cg} input channels per group, kernel depth {w.shape[2]}); use algorithm='fft' "
+                          "or 'torch', or fewer workers")
     # work units (n, group, run of output planes): enough for every thread; each unit pads its planes once
     nchunk = int(min(spec.out_shape[2], max(1, -(-2 * nthreads // (x.shape[0] * G)))))
     unit_stride, unit_taps = spec.stride[2] == 1, spec.stride[2] == spec.dilation[2] == 1
