@@ -96,6 +96,12 @@ def filter_origins(origins, shape, *, flip, name="origin", given=None):
     return tuple(origins)
 
 
+def filter_pads(shape, origins):
+    """((lo, hi),) * 3: the voxels a kernel of this shape reaches below and above each output voxel (the
+    padding of scipy.ndimage's correlate) for correlation-frame origins."""
+    return tuple((n // 2 + o, n - 1 - (n // 2 + o)) for n, o in zip(shape, origins))
+
+
 def float_dtype(dtype, name, *, promote_ints):
     """float32/float64 -> itself; float16 -> float32 (computed there, cast back by the caller);
     ints and bools -> the smallest float that holds them when promote_ints, else TypeError."""

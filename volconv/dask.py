@@ -38,13 +38,6 @@ def _require_dask(*, distributed=False):
 # ------------------------------------------------------------------------------------------- one volume
 
 
-def kernel_reach(shape, origin):
-    """Voxels the kernel reaches below and above each output voxel, per axis: ((lo, hi),) * 3 for a kernel of
-    this shape and origin, as vc.correlate pads (lo = k // 2 + o, hi = k - 1 - lo). convolve reaches the
-    same distances mirrored, so max(lo, hi) serves both."""
-    return tuple((k // 2 + o, k - 1 - (k // 2 + o)) for k, o in zip(shape, origin))
-
-
 def _block_chunks(chunks, depth):
     """Chunks along one axis such that each neighbour holds `depth` voxels: unchanged when they already do;
     one chunk when the axis is not longer than depth; else neighbouring chunks merged (dask's
@@ -78,12 +71,12 @@ def filter(array, kernel, *, mode="reflect", cval=0.0, origin=0, convolve=False,
     float64 for float64 and large integers).
 
     Each block is extended on its interior faces by the kernel's reach (max(lo, hi) per axis, see
-    kernel_reach); chunks smaller than that reach are merged with their neighbours for the computation and
+    _validate.filter_pads); chunks smaller than that reach are merged with their neighbours for the computation and
     the result is rechunked back to the chunks of `array`."""
     da = _require_dask()
     import numpy as np
 
-    from ._validate import filter_origins, scipy_mode, triple
+    from ._validate import filter_origins, filter_pads, scipy_mode, triple
     from ._validate import workers as resolve_workers
     from .kernels import Kernel
     from .ops.dense import correlate
@@ -104,7 +97,8 @@ def filter(array, kernel, *, mode="reflect", cval=0.0, origin=0, convolve=False,
     # the dtype volconv returns for this input (float32 kept, integers promoted), from a one-voxel call
     dtype = correlate(np.zeros((1, 1, 1), array.dtype), np.ones((1, 1, 1)), mode=mode, workers=1).dtype
 
-    reach = [max(lo, hi) for lo, hi in kernel_reach(shape, origins)]
+    # convolve reaches the same distances mirrored, so max(lo, hi) serves both
+    reach = [max(lo, hi) for lo, hi in filter_pads(shape, origins)]
     chunks = tuple(_block_chunks(c, d) for c, d in zip(array.chunks, reach))
     blocks = array.rechunk(chunks) if chunks != array.chunks else array
     # an axis in one chunk needs no overlap: volconv's mode handles both of its edges, as in one call

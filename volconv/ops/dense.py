@@ -19,8 +19,8 @@ from .. import _cpu
 from .._dispatch import Caller, is_tensor, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
 from ..kernels import Kernel, SeparableKernel
-from .._validate import (ConvSpec, conv_padding, filter_origins, pad_array, pad_index, scipy_mode,
-                         torch_padding_mode, triple, workers as resolve_workers)
+from .._validate import (ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index,
+                         scipy_mode, torch_padding_mode, triple, workers as resolve_workers)
 
 # ----------------------------------------------------------------------------------------------- algorithms
 
@@ -396,8 +396,8 @@ def _conv3d_kernel(input, kernel, bias, stride, padding, dilation, padding_mode,
     C = input.shape[1] if getattr(input, "ndim", 0) == 5 else None
     if C is None:
         raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(getattr(input, 'shape', ()))}")
-    dense = kernel.to_dense()
     if not isinstance(kernel, SeparableKernel) or wants_autograd(input, bias):
+        dense = kernel.to_dense()
         weight = np.ascontiguousarray(np.broadcast_to(dense, (C, 1) + dense.shape))
         if is_tensor(input):
             weight = _dispatch_torch().as_tensor(weight).to(input.dtype)
@@ -407,7 +407,7 @@ def _conv3d_kernel(input, kernel, bias, stride, padding, dilation, padding_mode,
                       algorithm=algorithm, workers=workers)
     caller = Caller("conv3d", [input, bias], ["input", "bias"])
     x, b = caller.arrays
-    spec = conv_spec(x.shape, (C, 1) + dense.shape, b, stride, padding, dilation, C, padding_mode)
+    spec = conv_spec(x.shape, (C, 1) + tuple(kernel.shape), b, stride, padding, dilation, C, padding_mode)
     x = caller.cast(x, "input")
     out = run_separable(x, kernel, spec, resolve_algorithm(algorithm), resolve_workers(workers))
     if b is not None:
@@ -439,8 +439,8 @@ def conv_spec(x_shape, w_shape, b, stride, padding, dilation, groups, padding_mo
 
 def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip):
     separable = kernel if isinstance(kernel, SeparableKernel) and not wants_autograd(volume) else None
-    if isinstance(kernel, Kernel):
-        kernel = kernel.to_dense()
+    if isinstance(kernel, Kernel):  # separable kernels are never built: a zero-stride stand-in gives the shape
+        kernel = np.broadcast_to(np.float32(0), kernel.shape) if separable is not None else kernel.to_dense()
     caller = Caller(op, [volume, kernel], ["volume", "kernel"], promote_ints=True)
     v, k = caller.arrays
     if v.ndim != 3:
@@ -460,7 +460,7 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip)
     origins = filter_origins(origins, k.shape, flip=flip, given=origin)
     if flip:  # convolution = correlation with the flipped kernel
         k = k[::-1, ::-1, ::-1]
-    pads = tuple((n // 2 + o, n - 1 - n // 2 - o) for n, o in zip(k.shape, origins))
+    pads = filter_pads(k.shape, origins)
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
                     groups=1, mode=mode, cval=float(cval))
     if wants_autograd(volume, kernel):
