@@ -26,6 +26,9 @@ from nibabel.affines import voxel_sizes
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from ._gzip import ParallelGzipWriter
+from ._validate import workers as resolve_workers
+
 __all__ = ["NiftiError", "NiftiWarning", "Volume", "load", "save"]
 
 # pixdim and the affine's voxel sizes may differ by float32 rounding of the sform rows (about 1e-7); anything
@@ -279,7 +282,7 @@ def _fmt(values):
 # save
 # --------------------------------------------------------------------------------------------------------------
 
-def save(vol, path, *, dtype=None, overwrite=True):
+def save(vol, path, *, dtype=None, overwrite=True, workers=None):
     """Write `vol` to `path` (.nii or .nii.gz; NIfTI-2 when the volume's header is a Nifti2Header).
 
     The output keeps the source header's affine, qform and sform (values and codes), xyzt units, TR
@@ -297,6 +300,9 @@ def save(vol, path, *, dtype=None, overwrite=True):
         with a NiftiWarning counting clipped and NaN voxels.
     overwrite : bool
         False refuses to replace an existing `path` (FileExistsError).
+    workers : int or None
+        Threads that gzip a .nii.gz output (as vc.correlate's `workers`; None: all). The blocks form one
+        ordinary gzip stream (volconv._gzip), the same data whatever the thread count.
 
     The data goes to a temporary file in the target directory, which is renamed over `path` once complete
     (os.replace): on any failure `path` is left as it was and the temporary file is removed.
@@ -346,8 +352,8 @@ def save(vol, path, *, dtype=None, overwrite=True):
         with _open_temp(fd) as raw:
             if ext == ".nii.gz":
                 # our own gzip stream: the header names the final file, not the temporary one
-                with gzip.GzipFile(filename=base[:-3], mode="wb", fileobj=raw, mtime=0,
-                                   compresslevel=_GZIP_LEVEL) as stream:
+                with ParallelGzipWriter(raw, name=base[:-3], level=_GZIP_LEVEL,
+                                        threads=resolve_workers(workers)) as stream:
                     img.to_file_map({"image": nib.FileHolder(fileobj=stream)})
             else:
                 img.to_file_map({"image": nib.FileHolder(fileobj=raw)})
@@ -522,7 +528,7 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
         if progress is not None:
             progress(t + 1, volumes.shape[3])
     result = vol.with_data(out if vol.data.ndim == 4 else out[..., 0])
-    save(result, dst, dtype=dtype, overwrite=overwrite)
+    save(result, dst, dtype=dtype, overwrite=overwrite, workers=workers)
     return result
 
 

@@ -1,2 +1,3 @@
-# Direct kernels, avx512 build (flags in setup.py). The code is in direct.pxi.
+# Direct kernels, avx512 build (flags in setup.py). The code is in direct.pxi and separable.pxi.
 include "direct.pxi"
+include "separable.pxi"

@@ -287,6 +287,8 @@ static void FN(wgrad_rows)(const T *const *grows, ptrdiff_t gcs, const T *const 
                     vacc[o * ocs + e * VL] += grows[r][o * gcs + w] * xrows[r][w + toff[e]];
 }
 
+#include "fir_impl.h"
+
 #undef FN
 #undef VEC
 #undef UVEC

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from .. import _cpu
+from . import decomposed
 from .._dispatch import Caller, is_tensor, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
 from ..kernels import Kernel, SeparableKernel
@@ -225,32 +226,6 @@ def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
     return ALGORITHMS[algorithm](x, w, b, spec, threads_for(spec, nthreads))
 
 
-def run_separable(x, kernel, spec, algorithm, nthreads):
-    """A SeparableKernel (one 3-D kernel, applied to every channel of x) by 1-D passes: per rank-1 term, one
-    pass per axis, each padding only its own axis (boundary modes extend each axis on its own, so the passes
-    are exact), with that axis's stride and dilation. spec: the geometry of the whole 3-D kernel."""
-    if spec.mode == "constant" and spec.cval != 0:  # passes of zero padding, then the constant's share
-        dense_sum = float(np.sum(kernel.weights * np.prod([f.sum(axis=1) for f in kernel.factors], axis=0)))
-        out = run_separable(x - x.dtype.type(spec.cval), kernel, spec.with_cval(0.0), algorithm, nthreads)
-        return out + x.dtype.type(spec.cval * dense_sum)
-    C = x.shape[1]
-    out = None
-    for weight, factors in kernel.terms():
-        y = x
-        for axis, f in enumerate(factors):
-            shape = [1, 1, 1]
-            shape[axis] = f.size
-            w = np.ascontiguousarray(np.broadcast_to(f.reshape(shape).astype(x.dtype), (C, 1) + tuple(shape)))
-            one = lambda t, v: tuple(t[a] if a == axis else v for a in range(3))  # noqa: E731
-            pspec = ConvSpec(y.shape, w.shape, stride=one(spec.stride, 1), pads=one(spec.pads, (0, 0)),
-                             dilation=one(spec.dilation, 1), groups=C, mode=spec.mode)
-            y = run(y, w, None, pspec, algorithm, nthreads)
-        if weight != 1:
-            y *= x.dtype.type(weight)   # y is this term's own fresh array: scaled in place
-        out = y if out is None else np.add(out, y, out=out)
-    return out
-
-
 def threads_for(spec, nthreads):
     """No more threads than the work can feed: a thread that finishes its share in a few microseconds then
     waits at the barrier for a sibling the OS may have descheduled (on a busy machine, a whole time slice)."""
@@ -409,7 +384,7 @@ def _conv3d_kernel(input, kernel, bias, stride, padding, dilation, padding_mode,
     x, b = caller.arrays
     spec = conv_spec(x.shape, (C, 1) + tuple(kernel.shape), b, stride, padding, dilation, C, padding_mode)
     x = caller.cast(x, "input")
-    out = run_separable(x, kernel, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+    out = decomposed.run_separable(x, kernel, spec, resolve_algorithm(algorithm), resolve_workers(workers))
     if b is not None:
         out += caller.cast(b, "bias", same_dtype=True).reshape(1, -1, 1, 1, 1)
     return caller.result(out)
@@ -474,7 +449,7 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip)
     if separable is not None:
         if flip:
             separable = SeparableKernel([f[:, ::-1] for f in separable.factors], separable.weights)
-        out = run_separable(v[None, None], separable, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+        out = decomposed.run_separable(v[None, None], separable, spec, resolve_algorithm(algorithm), resolve_workers(workers))
     else:
         k = caller.cast(k, "kernel")
         out = run(v[None, None], k[None, None], None, spec, resolve_algorithm(algorithm), resolve_workers(workers))
