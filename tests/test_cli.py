@@ -281,7 +281,7 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     assert main(["filter", str(src), str(tmp_path / "out.nii.gz"), "--gaussian", "1mm"]) == 0
     monkeypatch.undo()
     text = "".join(terminal.text)
-    assert "4/4" in text and "vol" in text
+    assert "24/24" in text and "plane" in text   # 4 volumes of 6 planes
     assert "sigma 1, 0.5, 0.4 voxels per axis" in text
 
 

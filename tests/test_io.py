@@ -660,15 +660,21 @@ def test_disk_full(tmp_path, monkeypatch, name):
         assert Path(partial[0]).parent == tmp_path and partial[0].endswith(".tmp" + name[3:])
 
 
-def test_exception_midway_leaves_nothing(tmp_path, monkeypatch):
-    def explode(self, file_map, dtype=None):
-        file_map["image"].fileobj.write(b"half a header")
-        raise KeyboardInterrupt
+@pytest.mark.parametrize("name", ["out.nii", "out.nii.gz"])
+def test_exception_midway_leaves_nothing(tmp_path, monkeypatch, name):
+    """An interrupt after the header and part of the data: no output, no temporary file."""
+    real_cast, calls = vio._cast, []
 
-    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", explode)
+    def interrupted(data, dtype):
+        calls.append(1)
+        if len(calls) == 3:   # the third plane
+            raise KeyboardInterrupt
+        return real_cast(data, dtype)
+
+    monkeypatch.setattr(vio, "_cast", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        vio.save(small_volume(), tmp_path / "out.nii.gz")
-    assert listing(tmp_path) == []
+        vio.save(small_volume(), tmp_path / name)
+    assert len(calls) == 3 and listing(tmp_path) == []
 
 
 def test_bad_output_extension(tmp_path):

@@ -78,17 +78,18 @@ class ParallelGzipWriter(io.IOBase):
                 self._submit(bytes(self.pending), final=True)
                 self.raw.write(struct.pack("<II", self.crc, self.size & 0xFFFFFFFF))
             finally:
-                self._drop()
+                self.abort()
         super().close()
 
-    def _drop(self):
+    def abort(self):
+        """Stop: drop the blocks in flight and write nothing more (after an error)."""
         if self.pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
         self.raw = None
 
     def __exit__(self, kind, value, tb):
         if kind is not None:  # an error: drop the work; the caller removes its temporary file
-            self._drop()
+            self.abort()
         self.close()
 
 

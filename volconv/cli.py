@@ -303,7 +303,7 @@ def _filter(args):
         reporter.error(e)
         return 1
     try:
-        reporter.start_bar(total=1, unit="vol")
+        reporter.start_bar(total=1, unit="plane")
         progress = (lambda done, total: _set_total(reporter, done, total)) if reporter.bar else None
         result = _filter_file(args, choice, src, dst, reporter, progress)
         reporter.close_bar()

@@ -12,6 +12,7 @@ nibabel does the format work; this module adds what a filtering tool needs aroun
   atomically: it is written to a temporary file beside the target and renamed into place, so a failure leaves
   neither a partial output nor a temporary file.
 """
+import contextlib
 import errno
 import gzip
 import os
@@ -27,7 +28,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from ._gzip import ParallelGzipWriter
-from ._validate import workers as resolve_workers
+from ._validate import filter_pads, scipy_mode, workers as resolve_workers
 
 __all__ = ["NiftiError", "NiftiWarning", "Volume", "load", "save"]
 
@@ -148,31 +149,56 @@ def load(path, *, dtype=np.float32, mmap=True):
         dtype = np.dtype(dtype)
         if dtype.kind not in "fiu":
             raise ValueError(f"load: dtype must be a real floating or integer numpy dtype, or None; got {dtype}")
+    with _source(path, mmap) as (img, finish), _reading(path):
+        data = _read_data(path, img, dtype)
+        finish()
+    vol = Volume(data, img.affine, img.header)
+    _warn_geometry(path, vol.affine, vol.header)
+    return vol
+
+
+@contextlib.contextmanager
+def _source(path, mmap=True):
+    """(image, finish): the nibabel image of a NIfTI file, its data not read yet, the file open in the block;
+    finish() reads a gzip stream to its end, so that gzip checks its CRC and length (done on leaving the block
+    at the latest: call it before committing anything made from the data). Errors as `load` documents."""
     if os.path.isdir(path):
         raise NiftiError(f"{path}: is a directory, not a NIfTI file")
     with open(path, "rb") as f:  # FileNotFoundError / PermissionError name the file themselves
-        gzipped = f.read(2) == _GZIP_MAGIC
-
-    try:
-        if gzipped:  # read it all now: a corrupt or truncated stream must fail here, not at first use
-            with gzip.open(path, "rb") as f:
+        block = f.read(548)
+    with contextlib.ExitStack() as stack:
+        with _reading(path):
+            if block[:2] == _GZIP_MAGIC:
+                f = stack.enter_context(gzip.open(path, "rb"))
                 img_class = _nifti_class(path, f.read(548))
                 f.seek(0)
                 img = img_class.from_file_map({"image": nib.FileHolder(fileobj=f)}, mmap=False)
-                data = _read_data(path, img, dtype)
-                f.read()  # to the end of the stream, so gzip checks its CRC and length
-        else:
-            with open(path, "rb") as f:
-                img_class = _nifti_class(path, f.read(548))
-            if path.lower().endswith((".gz", ".bz2", ".zst")):  # nibabel would decompress by the name
-                with open(path, "rb") as f:
-                    img = img_class.from_file_map({"image": nib.FileHolder(fileobj=f)}, mmap=False)
-                    _check_size(path, img, os.path.getsize(path))
-                    data = _read_data(path, img, dtype)
             else:
-                img = img_class.from_file_map({"image": nib.FileHolder(filename=path)}, mmap=mmap)
+                img_class = _nifti_class(path, block)
+                if path.lower().endswith((".gz", ".bz2", ".zst")):  # nibabel would decompress by the name
+                    f = stack.enter_context(open(path, "rb"))
+                    img = img_class.from_file_map({"image": nib.FileHolder(fileobj=f)}, mmap=False)
+                else:
+                    f = None
+                    img = img_class.from_file_map({"image": nib.FileHolder(filename=path)}, mmap=mmap)
                 _check_size(path, img, os.path.getsize(path))
-                data = _read_data(path, img, dtype)
+        finished = []
+
+        def finish():
+            if f is not None and block[:2] == _GZIP_MAGIC and not finished:
+                with _reading(path):
+                    f.read()
+                finished.append(True)
+
+        yield img, finish
+        finish()
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Errors of nibabel and gzip while reading `path` -> NiftiError naming the file and the problem."""
+    try:
+        yield
     except (NiftiError, PermissionError):
         raise
     except (gzip.BadGzipFile, zlib.error, EOFError) as e:
@@ -182,10 +208,6 @@ def load(path, *, dtype=np.float32, mmap=True):
         if "Expected" in reason and "bytes" in reason:  # nibabel's array_from_file: stream shorter than data
             raise NiftiError(f"{path}: truncated data: {reason}") from e
         raise NiftiError(f"{path}: unreadable NIfTI file: {reason}") from e
-
-    vol = Volume(data, img.affine, img.header)
-    _warn_geometry(path, vol)
-    return vol
 
 
 def _nifti_class(path, block):
@@ -253,9 +275,8 @@ def _as_integers(path, values, dtype):
     return values.astype(dtype, copy=False)
 
 
-def _warn_geometry(path, vol):
-    header = vol.header
-    zooms = np.array(vol.zooms)
+def _warn_geometry(path, affine, header):
+    zooms = voxel_sizes(affine)
     pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
     if not np.allclose(zooms, pixdim, rtol=ZOOM_RTOL, atol=0):
         form = "sform" if header["sform_code"] > 0 else "qform"
@@ -319,60 +340,134 @@ def save(vol, path, *, dtype=None, overwrite=True, workers=None):
     """
     if not isinstance(vol, Volume):
         raise TypeError(f"save: expected a volconv.io.Volume, got {type(vol).__name__}")
-    path = os.fspath(path)
-    ext = next((e for e in _NIFTI_EXTENSIONS if path.lower().endswith(e)), None)
-    if ext is None:
-        raise ValueError(f"{path}: output file name must end in .nii or .nii.gz")
-    out_dtype = np.dtype(np.float32 if dtype is None else dtype)
-    if out_dtype not in _SAVE_DTYPES:
-        raise ValueError(f"save: dtype must be one of {', '.join(str(d) for d in _SAVE_DTYPES)}; got {out_dtype}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.exists(directory):
-        raise FileNotFoundError(errno.ENOENT, "output directory does not exist", directory)
-    if not os.path.isdir(directory):
-        raise NotADirectoryError(errno.ENOTDIR, "output directory is not a directory", directory)
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "output path is a directory", path)
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", path)
+    data = np.asarray(vol.data)
+    with NiftiWriter(path, vol, data.shape, dtype=dtype, overwrite=overwrite, workers=workers) as out:
+        out.write(data)
 
-    data = _cast_for_output(path, vol.data, out_dtype)
-    header = _output_header(vol, data.shape, out_dtype)
-    img_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = img_class(data, vol.affine, header=header, dtype=out_dtype)
-    mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~_umask()
 
-    base = os.path.basename(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base[:-len(ext)]}.", suffix=f".tmp{ext}", dir=directory)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot create a file in the output directory (for {base}): {e.strerror}",
-                      directory) from e
-    try:
-        with _open_temp(fd) as raw:
-            if ext == ".nii.gz":
-                # our own gzip stream: the header names the final file, not the temporary one
-                with ParallelGzipWriter(raw, name=base[:-3], level=_GZIP_LEVEL,
-                                        threads=resolve_workers(workers)) as stream:
-                    img.to_file_map({"image": nib.FileHolder(fileobj=stream)})
-            else:
-                img.to_file_map({"image": nib.FileHolder(fileobj=raw)})
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, mode)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _link_no_clobber(tmp, path)
-    except BaseException as e:
+class NiftiWriter:
+    """An output NIfTI file written as a stream: the header, then the data in file order (x fastest) in as
+    many `write` calls as the caller likes (slabs along the last axes), into a temporary file in the target
+    directory that becomes `path` only when the `with` block ends without error (see `save`, which is one
+    write of the whole array; `filter_nifti` writes slab by slab). `like`: a Volume whose affine and header
+    the output keeps; `shape`: the output's data shape."""
+
+    def __init__(self, path, like, shape, *, dtype=None, overwrite=True, workers=None):
+        path = os.fspath(path)
+        self.ext = next((e for e in _NIFTI_EXTENSIONS if path.lower().endswith(e)), None)
+        if self.ext is None:
+            raise ValueError(f"{path}: output file name must end in .nii or .nii.gz")
+        out_dtype = np.dtype(np.float32 if dtype is None else dtype)
+        if out_dtype not in _SAVE_DTYPES:
+            raise ValueError(f"save: dtype must be one of {', '.join(str(d) for d in _SAVE_DTYPES)}; got "
+                             f"{out_dtype}")
+        if len(shape) not in (3, 4):
+            raise ValueError(f"{path}: Volume data must be 3-D or 4-D, got shape {tuple(shape)}")
+        self.directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.exists(self.directory):
+            raise FileNotFoundError(errno.ENOENT, "output directory does not exist", self.directory)
+        if not os.path.isdir(self.directory):
+            raise NotADirectoryError(errno.ENOTDIR, "output directory is not a directory", self.directory)
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "output path is a directory", path)
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", path)
+        self.path, self.dtype, self.overwrite, self.workers = path, out_dtype, overwrite, workers
+        self.header = _output_header(like, tuple(shape), out_dtype)
+        img_class = nib.Nifti2Image if isinstance(self.header, nib.Nifti2Header) else nib.Nifti1Image
+        # nibabel fills the header as its own writer would (magic, forms from the affine); a zero-stride
+        # stand-in gives it the shape without any data
+        img = img_class(np.broadcast_to(np.zeros((), out_dtype), tuple(shape)), like.affine, header=self.header,
+                        dtype=out_dtype)
+        img.update_header()
+        self.header = img.header
+        self.header.set_slope_inter(1.0, 0.0)   # the image reset them (nibabel's writer would set these)
+        self.expected = int(np.prod(shape)) * out_dtype.itemsize
+        self.clipped = self.n_nan = 0
+
+    def __enter__(self):
+        self.mode = stat.S_IMODE(os.stat(self.path).st_mode) if os.path.exists(self.path) else 0o666 & ~_umask()
+        base = os.path.basename(self.path)
         try:
-            os.unlink(tmp)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{base[:-len(self.ext)]}.", suffix=f".tmp{self.ext}",
+                                            dir=self.directory)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create a file in the output directory (for {base}): {e.strerror}",
+                          self.directory) from e
+        try:
+            self.raw = _open_temp(fd)
+            # our own gzip stream: its header names the final file, not the temporary one
+            self.stream = ParallelGzipWriter(self.raw, name=base[:-3], level=_GZIP_LEVEL,
+                                             threads=resolve_workers(self.workers)) \
+                if self.ext == ".nii.gz" else self.raw
+            self.header.write_to(self.stream)
+            self.stream.write(bytes(self.header.get_data_offset() - self.stream.tell()))
+            self.start = self.stream.tell()
+        except BaseException as e:
+            self._abandon(e)
+        return self
+
+    def write(self, block):
+        """The next voxels in file order: an array whose Fortran-order elements continue the data."""
+        block = np.asarray(block)
+        if block.dtype.kind not in "fiub":
+            raise ValueError(f"{self.path}: cannot save {block.dtype} data; take the real part or the magnitude "
+                             "first")
+        planes = block.reshape(block.shape[:2] + (-1,), order="F") if block.ndim > 2 else \
+            block.reshape((-1, 1), order="F")
+        try:
+            for k in range(planes.shape[-1]):  # plane by plane: never a converted copy of a whole volume
+                out, clipped, n_nan = _cast(planes[..., k], self.dtype)
+                self.clipped += clipped
+                self.n_nan += n_nan
+                self.stream.write(memoryview(np.ascontiguousarray(out.T)).cast("B"))
+        except BaseException as e:
+            self._abandon(e)
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None:
+            self._abandon(value, reraise=False)
+            return False
+        try:
+            written = self.stream.tell() - self.start
+            if written != self.expected:
+                raise RuntimeError(f"NiftiWriter: {written} bytes of data written, the header describes "
+                                   f"{self.expected}")
+            if self.stream is not self.raw:
+                self.stream.close()
+            self.raw.flush()
+            os.fsync(self.raw.fileno())
+            self.raw.close()
+            os.chmod(self.tmp, self.mode)
+            if self.overwrite:
+                os.replace(self.tmp, self.path)
+            else:
+                _link_no_clobber(self.tmp, self.path)
+        except BaseException as e:
+            self._abandon(e)
+        _fsync_directory(self.directory)
+        _warn_cast(self.path, self.dtype, self.clipped, self.n_nan)
+        return False
+
+    def _abandon(self, error, reraise=True):
+        """Remove the temporary file; an OSError is re-raised naming the output path."""
+        if isinstance(getattr(self, "stream", None), ParallelGzipWriter):
+            self.stream.abort()
+        try:
+            if getattr(self, "raw", None) is not None:
+                self.raw.close()
         except OSError:
             pass
-        if isinstance(e, OSError) and not isinstance(e, FileExistsError) and e.errno is not None:
-            raise OSError(e.errno, f"{e.strerror or e}: could not write (nothing was left behind)", path) from e
-        raise
-    _fsync_directory(directory)
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+        if not reraise:
+            return
+        if isinstance(error, OSError) and not isinstance(error, FileExistsError) and error.errno is not None:
+            raise OSError(error.errno, f"{error.strerror or error}: could not write (nothing was left behind)",
+                          self.path) from error
+        raise error
 
 
 _GZIP_LEVEL = 1  # nibabel's own default: 3-4x faster than zlib's 6, output ~10% larger
@@ -424,38 +519,36 @@ def _fsync_directory(directory):
         os.close(fd)
 
 
-def _cast_for_output(path, data, out_dtype):
-    data = np.asarray(data)
-    if data.ndim not in (3, 4):
-        raise ValueError(f"{path}: Volume data must be 3-D or 4-D, got shape {data.shape}")
-    if data.dtype.kind not in "fiub":
-        raise ValueError(f"{path}: cannot save {data.dtype} data; take the real part or the magnitude first")
+def _cast(data, out_dtype):
+    """data -> out_dtype for writing: floats as they are; integers rounded (halves to even) and clipped to the
+    type's range, NaN as 0. Returns (array, clipped count, NaN count)."""
     if out_dtype.kind == "f" or data.dtype.kind == "b":
-        return data.astype(out_dtype)  # also native byte order
+        return data.astype(out_dtype, copy=False), 0, 0  # also native byte order
     info = np.iinfo(out_dtype)
     if data.dtype.kind in "iu":
         src = np.iinfo(data.dtype)
         lo, hi = max(info.min, src.min), min(info.max, src.max)
         clipped = int(np.count_nonzero((data < lo) | (data > hi))) if (lo, hi) != (src.min, src.max) else 0
-        out = np.clip(data, np.array(lo, data.dtype), np.array(hi, data.dtype)).astype(out_dtype)
-        n_nan = 0
-    else:
-        # float32 holds every 8/16-bit integer exactly; wider outputs (and other floats) round in float64
-        work = np.rint(data, dtype=np.float32 if data.dtype == np.float32 and info.bits < 32 else np.float64)
-        lo, hi = (_float_bound(info.min, work.dtype, +1), _float_bound(info.max, work.dtype, -1))
-        nan = np.isnan(work)
-        n_nan = int(np.count_nonzero(nan))
-        work[nan] = 0
-        clipped = int(np.count_nonzero((work < lo) | (work > hi)))
-        out = np.clip(work, lo, hi, out=work).astype(out_dtype)
+        return np.clip(data, np.array(lo, data.dtype), np.array(hi, data.dtype)).astype(out_dtype), clipped, 0
+    # float32 holds every 8/16-bit integer exactly; wider outputs (and other floats) round in float64
+    work = np.rint(data, dtype=np.float32 if data.dtype == np.float32 and info.bits < 32 else np.float64)
+    lo, hi = (_float_bound(info.min, work.dtype, +1), _float_bound(info.max, work.dtype, -1))
+    nan = np.isnan(work)
+    n_nan = int(np.count_nonzero(nan))
+    work[nan] = 0
+    clipped = int(np.count_nonzero((work < lo) | (work > hi)))
+    return np.clip(work, lo, hi, out=work).astype(out_dtype), clipped, n_nan
+
+
+def _warn_cast(path, out_dtype, clipped, n_nan):
     if clipped or n_nan:
+        info = np.iinfo(out_dtype)
         what = []
         if clipped:
             what.append(f"{clipped} voxels outside {out_dtype}'s range [{info.min}, {info.max}] clipped")
         if n_nan:
             what.append(f"{n_nan} NaN voxels written as 0")
-        warnings.warn(f"{path}: saving as {out_dtype}: {'; '.join(what)}", NiftiWarning, stacklevel=3)
-    return out
+        warnings.warn(f"{path}: saving as {out_dtype}: {'; '.join(what)}", NiftiWarning, stacklevel=4)
 
 
 def _float_bound(limit, ftype, direction):
@@ -489,8 +582,9 @@ def _output_header(vol, shape, out_dtype):
 
 
 def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, normalize=False, outside="keep",
-                 dtype=None, overwrite=False, workers=None, progress=None):
-    """Filter the NIfTI file `src` into `dst`, keeping its geometry and header (vc.io.save: atomic).
+                 dtype=None, overwrite=False, workers=None, progress=None, max_memory=None, return_volume=True):
+    """Filter the NIfTI file `src` into `dst`, keeping its geometry and header (written as vc.io.save does:
+    atomically, gzip on several threads).
 
     kernel: a vc.kernels object, an array (voxels), or a callable zooms -> kernel (so that a size in mm is
     resolved against this file's voxel sizes). mode/cval: scipy.ndimage boundary handling. mask: a NIfTI
@@ -498,53 +592,138 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
     filtered mask (ones without a mask), which renormalises at the volume edge and at the mask border
     (fslmaths -fmean; the boundary mode then plays no part). outside: "keep" or "zero" the voxels outside
     the mask. 4-D volumes are filtered volume by volume over their three spatial axes. dtype: of the output
-    (float32 by default). progress: callable(done, total) after each volume. Returns the written Volume."""
+    (float32 by default). progress: callable(done, total) as the work advances.
+
+    max_memory: bytes of working memory (default volconv._slabs.WORK_BYTES, 512 MiB). A volume whose float
+    copy is larger is filtered in slabs along its last spatial axis, each read with the planes the kernel
+    reaches beyond it (from the memory map of an uncompressed file, or as the gzip stream goes) and written
+    out before the next: peak memory stays near max_memory whatever the volume's size, and the result is the
+    one of the whole volume at once (bit for bit when the kernel runs directly, as separable and small dense
+    kernels do; within FFT rounding for a large dense kernel the cost model sends to the FFT).
+
+    Returns the written Volume, or None when return_volume is False. A volume filtered in slabs is returned
+    memory-mapped from an uncompressed output, and read back (whole) from a compressed one."""
+    from . import _slabs
     from .kernels import Kernel, as_kernel
 
     if outside not in ("keep", "zero"):
         raise ValueError(f"outside must be 'keep' or 'zero', got {outside!r}")
-    dst = os.fspath(dst)
+    src, dst = os.fspath(src), os.fspath(dst)
     if not overwrite and os.path.exists(dst):
         raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", dst)
-    vol = load(src)
-    if callable(kernel) and not isinstance(kernel, Kernel):
-        kernel = kernel(vol.zooms)
-    kernel = as_kernel(kernel)
-    for axis, (k, n) in enumerate(zip(kernel.shape, vol.shape[:3])):
-        if k > n:
-            raise ValueError(f"{os.fspath(src)}: the kernel {kernel.shape} is larger than the volume "
-                             f"{vol.shape[:3]} along axis {axis}")
-    inside = None
-    if mask is not None:
-        inside = (load(mask).data if isinstance(mask, (str, os.PathLike)) else np.asarray(mask)) != 0
-        inside = inside[..., 0] if inside.ndim == 4 and inside.shape[3] == 1 else inside
-        if inside.shape != vol.shape[:3]:
-            raise ValueError(f"mask has shape {inside.shape} but {os.fspath(src)} has spatial shape "
-                             f"{vol.shape[:3]}")
-    volumes = vol.data if vol.data.ndim == 4 else vol.data[..., None]
-    out = np.empty(volumes.shape, np.float32 if volumes.dtype != np.float64 else np.float64, order="F")
-    for t in range(volumes.shape[3]):
-        out[..., t] = _filter_volume(volumes[..., t], kernel, mode, cval, inside, normalize, outside, workers)
-        if progress is not None:
-            progress(t + 1, volumes.shape[3])
-    result = vol.with_data(out if vol.data.ndim == 4 else out[..., 0])
-    save(result, dst, dtype=dtype, overwrite=overwrite, workers=workers)
-    return result
+    budget = _slabs.WORK_BYTES if max_memory is None else int(max_memory)
+    with _source(src) as (img, finish):
+        affine, header = img.affine, img.header
+        _warn_geometry(src, affine, header)
+        shape = tuple(img.shape) + (1,) * (3 - len(img.shape))
+        if len(shape) > 4 and any(n != 1 for n in shape[4:]):
+            raise NiftiError(f"{src}: {len(shape)}-D data of shape {shape}; volconv reads 3-D and 4-D volumes")
+        shape = shape[:4]
+        if callable(kernel) and not isinstance(kernel, Kernel):
+            kernel = kernel(tuple(float(z) for z in voxel_sizes(affine)))
+        kernel = as_kernel(kernel)
+        for axis, (k, n) in enumerate(zip(kernel.shape, shape[:3])):
+            if k > n:
+                raise ValueError(f"{src}: the kernel {kernel.shape} is larger than the volume {shape[:3]} along "
+                                 f"axis {axis}")
+        inside = None
+        if mask is not None:
+            inside = (load(mask).data if isinstance(mask, (str, os.PathLike)) else np.asarray(mask)) != 0
+            inside = inside[..., 0] if inside.ndim == 4 and inside.shape[3] == 1 else inside
+            if inside.shape != shape[:3]:
+                raise ValueError(f"mask has shape {inside.shape} but {src} has spatial shape {shape[:3]}")
+        nt = shape[3] if len(shape) == 4 else 1
+        itemsize = 4   # load's float32
+        copies = _slabs.copies(inside is not None or normalize)
+        in_memory = np.prod(shape[:3], dtype=np.int64) * itemsize * copies <= budget
+        reach = filter_pads(kernel.shape, (0, 0, 0))[2]
+        slab = shape[2] if in_memory else _slabs.thickness(shape, reach, itemsize, budget, copies)
+        # the slabs' halos at the volume's ends: the boundary mode's padding, read from the volume (zeros and
+        # constants are the filter's own padding; normalising pads with zeros whatever the mode)
+        pad_mode = None if mode == "constant" or normalize else scipy_mode(mode)
+        done, total = [0], nt * shape[2]
+
+        def read(t):
+            def planes(a, b):
+                sl = (slice(None), slice(None), slice(a, b)) + ((t,) if len(img.shape) == 4 else ())
+                with _reading(src):
+                    data = np.asarray(_scaled(img.dataobj, sl, np.float32), dtype=np.float32)
+                return data.reshape(shape[:2] + (b - a,), order="F")
+            return planes
+
+        def filter_slab(block, planes, halo):
+            part = None if inside is None else _slabs.gather(planes, lambda a, b: inside[..., a:b])
+            return _filter_volume(block, kernel, mode, cval, part, normalize, outside, workers, halo=halo)
+
+        def advance(k1, t):
+            done[0] = t * shape[2] + k1
+            if progress is not None:
+                progress(done[0], total)
+
+        kept = []   # in memory, the filtered volumes are also the returned Volume's data
+
+        def write(block):
+            out.write(block)
+            if in_memory and return_volume:
+                kept.append(block)
+
+        out_shape = shape if len(img.shape) == 4 else shape[:3]
+        with NiftiWriter(dst, _Geometry(affine, header), out_shape, dtype=dtype, overwrite=overwrite,
+                         workers=workers) as out:
+            for t in range(nt):
+                _slabs.filter_volume(read(t), shape[2], reach, slab, pad_mode, filter_slab, write,
+                                     lambda k1, t=t: advance(k1, t))
+            finish()   # a corrupt gzip stream fails here, before the output is committed
+    if not return_volume:
+        return None
+    if in_memory:
+        data = kept[0][..., None] if len(kept) == 1 and len(out_shape) == 4 else \
+            kept[0] if len(kept) == 1 else np.stack(kept, axis=3)
+        return Volume(data, affine, header.copy())
+    with warnings.catch_warnings():   # the source's warnings were given already
+        warnings.simplefilter("ignore", NiftiWarning)
+        return load(dst, mmap="r") if dst.lower().endswith(".nii") else load(dst)
 
 
-def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers):
-    """One 3-D volume: masked (outside voxels contribute nothing) and/or normalised filtering."""
-    from .ops.dense import correlate
+class _Geometry:
+    """What NiftiWriter keeps of a source: its affine and header."""
+
+    def __init__(self, affine, header):
+        self.affine, self.header = affine, header
+
+
+def _scaled(proxy, slicer, dtype):
+    """Planes of a nibabel array proxy scaled exactly as np.asarray(proxy, dtype) scales the whole array
+    (what `load` does), so that slabs and the whole volume give the same numbers."""
+    if hasattr(proxy, "_get_scaled"):   # nibabel's own path for __array__(dtype), restricted to the slicer
+        return proxy._get_scaled(dtype=dtype, slicer=slicer)
+    return np.asarray(proxy[slicer], dtype=dtype)
+
+
+def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, halo=None):
+    """One 3-D volume (or slab with `halo` planes of context along its last axis, not output): masked
+    (outside voxels contribute nothing) and/or normalised filtering."""
+    from .ops.dense import _filter
+
+    halo3 = None if halo is None else ((0, 0), (0, 0), tuple(halo))
+
+    def correlate(v, m, c):
+        return _filter("correlate", v, kernel, m, c, 0, "auto", workers, flip=False, halo=halo3)
 
     if inside is None and not normalize:
-        return correlate(x, kernel, mode=mode, cval=cval, workers=workers)
+        return correlate(x, mode, cval)
     weight = np.ones(x.shape, x.dtype, order="F") if inside is None else inside.astype(x.dtype, order="F")
     if normalize:  # sum(k * w * x) / sum(k * w) over the voxels that exist and are inside
-        num = correlate(x * weight, kernel, mode="constant", cval=0.0, workers=workers)
-        den = correlate(weight, kernel, mode="constant", cval=0.0, workers=workers)
-        filtered = np.divide(num, den, out=np.zeros_like(num), where=np.abs(den) > 1e-12 * np.abs(den).max())
+        num = correlate(x * weight, "constant", 0.0)
+        den = correlate(weight, "constant", 0.0)
+        # a weight sum this small is no voxel at all (a local rule: slabs and the whole volume agree)
+        tiny = 1e-12 * float(np.abs(kernel.to_dense()).sum())
+        filtered = np.divide(num, den, out=np.zeros_like(num), where=np.abs(den) > tiny)
     else:
-        filtered = correlate(x * weight, kernel, mode=mode, cval=cval, workers=workers)
+        filtered = correlate(x * weight, mode, cval)
     if inside is not None:
-        filtered[~inside] = x[~inside] if outside == "keep" else 0
+        lo, hi = (0, 0) if halo is None else halo
+        core = (Ellipsis, slice(lo, x.shape[2] - hi))
+        keep = ~inside[core]
+        filtered[keep] = x[core][keep] if outside == "keep" else 0
     return filtered

@@ -412,7 +412,10 @@ def conv_spec(x_shape, w_shape, b, stride, padding, dilation, groups, padding_mo
     return spec
 
 
-def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip):
+def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip, halo=None):
+    """correlate / convolve. halo: per axis, (lo, hi) planes at the volume's ends that are context, not output
+    (a slab of a larger volume, io.filter_nifti): those sides are not padded and the output omits them. Each
+    must be at most the kernel's reach on that side."""
     separable = kernel if isinstance(kernel, SeparableKernel) and not wants_autograd(volume) else None
     if isinstance(kernel, Kernel):  # separable kernels are never built: a zero-stride stand-in gives the shape
         kernel = np.broadcast_to(np.float32(0), kernel.shape) if separable is not None else kernel.to_dense()
@@ -428,14 +431,15 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip)
     origins = triple(origin, "origin")
     # NIfTI data arrive in Fortran order: filter the transposed volume with the transposed kernel (no copy)
     fortran = v.flags.f_contiguous and not v.flags.c_contiguous
+    halo = ((0, 0),) * 3 if halo is None else tuple(tuple(h) for h in halo)
     if fortran:
-        v, k, origins = v.T, k.T, origins[::-1]
+        v, k, origins, halo = v.T, k.T, origins[::-1], halo[::-1]
         if separable is not None:
             separable = SeparableKernel(separable.factors[::-1], separable.weights)
     origins = filter_origins(origins, k.shape, flip=flip, given=origin)
     if flip:  # convolution = correlation with the flipped kernel
         k = k[::-1, ::-1, ::-1]
-    pads = filter_pads(k.shape, origins)
+    pads = tuple((lo - hlo, hi - hhi) for (lo, hi), (hlo, hhi) in zip(filter_pads(k.shape, origins), halo))
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
                     groups=1, mode=mode, cval=float(cval))
     if wants_autograd(volume, kernel):
