@@ -95,13 +95,13 @@ def test_gather_reads_forward_and_copies_the_halo():
     volume = np.arange(4 * 3 * 10, dtype=np.float32).reshape((4, 3, 10), order="F")
     reads = []
 
-    def read(a, b):
-        reads.append((a, b))
-        return volume[..., a:b]
+    def read_into(view, a):
+        reads.append((a, a + view.shape[2]))
+        view[...] = volume[..., a:a + view.shape[2]]
 
-    reader = _slabs.PlaneReader(read)
+    reader = _slabs.PlaneReader(read_into, (4, 3), np.float32)
     for planes in ([1, 0, 0, 1, 2, 3], [2, 3, 4, 5, 6, 7], [6, 7, 8, 9, 9, 8], [8, 9, 0]):
-        block = _slabs.gather(np.array(planes), read, reader)
+        block = _slabs.gather(np.array(planes), reader)
         assert block.flags.f_contiguous and np.array_equal(block, volume[..., planes])
     assert reads == [(0, 4), (4, 8), (8, 10), (0, 1)]   # each plane once, then the far end for 'wrap'
 

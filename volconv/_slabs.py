@@ -44,61 +44,66 @@ def plan(n, slab, reach, mode):
 
 
 class PlaneReader:
-    """Planes [a, b) of one volume via read(a, b) -> (X, Y, b - a) array, read forward: a request that
-    continues the previous one reads only the new planes (the overlap, a slab's halo, is kept)."""
+    """Fills blocks with planes of one volume, read forward: read_into(view, a) fills an (X, Y, m) view with
+    planes [a, a + m); the planes a block shares with the previous one (a slab's halo) are copied from there
+    instead of being read again."""
 
-    def __init__(self, read):
-        self.read = read
-        self.a = self.b = 0
-        self.block = None
+    def __init__(self, read_into, plane_shape, dtype):
+        self.read_into, self.plane_shape, self.dtype = read_into, tuple(plane_shape), dtype
+        self.held = None   # (first plane, view): the previous block's run of consecutive planes
 
-    def get(self, a, b):
-        if self.block is not None and self.a <= a < self.b <= b:
-            new = self.read(self.b, b) if b > self.b else None
-            block = np.concatenate([self.block[..., a - self.a:]] + ([new] if new is not None else []), axis=2)
-        else:
-            block = self.read(a, b)
-        self.a, self.b, self.block = a, b, block
-        return block
+    def fill(self, out, i):
+        """out (X, Y, n) <- planes [i, i + n)."""
+        n = out.shape[2]
+        lo = hi = i
+        if self.held is not None:
+            s, block = self.held
+            lo, hi = max(i, s), min(i + n, s + block.shape[2])
+            if lo < hi:
+                out[..., lo - i:hi - i] = block[..., lo - s:hi - s]
+            else:
+                lo = hi = i
+        if lo > i:
+            self.read_into(out[..., :lo - i], i)
+        if i + n > hi:
+            self.read_into(out[..., hi - i:], hi)
 
 
-def gather(planes, read, reader=None):
+def gather(planes, reader):
     """The block (X, Y, len(planes)) of these source planes, Fortran-ordered (the layout of a NIfTI volume in
-    memory, so that the filter sees the same problem as for the whole volume). The longest run of consecutive
-    planes is read as one block (through `reader`, forward); the planes the halo adds are copied from it when
-    it holds them and read one by one when not (the far end, for 'wrap')."""
-    a, b = _main_run(planes)
-    block = reader.get(a, b) if reader is not None else read(a, b)
-    out = np.empty(block.shape[:2] + (planes.size,), block.dtype, order="F")
-    j = 0
-    while j < planes.size:
-        i, e = int(planes[j]), j + 1
-        if a <= i < b:
-            while e < planes.size and planes[e] == planes[e - 1] + 1 and planes[e] < b:
-                e += 1
-            out[..., j:e] = block[..., i - a:i - a + e - j]
-        else:
-            out[..., j] = read(i, i + 1)[..., 0]
-        j = e
+    memory, so that the filter sees the same problem as for the whole volume). Its longest run of consecutive
+    planes is filled through `reader` (forward, keeping the halo); the planes the halo adds are copied from
+    that run when it holds them and read one by one when not (the far end, for 'wrap')."""
+    start, length = _main_run(planes)
+    a, b = int(planes[start]), int(planes[start]) + length
+    out = np.empty(reader.plane_shape + (planes.size,), reader.dtype, order="F")
+    run = out[..., start:start + b - a]
+    reader.fill(run, a)
+    for j, i in enumerate(planes):
+        if not start <= j < start + length:
+            if a <= i < b:
+                out[..., j] = run[..., i - a]
+            else:
+                reader.read_into(out[..., j:j + 1], int(i))
+    reader.held = (a, run)
     return out
 
 
 def _main_run(planes):
-    """The longest run of consecutive increasing planes: read as one block, forward."""
-    best, start = (int(planes[0]), int(planes[0]) + 1), 0
-    for j in range(1, planes.size + 1):
-        if j == planes.size or planes[j] != planes[j - 1] + 1:
-            if planes[j - 1] + 1 - planes[start] > best[1] - best[0]:
-                best = (int(planes[start]), int(planes[j - 1]) + 1)
-            start = j
-    return best
+    """(position, length) of the longest run of consecutive increasing planes (the first, on a tie)."""
+    breaks = np.flatnonzero(np.diff(planes) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [planes.size]]))
+    k = int(np.argmax(lengths))
+    return int(starts[k]), int(lengths[k])
 
 
-def filter_volume(read, n, reach, slab, mode, filter_slab, write, progress=None):
-    """One volume of n planes: read(a, b) gives source planes [a, b), filter_slab(block, planes, halo)
-    filters a slab's extended block, write(out) takes its output planes in order. progress(k1) after each."""
-    reader = PlaneReader(read)
+def filter_volume(read_into, plane_shape, dtype, n, reach, slab, mode, filter_slab, write, progress=None):
+    """One volume of n planes: read_into(view, a) fills a view with source planes from a, filter_slab(block,
+    planes, halo) filters a slab's extended block, write(out) takes its output planes in order. progress(k1)
+    after each slab."""
+    reader = PlaneReader(read_into, plane_shape, dtype)
     for k0, k1, planes, halo in plan(n, slab, reach, mode):
-        write(filter_slab(gather(planes, read, reader), planes, halo))
+        write(filter_slab(gather(planes, reader), planes, halo))
         if progress is not None:
             progress(k1)

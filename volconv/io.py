@@ -643,16 +643,28 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
         pad_mode = None if mode == "constant" or normalize else scipy_mode(mode)
         done, total = [0], nt * shape[2]
 
-        def read(t):
-            def planes(a, b):
-                sl = (slice(None), slice(None), slice(a, b)) + ((t,) if len(img.shape) == 4 else ())
+        raw = _raw_float32(src, img)
+        plane_bytes = shape[0] * shape[1] * 4
+
+        def read_into(t):
+            def fill(view, a):   # view: (X, Y, m), Fortran-ordered, <- planes [a, a + m) of volume t
+                m = view.shape[2]
+                if raw is not None:   # the stored bytes are the values: read them straight into the block
+                    raw.seek(img.dataobj.offset + (t * shape[2] + a) * plane_bytes)
+                    if raw.readinto(memoryview(view.T).cast("B")) != m * plane_bytes:
+                        raise NiftiError(f"{src}: truncated data (the file ended inside volume {t})")
+                    return
+                sl = (slice(None), slice(None), slice(a, a + m)) + ((t,) if len(img.shape) == 4 else ())
                 with _reading(src):
-                    data = np.asarray(_scaled(img.dataobj, sl, np.float32), dtype=np.float32)
-                return data.reshape(shape[:2] + (b - a,), order="F")
-            return planes
+                    view[...] = np.asarray(_scaled(img.dataobj, sl, np.float32),
+                                           dtype=np.float32).reshape(view.shape, order="F")
+            return fill
+
+        def mask_into(view, a):
+            view[...] = inside[..., a:a + view.shape[2]]
 
         def filter_slab(block, planes, halo):
-            part = None if inside is None else _slabs.gather(planes, lambda a, b: inside[..., a:b])
+            part = None if inside is None else _slabs.gather(planes, _slabs.PlaneReader(mask_into, shape[:2], bool))
             return _filter_volume(block, kernel, mode, cval, part, normalize, outside, workers, halo=halo)
 
         def advance(k1, t):
@@ -669,10 +681,10 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
 
         out_shape = shape if len(img.shape) == 4 else shape[:3]
         with NiftiWriter(dst, _Geometry(affine, header), out_shape, dtype=dtype, overwrite=overwrite,
-                         workers=workers) as out:
+                         workers=workers) as out, (raw or contextlib.nullcontext()):
             for t in range(nt):
-                _slabs.filter_volume(read(t), shape[2], reach, slab, pad_mode, filter_slab, write,
-                                     lambda k1, t=t: advance(k1, t))
+                _slabs.filter_volume(read_into(t), shape[:2], np.float32, shape[2], reach, slab, pad_mode,
+                                     filter_slab, write, lambda k1, t=t: advance(k1, t))
             finish()   # a corrupt gzip stream fails here, before the output is committed
     if not return_volume:
         return None
@@ -683,6 +695,17 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
     with warnings.catch_warnings():   # the source's warnings were given already
         warnings.simplefilter("ignore", NiftiWarning)
         return load(dst, mmap="r") if dst.lower().endswith(".nii") else load(dst)
+
+
+def _raw_float32(path, img):
+    """An open binary file of `path` when its data are stored as native float32 without scaling in a plain
+    (uncompressed) file: the bytes are then the values load() gives, and slabs are read straight into place.
+    None otherwise (nibabel reads and scales them)."""
+    proxy = img.dataobj
+    plain = isinstance(getattr(proxy, "file_like", None), str) and not path.lower().endswith((".gz", ".bz2", ".zst"))
+    native = proxy.dtype == np.dtype(np.float32) and proxy.dtype.isnative
+    unscaled = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
+    return open(path, "rb") if plain and native and unscaled and proxy.order == "F" else None
 
 
 class _Geometry:
