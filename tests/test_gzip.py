@@ -11,9 +11,9 @@ from volconv import _gzip
 from volconv._gzip import ParallelGzipWriter
 
 
-def write(chunks, threads, name="x.nii"):
+def write(chunks, threads, name="x.nii", level=1):
     raw = io.BytesIO()
-    with ParallelGzipWriter(raw, name=name, threads=threads) as w:
+    with ParallelGzipWriter(raw, name=name, threads=threads, level=level) as w:
         for c in chunks:
             if isinstance(c, int):   # a forward seek of c bytes
                 w.seek(c, 1)
@@ -22,13 +22,14 @@ def write(chunks, threads, name="x.nii"):
     return raw.getvalue()
 
 
+@pytest.mark.parametrize("level", [1, 6])
 @pytest.mark.parametrize("size", [0, 1, 1000, _gzip.BLOCK - 1, _gzip.BLOCK, _gzip.BLOCK + 5, 3 * _gzip.BLOCK + 77])
-def test_round_trip_any_size_and_thread_count(size):
+def test_round_trip_any_size_and_thread_count(size, level):
     rng = np.random.default_rng(size)
     data = rng.integers(0, 5, size, dtype=np.uint8).tobytes()   # compressible, but not trivially
     parts = [data[: size // 3], 10, data[size // 3:]]
     expected = data[: size // 3] + bytes(10) + data[size // 3:]
-    outputs = [write(parts, t) for t in (1, 2, 3)]
+    outputs = [write(parts, t, level=level) for t in (1, 2, 3)]
     assert outputs[0] == outputs[1] == outputs[2]
     assert gzip.decompress(outputs[0]) == expected
     d = zlib.decompressobj(31)   # one member: nothing is left over after the first stream
@@ -38,11 +39,12 @@ def test_round_trip_any_size_and_thread_count(size):
 
 def test_blocks_share_the_window():
     """Each block inherits the previous block's last 32 KiB: a repeat across a block boundary still
-    compresses (a writer without the dictionary would store the second copy again)."""
+    compresses (a writer without the dictionary would store the second copy again). Level 6: level 1's
+    run-length strategy looks for runs only."""
     rng = np.random.default_rng(0)
     motif = rng.integers(0, 256, 20000, dtype=np.uint8).tobytes()
     filler = bytes(_gzip.BLOCK - len(motif))
-    with_dict = write([filler + motif + motif], threads=2)   # the second copy starts block 2
+    with_dict = write([filler + motif + motif], threads=2, level=6)   # the second copy starts block 2
     assert len(with_dict) < len(motif) * 1.3
 
 
