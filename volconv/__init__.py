@@ -6,9 +6,11 @@ from . import kernels
 from ._cuda import has_cuda
 from .kernels import SeparableKernel
 from .ops.dense import conv3d, convolve, correlate
+from .ops.sparse import SparseKernel, sparse_conv3d
 
 __version__ = "0.1.0"
-__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "nn", "io", "dask", "Volume", "filter_nifti"]
+__all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "SparseKernel",
+           "sparse_conv3d", "nn", "io", "dask", "Volume", "filter_nifti"]
 
 
 def __getattr__(name):

@@ -1,3 +1,4 @@
-# Direct kernels, avx512 build (flags in setup.py). The code is in direct.pxi and separable.pxi.
+# Direct kernels, avx512 build (flags in setup.py). The code is in direct.pxi, separable.pxi and sparse.pxi.
 include "direct.pxi"
 include "separable.pxi"
+include "sparse.pxi"

@@ -71,6 +71,25 @@ cdef inline void pad_plane(const floating *src, Py_ssize_t H, Py_ssize_t W, cons
                 dst[h * ds + j] = src[h * W + s] if s >= 0 else 0
 
 
+cdef inline void fill_ring(const floating *xg, Py_ssize_t cs, Py_ssize_t zs, Py_ssize_t Cg, Py_ssize_t kd,
+                           Py_ssize_t pos0, Py_ssize_t dd, Py_ssize_t S, const Py_ssize_t *map_d, Py_ssize_t H,
+                           Py_ssize_t W, const Py_ssize_t *row_map, Py_ssize_t Wr, Py_ssize_t wlo,
+                           bint unit_stride, floating *ring, Py_ssize_t plane, Py_ssize_t ds,
+                           Py_ssize_t *tags) noexcept nogil:
+    """Bring the padded input planes of one output plane into a unit's ring: channel c (of Cg, cs apart from
+    xg), padded D positions pos0 + a*dd, a < kd, into slot c*S + pos mod S (tags: the position a slot holds,
+    so that each plane is padded once while the unit walks through its output planes)."""
+    cdef Py_ssize_t c, a, pos, slot, xd
+    for c in range(Cg):
+        for a in range(kd):
+            pos = pos0 + a * dd
+            slot = c * S + pos % S
+            xd = map_d[pos]
+            if xd >= 0 and tags[slot] != pos:
+                pad_plane(xg + c * cs + xd * zs, H, W, row_map, Wr, wlo, unit_stride, ring + slot * plane, ds)
+                tags[slot] = pos
+
+
 def pad_rows(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_map, Py_ssize_t wlo, bint unit_stride,
              floating[:, :, :, :, ::1] out, int nthreads):
     """Every row of x laid out by row_map (as pad_plane), into out (N, C, D, H, Wr)."""
@@ -131,15 +150,9 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
             for j in range(Cg * S):
                 tags[j] = -1
             for od in range(k * per, min(Do, (k + 1) * per)):
-                for c in range(Cg):  # bring this output plane's input planes into the ring
-                    for a in range(kd):
-                        pos = od * sd + a * dd
-                        slot = c * S + pos % S
-                        xd = map_d[pos]
-                        if xd >= 0 and tags[slot] != pos:
-                            pad_plane(&x[n, g * Cg + c, xd, 0, 0], H, W, &row_map[0], Wr, wlo, unit_stride,
-                                      ring + slot * plane, ds)
-                            tags[slot] = pos
+                fill_ring(&x[n, g * Cg, 0, 0, 0], x.strides[1] // sizeof(floating), x.strides[2] // sizeof(floating),
+                          Cg, kd, od * sd, dd, S, &map_d[0], H, W, &row_map[0], Wr, wlo, unit_stride, ring, plane,
+                          ds, tags)
                 for oh in range(Ho):
                     nb = 0  # the H taps that land on a row (zero padding drops the others)
                     for j in range(kh):

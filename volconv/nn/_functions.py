@@ -1,6 +1,7 @@
 """torch.autograd Functions over volconv's kernels. Forward and backward both run volconv code (ops/dense.py):
 the input gradient is a transposed convolution, the weight gradient a correlation of input and output
 gradient, so training uses the same kernels as inference."""
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -69,4 +70,54 @@ def conv3d_autograd(input, weight, bias, stride, padding, dilation, groups, padd
             raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
     out = conv_autograd(tensor(input), tensor(weight, like=input),
                         None if bias is None else tensor(bias, like=input), spec, algorithm, workers)
+    return out.to(input.dtype)
+
+
+class SparseConv3dFunction(torch.autograd.Function):
+    """Forward by the sparse kernel; backward through the dense weight the values fill (volconv's transposed
+    convolution for the input, its weight-gradient kernel gathered at the pattern for the values): exact, but
+    its cost is the dense kernel's."""
+
+    @staticmethod
+    def forward(ctx, x, values, b, indices, shape, spec, nthreads):
+        from ..ops.sparse import run_sparse
+
+        ctx.indices, ctx.shape, ctx.spec, ctx.nthreads = indices, shape, spec, nthreads
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, values)
+        out = run_sparse(x.numpy(), indices, values.numpy(), None if b is None else b.numpy(), spec, nthreads)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, values = ctx.saved_tensors
+        g = grad.contiguous().numpy()
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            w = np.zeros(ctx.shape, g.dtype)
+            w[tuple(ctx.indices.T)] = values.numpy()
+            gx = torch.from_numpy(dense.backward_input(g, w, ctx.spec, "auto", ctx.nthreads))
+        if ctx.needs_input_grad[1]:
+            gw = dense.backward_weight(x.numpy(), g, ctx.spec, ctx.nthreads)
+            gv = torch.from_numpy(np.ascontiguousarray(gw[tuple(ctx.indices.T)]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=(0, 2, 3, 4))
+        return gx, gv, gb, None, None, None, None
+
+
+def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilation, groups, padding_mode,
+                    workers):
+    """vc.sparse_conv3d on torch tensors that need gradients (input, bias, or the values)."""
+    Caller("sparse_conv3d", [input, bias], ["input", "bias"])  # devices and dtypes checked
+    spec = dense.conv_spec(tuple(input.shape), tuple(shape), bias, stride, padding, dilation, groups,
+                           padding_mode)
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = tensor(input).to(dtype).contiguous()
+    v = tensor(values).to(dtype).contiguous() if isinstance(values, torch.Tensor) else \
+        torch.as_tensor(np.asarray(values), dtype=dtype)
+    if isinstance(values, torch.Tensor) and values.is_sparse:   # the sparse weight itself: its coalesced values
+        v = values.coalesce().values().to(dtype)
+    b = None if bias is None else tensor(bias, like=x).to(dtype).contiguous()
+    out = SparseConv3dFunction.apply(x, v, b, indices, shape, spec, resolve_workers(workers))
     return out.to(input.dtype)

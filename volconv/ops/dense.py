@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from .. import _cpu
-from . import decomposed
+from . import decomposed, sparse
 from .._dispatch import Caller, is_tensor, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
 from ..kernels import Kernel, SeparableKernel
@@ -64,6 +64,26 @@ def _channel_block(spec):
 RING_LIMIT = 4 * 2**30   # bytes of padded-plane rings, all threads together
 
 
+def check_ring(x, spec, row_map, nthreads):
+    """Refuse, with a clear MemoryError, a layer whose padded-plane rings (one per thread: every input
+    channel of a group, (kd - 1) * dd + 1 planes each) would exceed RING_LIMIT: the kernel allocates them inside
+    the parallel region, where it cannot raise."""
+    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
+    Cg, kd = spec.w_shape[1], spec.kernel_size[0]
+    ring = (Cg * ((kd - 1) * spec.dilation[0] + 1) * x.shape[3] * (-(-row_map.size // vl) * vl) + vl) \
+        * x.dtype.itemsize * nthreads
+    if ring > RING_LIMIT:
+        raise MemoryError(f"the direct algorithm would need {ring / 2**30:.1f} GiB of padded planes for this "
+                          f"layer ({Cg} input channels per group, kernel depth {kd}); use algorithm='fft' "
+                          "or 'torch', or fewer workers")
+
+
+def plane_chunks(spec, nthreads):
+    """Work units of the direct kernels are (n, group, run of output planes): enough runs for every thread
+    (each unit pads its planes once, so no more than that)."""
+    return int(min(spec.out_shape[2], max(1, -(-2 * nthreads // (spec.x_shape[0] * spec.groups)))))
+
+
 def direct_conv3d(x, w, b, spec, nthreads):
     row_map, map_d, map_h, toff = _row_layout(x.shape, spec)
     O, G, ob = w.shape[0], spec.groups, _channel_block(spec)
@@ -73,15 +93,8 @@ def direct_conv3d(x, w, b, spec, nthreads):
     bias = np.zeros(O, x.dtype) if b is None else b
     out = np.empty(spec.out_shape, dtype=x.dtype)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
-    ring = (Cg * ((w.shape[2] - 1) * spec.dilation[0] + 1) * x.shape[3] * (-(-row_map.size // vl) * vl) + vl) \
-        * x.dtype.itemsize * nthreads
-    if ring > RING_LIMIT:  # the kernel allocates it inside the parallel region, where it cannot raise
-        raise MemoryError(f"the direct algorithm would need {ring / 2**30:.1f} GiB of padded planes for this "
-                          f"layer ({Cg} input channels per group, kernel depth {w.shape[2]}); use algorithm='fft' "
-                          "or 'torch', or fewer workers")
-    # work units (n, group, run of output planes): enough for every thread; each unit pads its planes once
-    nchunk = int(min(spec.out_shape[2], max(1, -(-2 * nthreads // (x.shape[0] * G)))))
+    check_ring(x, spec, row_map, nthreads)
+    nchunk = plane_chunks(spec, nthreads)
     unit_stride, unit_taps = spec.stride[2] == 1, spec.stride[2] == spec.dilation[2] == 1
     _cpu.direct.conv3d_direct(x, row_map, spec.pads[2][0], unit_stride, unit_taps, wpack, bias,
                               out, map_d, map_h, toff, sd, sh, dd, dh, nchunk, nthreads)
@@ -348,6 +361,9 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the caller's type,
     dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
     propagate as in torch (algorithm="fft" spreads them over the whole output)."""
+    if isinstance(weight, sparse.SparseKernel) or (is_tensor(weight) and weight.is_sparse):
+        return sparse.sparse_conv3d(input, weight, bias, stride, padding, dilation, groups,
+                                    padding_mode=padding_mode, workers=workers)
     if isinstance(weight, Kernel):
         return _conv3d_kernel(input, weight, bias, stride, padding, dilation, padding_mode, algorithm, workers)
     if wants_autograd(input, weight, bias):
@@ -417,8 +433,10 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
     (a slab of a larger volume, io.filter_nifti): those sides are not padded and the output omits them. Each
     must be at most the kernel's reach on that side."""
     separable = kernel if isinstance(kernel, SeparableKernel) and not wants_autograd(volume) else None
-    if isinstance(kernel, Kernel):  # separable kernels are never built: a zero-stride stand-in gives the shape
-        kernel = np.broadcast_to(np.float32(0), kernel.shape) if separable is not None else kernel.to_dense()
+    sparse_k = kernel if isinstance(kernel, sparse.SparseKernel) and not wants_autograd(volume) else None
+    if isinstance(kernel, Kernel):  # factored kernels are never built: a zero-stride stand-in gives the shape
+        kernel = np.broadcast_to(np.float32(0), kernel.shape) if separable is not None or sparse_k is not None \
+            else kernel.to_dense()
     caller = Caller(op, [volume, kernel], ["volume", "kernel"], promote_ints=True)
     v, k = caller.arrays
     if v.ndim != 3:
@@ -436,6 +454,8 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
         v, k, origins, halo = v.T, k.T, origins[::-1], halo[::-1]
         if separable is not None:
             separable = SeparableKernel(separable.factors[::-1], separable.weights)
+        if sparse_k is not None:
+            sparse_k = sparse.SparseKernel(sparse_k.indices[:, ::-1], sparse_k.values, sparse_k.shape[::-1])
     origins = filter_origins(origins, k.shape, flip=flip, given=origin)
     if flip:  # convolution = correlation with the flipped kernel
         k = k[::-1, ::-1, ::-1]
@@ -450,7 +470,13 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
         return conv_autograd(tensor(volume, like=w)[None, None], w[None, None], None, spec, algorithm,
                              workers)[0, 0]
     v = caller.cast(v, "volume")
-    if separable is not None:
+    if sparse_k is not None:
+        idx = np.array(sparse_k.shape) - 1 - sparse_k.indices if flip else sparse_k.indices
+        order = np.lexsort(idx.T[::-1])
+        idx5 = np.concatenate([np.zeros((idx.shape[0], 2), np.int64), idx[order]], axis=1)
+        out = sparse.run_sparse(v[None, None], idx5, sparse_k.values[order].astype(v.dtype), None, spec,
+                                resolve_workers(workers))
+    elif separable is not None:
         if flip:
             separable = SeparableKernel([f[:, ::-1] for f in separable.factors], separable.weights)
         out = decomposed.run_separable(v[None, None], separable, spec, resolve_algorithm(algorithm), resolve_workers(workers))

@@ -1,0 +1,195 @@
+"""Sparse kernels: 3D convolution whose cost grows with the non-zero taps, not with the kernel's box.
+
+`SparseKernel` holds the non-zeros of a conv weight (Cout, Cin/groups, kd, kh, kw) or of a single 3-D kernel
+(kd, kh, kw) as coordinates and values. `sparse_conv3d` runs it with torch.conv3d semantics through the
+direct kernel's machinery (_cpu/sparse.pxi): the same ring of padded planes, and per output row one
+register-blocked pass per non-zero tap (a tap's W offset is a pointer offset into the padded row), so a
+structured shape (a ball, a shell, a dilated kernel) is just a sparse kernel. Duplicate coordinates are summed,
+as torch's coalesce() does.
+"""
+import math
+import numbers
+
+import numpy as np
+
+from .. import _cpu
+from .._dispatch import Caller, is_tensor, wants_autograd
+from .._validate import workers as resolve_workers
+from ..kernels import Kernel
+from . import dense
+
+SPARSE_GFLOPS = 80.0   # per thread, one-tap rows (one load per FMA): calibrated with bench/bench_sparse.py
+
+
+class SparseKernel(Kernel):
+    """The non-zeros of a conv weight (Cout, Cin/groups, kd, kh, kw) or of a 3-D kernel (kd, kh, kw).
+
+    indices: (nnz, ndim) integer coordinates (torch's (ndim, nnz) layout is accepted from `from_torch`);
+    values: (nnz,) reals; shape: the dense shape. Duplicates are summed; explicit zeros are kept (they are
+    part of the pattern a SparseConv3d trains)."""
+
+    def __init__(self, indices, values, shape):
+        shape = tuple(int(n) for n in shape)
+        if len(shape) not in (3, 5) or min(shape) < 1:
+            raise ValueError(f"shape must be 3-D (kd, kh, kw) or 5-D (out, in/groups, kd, kh, kw) with positive "
+                             f"sizes, got {shape}")
+        indices = np.asarray(indices)
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if indices.size == 0:
+            indices = indices.reshape(0, len(shape))
+        if indices.ndim != 2 or indices.shape[1] != len(shape):
+            raise ValueError(f"indices must have shape (nnz, {len(shape)}) for a {len(shape)}-D kernel, got "
+                             f"{indices.shape}")
+        if indices.dtype.kind not in "iu":
+            if not np.all(np.isfinite(indices)) or not np.array_equal(indices, np.round(indices)):
+                raise ValueError("indices must be integers")
+        indices = indices.astype(np.int64)
+        if values.size != indices.shape[0]:
+            raise ValueError(f"values has {values.size} entries but indices has {indices.shape[0]} coordinates")
+        bad = np.flatnonzero(((indices < 0) | (indices >= np.array(shape))).any(axis=1))
+        if bad.size:
+            raise ValueError(f"indices out of range for shape {shape}: entry {int(bad[0])} is "
+                             f"{tuple(int(v) for v in indices[bad[0]])}")
+        if not np.all(np.isfinite(values)):
+            raise ValueError("values must be finite")
+        flat = np.ravel_multi_index(indices.T, shape) if indices.size else np.zeros(0, np.int64)
+        unique, inverse = np.unique(flat, return_inverse=True)   # sorted: (o, c, a, b, e) order
+        self.values = np.bincount(inverse, weights=values, minlength=unique.size) if unique.size else values
+        self.indices = np.stack(np.unravel_index(unique, shape), axis=1).astype(np.int64) if unique.size else \
+            indices
+        self._shape = shape
+
+    @classmethod
+    def from_dense(cls, weight, threshold=None, density=None):
+        """Magnitude pruning of a dense weight (numpy or torch): keep |w| > threshold, or the largest
+        ceil(density * size) entries, or (neither given) every non-zero."""
+        w = weight.detach().cpu().numpy() if is_tensor(weight) else np.asarray(weight, dtype=np.float64)
+        if threshold is not None and density is not None:
+            raise ValueError("give threshold or density, not both")
+        if threshold is not None:
+            if not isinstance(threshold, numbers.Real) or threshold < 0:
+                raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+            keep = np.abs(w) > threshold
+        elif density is not None:
+            if not isinstance(density, numbers.Real) or not 0 < density <= 1:
+                raise ValueError(f"density must be in (0, 1], got {density!r}")
+            k = int(math.ceil(density * w.size))
+            order = np.argsort(-np.abs(w), axis=None, kind="stable")[:k]
+            keep = np.zeros(w.size, bool)
+            keep[order] = True
+            keep = keep.reshape(w.shape) & (w != 0)
+        else:
+            keep = w != 0
+        idx = np.argwhere(keep)
+        return cls(idx, w[keep], w.shape)
+
+    @classmethod
+    def from_torch(cls, t):
+        """A torch.sparse_coo_tensor (coalesced or not) of the weight's shape."""
+        t = t.detach().cpu().coalesce()
+        return cls(t.indices().numpy().T, t.values().double().numpy(), tuple(t.shape))
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def nnz(self):
+        return int(self.values.size)
+
+    @property
+    def density(self):
+        return self.nnz / float(np.prod(self._shape))
+
+    def to_dense(self):
+        out = np.zeros(self._shape)
+        out[tuple(self.indices.T)] = self.values
+        return out
+
+    def as_weight(self, channels=None):
+        """(indices, values, shape) of the 5-D weight: itself, or a 3-D kernel as (1, 1, ...) or, given
+        `channels`, repeated for a depthwise weight (channels, 1, ...)."""
+        if len(self._shape) == 5:
+            return self.indices, self.values, self._shape
+        c = 1 if channels is None else channels
+        n = self.nnz
+        idx = np.concatenate([np.repeat(np.arange(c), n)[:, None], np.zeros((c * n, 1), np.int64),
+                              np.tile(self.indices, (c, 1))], axis=1)
+        return idx, np.tile(self.values, c), (c, 1) + self._shape
+
+    def __repr__(self):
+        return f"SparseKernel(shape={self._shape}, nnz={self.nnz}, density={self.density:.3g})"
+
+
+def run_sparse(x, indices, values, b, spec, nthreads):
+    """The sparse direct kernel on checked, contiguous arrays (x: compute dtype; indices (nnz, 5) sorted by
+    output channel, values in x's dtype). Negative pads crop first; a constant cval is the bias trick."""
+    if any(lo < 0 or hi < 0 for lo, hi in spec.pads):
+        crop = tuple(slice(max(-lo, 0), n + min(hi, 0)) for n, (lo, hi) in zip(x.shape[2:], spec.pads))
+        x = np.ascontiguousarray(x[(slice(None), slice(None)) + crop])
+        spec = dense.ConvSpec(x.shape, spec.w_shape, stride=spec.stride, dilation=spec.dilation,
+                              groups=spec.groups, pads=tuple((max(lo, 0), max(hi, 0)) for lo, hi in spec.pads),
+                              mode=spec.mode)
+    O = spec.w_shape[0]
+    bias = np.zeros(O, x.dtype) if b is None else np.asarray(b, x.dtype)
+    if spec.mode == "constant" and spec.cval != 0:   # corr(x, w) with c outside = corr(x - c, w) + c * sum(w)
+        bias = bias + (spec.cval * np.bincount(indices[:, 0], weights=values, minlength=O)).astype(x.dtype)
+        x, spec = x - x.dtype.type(spec.cval), spec.with_cval(0.0)
+    row_map, map_d, map_h, toff = dense._row_layout(x.shape, spec)
+    tap_ptr = np.searchsorted(indices[:, 0], np.arange(O + 1)).astype(np.intp)
+    c, a, bb, e = (np.ascontiguousarray(indices[:, i], dtype=np.intp) for i in range(1, 5))
+    out = np.empty(spec.out_shape, dtype=x.dtype)
+    Cg, kd = spec.w_shape[1], spec.kernel_size[0]
+    N, G = x.shape[0], spec.groups
+    dense.check_ring(x, spec, row_map, nthreads)
+    work = 2.0 * values.size * N * np.prod(spec.out_shape[2:], dtype=np.float64) / max(O // G, 1) + \
+        8.0 * np.prod(spec.out_shape, dtype=np.float64)
+    nthreads = int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
+    nchunk = dense.plane_chunks(spec, nthreads)
+    (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
+    _cpu.direct.sparse_conv3d_direct(x, row_map, spec.pads[2][0], spec.stride[2] == 1, tap_ptr, c, a, bb,
+                                     np.ascontiguousarray(toff[e]), np.ascontiguousarray(values, x.dtype),
+                                     bias, out, map_d, map_h, Cg, kd, sd, sh, dd, dh, nchunk, nthreads)
+    return out
+
+
+def sparse_cost(spec, nnz, nthreads):
+    """Seconds the sparse kernel should take: nnz taps at every output voxel of their channel."""
+    flops = 2.0 * nnz * spec.x_shape[0] * np.prod(spec.out_shape[2:], dtype=np.float64)
+    traffic = 4.0 * (np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
+    return dense.CALL_OVERHEAD + traffic / dense.BANDWIDTH + flops / (SPARSE_GFLOPS * 1e9 * nthreads)
+
+
+def sparse_conv3d(input, kernel, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
+                  workers=None):
+    """3D convolution (torch.nn.functional.conv3d semantics) with a sparse weight: a vc.SparseKernel of shape
+    (Cout, Cin/groups, kd, kh, kw), or a 3-D one applied to every channel (depthwise, groups ignored), or a
+    torch.sparse_coo_tensor weight. The cost grows with the number of non-zeros. Differentiable on torch
+    tensors (input, bias, and the values of a sparse torch weight that requires grad)."""
+    values_tensor = None
+    if is_tensor(kernel) and kernel.is_sparse:
+        if kernel.requires_grad:
+            values_tensor = kernel
+        kernel = SparseKernel.from_torch(kernel)
+    if not isinstance(kernel, SparseKernel):
+        raise TypeError(f"kernel must be a vc.SparseKernel or a torch sparse COO tensor, got "
+                        f"{type(kernel).__name__}")
+    if getattr(input, "ndim", 0) != 5:
+        raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(getattr(input, 'shape', ()))}")
+    if len(kernel.shape) == 3:
+        groups = input.shape[1]
+        indices, values, shape = kernel.as_weight(groups)
+    else:
+        indices, values, shape = kernel.as_weight()
+    if wants_autograd(input, bias) or values_tensor is not None:
+        from ..nn._functions import sparse_autograd
+
+        return sparse_autograd(input, indices, values if values_tensor is None else values_tensor, shape, bias,
+                               stride, padding, dilation, groups, padding_mode, workers)
+    caller = Caller("sparse_conv3d", [input, bias], ["input", "bias"])
+    x, b = caller.arrays
+    spec = dense.conv_spec(x.shape, shape, b, stride, padding, dilation, groups, padding_mode)
+    x = caller.cast(x, "input")
+    b = caller.cast(b, "bias", same_dtype=True)
+    out = run_sparse(x, indices, values.astype(x.dtype), b, spec, resolve_workers(workers))
+    return caller.result(out)
