@@ -114,10 +114,12 @@ def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilati
                            padding_mode)
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = tensor(input).to(dtype).contiguous()
-    v = tensor(values).to(dtype).contiguous() if isinstance(values, torch.Tensor) else \
-        torch.as_tensor(np.asarray(values), dtype=dtype)
     if isinstance(values, torch.Tensor) and values.is_sparse:   # the sparse weight itself: its coalesced values
         v = values.coalesce().values().to(dtype)
+    elif isinstance(values, torch.Tensor):
+        v = values.to(dtype).contiguous()
+    else:
+        v = torch.as_tensor(np.asarray(values), dtype=dtype)
     b = None if bias is None else tensor(bias, like=x).to(dtype).contiguous()
     out = SparseConv3dFunction.apply(x, v, b, indices, shape, spec, resolve_workers(workers))
     return out.to(input.dtype)

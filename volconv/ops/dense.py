@@ -147,7 +147,13 @@ def torch_conv3d(x, w, b, spec, nthreads):
     return out.numpy()
 
 
-ALGORITHMS = {"direct": direct_conv3d, "fft": fft_conv3d, "torch": torch_conv3d}
+def sparse_conv3d(x, w, b, spec, nthreads):
+    """A dense weight by its non-zeros only (ops/sparse.py)."""
+    indices = np.argwhere(w)   # C order: sorted by output channel, as the sparse kernel wants
+    return sparse.run_sparse(x, indices, w[tuple(indices.T)], b, spec, nthreads)
+
+
+ALGORITHMS = {"direct": direct_conv3d, "fft": fft_conv3d, "torch": torch_conv3d, "sparse": sparse_conv3d}
 
 
 def _import_torch(why):
@@ -194,11 +200,13 @@ def wgrad_cost(spec, nthreads):
     return CALL_OVERHEAD + spec.flops() / (WGRAD_GFLOPS[_channel_block(spec)] * 1e9 * nthreads)
 
 
-def choose_algorithm(x, spec, nthreads, *, allow_torch, backward=False):
+def choose_algorithm(x, spec, nthreads, *, allow_torch, backward=False, nnz=None):
     """The cheapest algorithm by the cost model. backward: the call will be differentiated, so the cost is a
     training step's (forward + input gradient, about another forward, + weight gradient: the direct kernel's,
     or for fft and torch about one more forward)."""
     costs = {"direct": direct_cost(spec, nthreads)}
+    if nnz is not None and nnz < 0.5 * np.prod(spec.w_shape):   # a mostly-zero weight: its non-zeros only
+        costs["sparse"] = sparse.sparse_cost(spec, nnz, nthreads)
     if allow_torch and "torch" in sys.modules:
         costs["torch"] = torch_cost(spec, nthreads)
     if min(spec.kernel_size) > 3:
@@ -235,7 +243,7 @@ def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
         b = extra.astype(x.dtype) if b is None else b + extra.astype(x.dtype)
         x = x - x.dtype.type(spec.cval)
     if algorithm == "auto":
-        algorithm = choose_algorithm(x, spec, nthreads, allow_torch=allow_torch)
+        algorithm = choose_algorithm(x, spec, nthreads, allow_torch=allow_torch, nnz=np.count_nonzero(w))
     return ALGORITHMS[algorithm](x, w, b, spec, threads_for(spec, nthreads))
 
 
@@ -356,8 +364,9 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     input: (N, C, D, H, W) numpy array or torch tensor; weight: (O, C // groups, kd, kh, kw); bias: (O,).
     padding: int, triple, "same" or "valid"; padding_mode: "zeros", "reflect", "replicate" or "circular" (as
     torch.nn.Conv3d: the input is padded in that mode, then convolved without padding).
-    algorithm: "auto" (cost model), "direct", "fft" or "torch" (torch's own kernel; "auto" may choose it for
-    channel-mixing layers when torch is already imported). workers: threads (None: all OpenMP allows; -1: all
+    algorithm: "auto" (cost model), "direct", "fft", "sparse" (the weight's non-zeros only: ops/sparse.py;
+    "auto" chooses it for a mostly-zero weight when it is the cheapest) or "torch" (torch's own kernel; "auto"
+    may choose it for channel-mixing layers when torch is already imported). workers: threads (None: all OpenMP allows; -1: all
     cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the caller's type,
     dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
     propagate as in torch (algorithm="fft" spreads them over the whole output)."""

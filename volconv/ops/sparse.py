@@ -18,7 +18,7 @@ from .._validate import workers as resolve_workers
 from ..kernels import Kernel
 from . import dense
 
-SPARSE_GFLOPS = 80.0   # per thread, one-tap rows (one load per FMA): calibrated with bench/bench_sparse.py
+SPARSE_GFLOPS = 60.0   # per thread: a tap costs ~1.4x a dense direct tap (one load per FMA; bench_sparse.py)
 
 
 class SparseKernel(Kernel):
