@@ -90,7 +90,7 @@ def test_sparse_kernel_construction():
     assert set(np.abs(SparseKernel.from_dense(w, density=0.25).values)) == {12.0, 11.0, 10.0, 9.0}
     assert SparseKernel.from_dense(w, threshold=10).nnz == 3
     assert np.array_equal(SparseKernel.from_dense(w).to_dense(), w)
-    t = torch.sparse_coo_tensor([[0, 1], [0, 1], [1, 0]], [5.0, 6.0], (2, 2, 2))
+    t = torch.sparse_coo_tensor([[0, 1], [0, 1], [1, 0]], [5.0, 6.0], (2, 2, 2), check_invariants=True)
     assert np.array_equal(SparseKernel.from_torch(t).to_dense(), t.to_dense().numpy())
 
 
