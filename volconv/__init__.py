@@ -6,19 +6,23 @@ from . import kernels
 from ._cuda import has_cuda
 from .kernels import SeparableKernel
 from .ops.dense import conv3d, convolve, correlate
+from .ops.decomposed import cp_conv3d, tucker_conv3d
 from .ops.sparse import SparseKernel, sparse_conv3d
 
 __version__ = "0.1.0"
 __all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "SparseKernel",
-           "sparse_conv3d", "nn", "io", "dask", "Volume", "filter_nifti"]
+           "sparse_conv3d", "cp_conv3d", "tucker_conv3d", "decompose", "CPKernel", "TuckerKernel", "nn", "io", "dask", "Volume", "filter_nifti"]
 
 
 def __getattr__(name):
-    """Lazy submodules: `nn` needs torch and `dask` dask (optional), `io` imports nibabel (slow to import)."""
+    """Lazy submodules: `nn` needs torch and `dask` dask (optional), `io` imports nibabel and `decompose`
+    tensorly (slow to import)."""
     import importlib
 
-    if name in ("nn", "io", "dask"):
+    if name in ("nn", "io", "dask", "decompose"):
         return importlib.import_module(f".{name}", __name__)
     if name in ("Volume", "filter_nifti"):
         return getattr(importlib.import_module(".io", __name__), name)
+    if name in ("CPKernel", "TuckerKernel"):
+        return getattr(importlib.import_module(".decompose", __name__), name)
     raise AttributeError(f"module 'volconv' has no attribute {name!r}")

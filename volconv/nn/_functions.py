@@ -123,3 +123,60 @@ def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilati
     b = None if bias is None else tensor(bias, like=x).to(dtype).contiguous()
     out = SparseConv3dFunction.apply(x, v, b, indices, shape, spec, resolve_workers(workers))
     return out.to(input.dtype)
+
+
+class SeparableFunction(torch.autograd.Function):
+    """Depthwise convolution with rank-1 kernels (component r: the outer product of fd[r], fh[r], fw[r]):
+    forward by the fused separable kernel, backward through the (R, 1, kd, kh, kw) depthwise weight W they
+    make (its gradient reaches the factors through torch's outer product)."""
+
+    @staticmethod
+    def forward(ctx, z, W, fd, fh, fw, spec, nthreads):
+        from ..ops.decomposed import separable_conv3d
+
+        ctx.spec, ctx.nthreads = spec, nthreads
+        ctx.save_for_backward(z, W)
+        return torch.from_numpy(separable_conv3d(z.numpy(), fd.numpy(), fh.numpy(), fw.numpy(), spec, nthreads))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        z, W = ctx.saved_tensors
+        g = grad.contiguous().numpy()
+        gz = gW = None
+        if ctx.needs_input_grad[0]:
+            gz = torch.from_numpy(dense.backward_input(g, W.numpy(), ctx.spec, "auto", ctx.nthreads))
+        if ctx.needs_input_grad[1]:
+            gW = torch.from_numpy(dense.backward_weight(z.numpy(), g, ctx.spec, ctx.nthreads))
+        return gz, gW, None, None, None, None, None
+
+
+def factored_autograd(input, bias, stride, padding, dilation, padding_mode, workers, in_f, out_f, spatial, core,
+                      w_shape):
+    """vc.cp_conv3d / vc.tucker_conv3d on tensors that need gradients (the input, the bias, or factors given
+    as tensors, as vc.nn.CPConv3d and TuckerConv3d do): projections by torch, the spatial part by volconv."""
+    from ..ops.decomposed import ConvSpec
+
+    Caller("conv3d", [input, bias], ["input", "bias"])
+    spec = dense.conv_spec(tuple(input.shape), tuple(w_shape), bias, stride, padding, dilation, 1, padding_mode)
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = tensor(input).to(dtype)
+    as_t = lambda a: (a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))).to(dtype)  # noqa: E731
+    nthreads = resolve_workers(workers)
+    z = torch.einsum("cr,ncdhw->nrdhw", as_t(in_f), x).contiguous()
+    if spatial is not None:
+        fd, fh, fw = (as_t(f).contiguous() for f in spatial)
+        R = z.shape[1]
+        W = torch.einsum("ra,rb,re->rabe", fd, fh, fw).unsqueeze(1).contiguous()
+        sspec = ConvSpec(tuple(z.shape), tuple(W.shape), stride=spec.stride, pads=spec.pads,
+                         dilation=spec.dilation, groups=R, mode=spec.mode)
+        u = SeparableFunction.apply(z, W, fd.detach(), fh.detach(), fw.detach(), sspec, nthreads)
+    else:
+        c = as_t(core).contiguous()
+        cspec = ConvSpec(tuple(z.shape), tuple(c.shape), stride=spec.stride, pads=spec.pads, dilation=spec.dilation,
+                         groups=1, mode=spec.mode)
+        u = conv_autograd(z, c, None, cspec, "auto", nthreads)
+    out = torch.einsum("or,nrdhw->nodhw", as_t(out_f), u)
+    if bias is not None:
+        out = out + tensor(bias, like=out).to(dtype).reshape(1, -1, 1, 1, 1)
+    return out.to(input.dtype)

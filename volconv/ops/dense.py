@@ -370,6 +370,12 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the caller's type,
     dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
     propagate as in torch (algorithm="fft" spreads them over the whole output)."""
+    if getattr(weight, "ndim", None) == 5 and type(weight).__name__ in ("CPKernel", "TuckerKernel"):
+        run_factored = decomposed.cp_conv3d if type(weight).__name__ == "CPKernel" else decomposed.tucker_conv3d
+        if groups != 1:
+            raise ValueError(f"a {type(weight).__name__} weight runs with groups=1, got groups={groups}")
+        return run_factored(input, weight, bias, stride, padding, dilation, padding_mode=padding_mode,
+                            workers=workers)
     if isinstance(weight, sparse.SparseKernel) or (is_tensor(weight) and weight.is_sparse):
         return sparse.sparse_conv3d(input, weight, bias, stride, padding, dilation, groups,
                                     padding_mode=padding_mode, workers=workers)
@@ -396,6 +402,7 @@ def _conv3d_kernel(input, kernel, bias, stride, padding, dilation, padding_mode,
     C = input.shape[1] if getattr(input, "ndim", 0) == 5 else None
     if C is None:
         raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(getattr(input, 'shape', ()))}")
+    kernel = _as_separable(kernel)
     if not isinstance(kernel, SeparableKernel) or wants_autograd(input, bias):
         dense = kernel.to_dense()
         weight = np.ascontiguousarray(np.broadcast_to(dense, (C, 1) + dense.shape))
@@ -413,6 +420,11 @@ def _conv3d_kernel(input, kernel, bias, stride, padding, dilation, padding_mode,
     if b is not None:
         out += caller.cast(b, "bias", same_dtype=True).reshape(1, -1, 1, 1, 1)
     return caller.result(out)
+
+
+def _as_separable(kernel):
+    """A CP decomposition of a single 3-D kernel is a sum of separable terms: run it as one."""
+    return kernel.to_separable() if hasattr(kernel, "to_separable") and kernel.ndim == 3 else kernel
 
 
 def conv_spec(x_shape, w_shape, b, stride, padding, dilation, groups, padding_mode):
@@ -441,6 +453,7 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
     """correlate / convolve. halo: per axis, (lo, hi) planes at the volume's ends that are context, not output
     (a slab of a larger volume, io.filter_nifti): those sides are not padded and the output omits them. Each
     must be at most the kernel's reach on that side."""
+    kernel = _as_separable(kernel)
     separable = kernel if isinstance(kernel, SeparableKernel) and not wants_autograd(volume) else None
     sparse_k = kernel if isinstance(kernel, sparse.SparseKernel) and not wants_autograd(volume) else None
     if isinstance(kernel, Kernel):  # factored kernels are never built: a zero-stride stand-in gives the shape
