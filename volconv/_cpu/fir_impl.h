@@ -13,10 +13,11 @@
 #define VC_FIR_P 4
 #endif
 
-/* tap[i*VC_FIR_P + p]: the tap of input row i in output row p, or -1 (the same for every W block). */
+/* Output rows p < np at out + p*ocs (out: the block's first column) from input columns w0 ..; tap[i*VC_FIR_P
+ * + p]: the tap of input row i in output row p, or -1 (the same for every W block). */
 #define VC_DEFINE_FIR_BLOCK(WV)                                                                       \
 static inline void FN(fir_block_##WV)(T *out, ptrdiff_t ocs, int np, const T *const *rows, int nin,    \
-                                       const int *tap, const T *f, ptrdiff_t w0)                      \
+                                       const int *tap, const T *f, ptrdiff_t w0, int add)             \
 {                                                                                                     \
     VEC acc[VC_FIR_P][WV];                                                                            \
     _Pragma("GCC unroll 8") for (int p = 0; p < VC_FIR_P; p++)                                        \
@@ -34,8 +35,11 @@ static inline void FN(fir_block_##WV)(T *out, ptrdiff_t ocs, int np, const T *co
     }                                                                                                 \
     _Pragma("GCC unroll 8") for (int p = 0; p < VC_FIR_P; p++)                                        \
         if (p < np)                                                                                   \
-            _Pragma("GCC unroll 4") for (int j = 0; j < WV; j++)                                      \
-                *(UVEC *)(out + p * ocs + w0 + j * VL) = acc[p][j];                                   \
+            _Pragma("GCC unroll 4") for (int j = 0; j < WV; j++) {                                    \
+                if (add)                                                                              \
+                    acc[p][j] += *(const UVEC *)(out + p * ocs + j * VL);                             \
+                *(UVEC *)(out + p * ocs + j * VL) = acc[p][j];                                        \
+            }                                                                                         \
 }
 
 VC_DEFINE_FIR_BLOCK(2)
@@ -43,35 +47,52 @@ VC_DEFINE_FIR_BLOCK(1)
 
 static int FN(fir_rows_max)(void) { return VC_FIR_P; }
 
-/* rows: (np - 1) * s + (k - 1) * d + 1 pointers; np <= VC_FIR_P. Rows are read in whole vectors below Wo
- * (the last block is shifted back to end at Wo and rewrites equal values), so no row needs slack. */
-static void FN(fir_rows)(T *out, ptrdiff_t ocs, int np, const T *const *rows, int s, int d, const T *f, int k,
-                         int Wo)
+/* The tap table of fir_rows for np output rows, input stride s, dilation d and k taps: tap[i*P + p] is the
+ * tap of input row i in output row p, or -1. It depends on the geometry only (not on the values): callers
+ * build it once and reuse it. Returns the number of input rows, (np - 1) * s + (k - 1) * d + 1; tap must
+ * hold that many times VC_FIR_P ints. */
+static int FN(fir_taps)(int *tap, int np, int s, int d, int k)
 {
     const int nin = (np - 1) * s + (k - 1) * d + 1;
-    int tap[nin * VC_FIR_P];
     for (int i = 0; i < nin * VC_FIR_P; i++)
         tap[i] = -1;
     for (int p = 0; p < np; p++)
         for (int t = 0; t < k; t++)
             tap[(p * s + t * d) * VC_FIR_P + p] = t;
+    return nin;
+}
+
+/* rows: the nin input rows of the table (fir_taps); np <= VC_FIR_P. add: out += the result instead of =.
+ * Rows are read in whole vectors below Wo (the last block is shifted back to end at Wo and rewrites equal
+ * values; when adding, its overlap with the block before is added once, from a scratch copy). */
+static void FN(fir_rows)(T *out, ptrdiff_t ocs, int np, const T *const *rows, int nin, const int *tap,
+                         const T *f, int Wo, int add)
+{
     if (Wo < VL) {
         for (int p = 0; p < np; p++)
             for (int w = 0; w < Wo; w++) {
                 T acc = 0;
-                for (int t = 0; t < k; t++)
-                    acc += f[t] * rows[p * s + t * d][w];
-                out[p * ocs + w] = acc;
+                for (int i = 0; i < nin; i++)
+                    if (tap[i * VC_FIR_P + p] >= 0)
+                        acc += f[tap[i * VC_FIR_P + p]] * rows[i][w];
+                out[p * ocs + w] = add ? out[p * ocs + w] + acc : acc;
             }
         return;
     }
     ptrdiff_t w0 = 0;
     for (; w0 + 2 * VL <= Wo; w0 += 2 * VL)
-        FN(fir_block_2)(out, ocs, np, rows, nin, tap, f, w0);
+        FN(fir_block_2)(out + w0, ocs, np, rows, nin, tap, f, w0, add);
     for (; w0 + VL <= Wo; w0 += VL)
-        FN(fir_block_1)(out, ocs, np, rows, nin, tap, f, w0);
-    if (w0 < Wo)
-        FN(fir_block_1)(out, ocs, np, rows, nin, tap, f, Wo - VL);
+        FN(fir_block_1)(out + w0, ocs, np, rows, nin, tap, f, w0, add);
+    if (w0 < Wo && !add) {
+        FN(fir_block_1)(out + Wo - VL, ocs, np, rows, nin, tap, f, Wo - VL, 0);
+    } else if (w0 < Wo) {
+        T last[VC_FIR_P * VL];
+        FN(fir_block_1)(last, VL, np, rows, nin, tap, f, Wo - VL, 0);
+        for (int p = 0; p < np; p++)
+            for (ptrdiff_t w = w0; w < Wo; w++)
+                out[p * ocs + w] += last[p * VL + (w - (Wo - VL))];
+    }
 }
 
 #undef VC_FIR_P

@@ -3,10 +3,11 @@
 
 cdef extern from "kernels.h" nogil:
     int fir_rows_max_f32()
-    void fir_rows_f32(float *out, Py_ssize_t ocs, int np, const float *const *rows, int s, int d,
-                      const float *f, int k, int Wo)
-    void fir_rows_f64(double *out, Py_ssize_t ocs, int np, const double *const *rows, int s, int d,
-                      const double *f, int k, int Wo)
+    int fir_taps_f32(int *tap, int np, int s, int d, int k)
+    void fir_rows_f32(float *out, Py_ssize_t ocs, int np, const float *const *rows, int nin, const int *tap,
+                      const float *f, int Wo, int add)
+    void fir_rows_f64(double *out, Py_ssize_t ocs, int np, const double *const *rows, int nin, const int *tap,
+                      const double *f, int Wo, int add)
 
 
 def fir_rows_max():
@@ -18,9 +19,10 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
                      const Py_ssize_t[::1] row_map, Py_ssize_t wlo, bint unit_stride, const Py_ssize_t[::1] toff,
                      bint unit_taps, int sd, int sh, int dd, int dh, floating[:, :, :, :, ::1] out,
                      Py_ssize_t hb, Py_ssize_t nchunk, int nthreads):
-    """out[n, c, od, oh, ow] = sum over a, b, e of fd[c, a] * fh[c, b] * fw[c, e] *
-                               xp[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]]
-    (xp: x's rows laid out by row_map, as in conv3d_direct; channel c uses row c of each factor).
+    """out[n, c, od, oh, ow] = sum over terms t and a, b, e of fd[f, a] * fh[f, b] * fw[f, e] *
+                               xp[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]],  f = t*C + c
+    (xp: x's rows laid out by row_map, as in conv3d_direct). The factors hold T = rows / C rank-1 terms per
+    channel: a unit keeps one ring per term and adds the terms' D passes into its output rows.
 
     Work unit: (n, c, tile of hb output rows, chunk of output planes), output planes P at a time. Each input
     plane the unit needs is filtered along H (P rows at a time), laid out along W, filtered along W, and kept
@@ -31,6 +33,7 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
     cdef Py_ssize_t H = x.shape[3], W = x.shape[4], Wr = row_map.shape[0]
     cdef int Wo = <int>out.shape[4], kw = <int>fw.shape[1], kd = <int>fd.shape[1], kh = <int>fh.shape[1]
     cdef int P = fir_rows_max_f32()
+    cdef Py_ssize_t T = fd.shape[0] // out.shape[1]
     cdef Py_ssize_t VL = vc_vector_bytes() // sizeof(floating)
     # the W pass with unit taps fills whole vectors of the ring row (the aligned shift kernel, no ragged tail):
     # it reads at most dsr + kw - 1 + 2 VL columns of its padded row, which dsw leaves room for
@@ -40,7 +43,12 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
     cdef Py_ssize_t per = (Do + nchunk - 1) // nchunk, ocs = out.strides[2] // sizeof(floating)
     cdef Py_ssize_t nunit = N * C * ntile * nchunk
     cdef Py_ssize_t nmax = max((P - 1) * sd + (kd - 1) * dd + 1, (P - 1) * sh + (kh - 1) * dh + 1)
-    cdef Py_ssize_t i, j, r, u, n, c, t, k, od, od1, oh, oh0, oh1, p, pos, slot, xd, xh
+    cdef Py_ssize_t i, j, r, u, n, c, t, k, od, od1, oh, oh0, oh1, p, pos, slot, xd, xh, tt, f
+    cdef floating *ringt
+    cdef Py_ssize_t *tagst
+    cdef int *tap_h
+    cdef int *tap_d
+    cdef int *tabs   # (np, nin) the H table and the D table were built for
     cdef int np, nq
     cdef floating *ring
     cdef floating *zeros
@@ -52,11 +60,15 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
     if nunit == 0 or Do == 0 or Ho == 0 or Wo == 0:
         return
     with nogil, parallel(num_threads=nthreads):
-        ring = <floating *>aligned_alloc(64, (S * hb * dsr * sizeof(floating) + 63) // 64 * 64)
+        ring = <floating *>aligned_alloc(64, (T * S * hb * dsr * sizeof(floating) + 63) // 64 * 64)
+        tap_h = <int *>malloc(nmax * P * sizeof(int))   # fir_rows' tap tables, rebuilt when np changes
+        tap_d = <int *>malloc(nmax * P * sizeof(int))
+        tabs = <int *>malloc(4 * sizeof(int))
+        tabs[0] = tabs[2] = -1
         zeros = <floating *>aligned_alloc(64, dsw * sizeof(floating))   # dsw: a multiple of 16 floats
         hbuf = <floating *>aligned_alloc(64, P * dsw * sizeof(floating))
         tmp = <floating *>aligned_alloc(64, dsw * sizeof(floating))
-        tags = <Py_ssize_t *>malloc(S * sizeof(Py_ssize_t))
+        tags = <Py_ssize_t *>malloc(T * S * sizeof(Py_ssize_t))
         rows = <const floating **>malloc(nmax * sizeof(floating *))
         wts = <const floating **>malloc(sizeof(floating *))
         for j in range(dsw):  # past the padded row (read by the W pass's last vectors): finite
@@ -70,49 +82,62 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
             oh0 = t * hb
             oh1 = min(Ho, oh0 + hb)
             od1 = min(Do, (k + 1) * per)
-            for i in range(S):
+            for i in range(T * S):
                 tags[i] = -1
             od = k * per
             while od < od1:
                 np = <int>min(P, od1 - od)
-                for i in range((np - 1) * sd + (kd - 1) * dd + 1):  # the planes these need, into the ring
-                    pos = od * sd + i
-                    xd = map_d[pos]
-                    slot = pos % S
-                    if xd < 0 or tags[slot] == pos:
-                        continue
-                    tags[slot] = pos
-                    r = oh0
-                    while r < oh1:  # H pass, P rows at a time
-                        nq = <int>min(P, oh1 - r)
-                        for p in range((nq - 1) * sh + (kh - 1) * dh + 1):
-                            xh = map_h[r * sh + p]
-                            rows[p] = &x[n, c, xd, xh, 0] if xh >= 0 else zeros
-                        if floating is float:
-                            fir_rows_f32(hbuf, dsw, nq, rows, sh, dh, &fh[c, 0], kh, <int>W)
-                        else:
-                            fir_rows_f64(hbuf, dsw, nq, rows, sh, dh, &fh[c, 0], kh, <int>W)
-                        for p in range(nq):  # W pass of each row: padded by row_map, kw taps
-                            pad_plane(hbuf + p * dsw, 1, W, &row_map[0], Wr, wlo, unit_stride, tmp, Wr)
-                            rows[0] = tmp
-                            wts[0] = &fw[c, 0]
-                            if floating is float:
-                                corr_row_f32(ring + (slot * hb + r + p - oh0) * dsr, 0, 1, rows, wts, 1, kw,
-                                             &toff[0], Ww, zeros, unit_taps)
-                            else:
-                                corr_row_f64(ring + (slot * hb + r + p - oh0) * dsr, 0, 1, rows, wts, 1, kw,
-                                             &toff[0], Ww, zeros, unit_taps)
-                        r = r + P
-                for oh in range(oh0, oh1):  # D pass: np output planes from the ring
-                    for i in range((np - 1) * sd + (kd - 1) * dd + 1):
+                for tt in range(T):
+                    f = tt * C + c
+                    ringt = ring + tt * S * hb * dsr
+                    tagst = tags + tt * S
+                    for i in range((np - 1) * sd + (kd - 1) * dd + 1):  # the planes these need, into the ring
                         pos = od * sd + i
-                        rows[i] = ring + ((pos % S) * hb + oh - oh0) * dsr if map_d[pos] >= 0 else zeros
-                    if floating is float:
-                        fir_rows_f32(&out[n, c, od, oh, 0], ocs, np, rows, sd, dd, &fd[c, 0], kd, Wo)
-                    else:
-                        fir_rows_f64(&out[n, c, od, oh, 0], ocs, np, rows, sd, dd, &fd[c, 0], kd, Wo)
+                        xd = map_d[pos]
+                        slot = pos % S
+                        if xd < 0 or tagst[slot] == pos:
+                            continue
+                        tagst[slot] = pos
+                        r = oh0
+                        while r < oh1:  # H pass, P rows at a time
+                            nq = <int>min(P, oh1 - r)
+                            for p in range((nq - 1) * sh + (kh - 1) * dh + 1):
+                                xh = map_h[r * sh + p]
+                                rows[p] = &x[n, c, xd, xh, 0] if xh >= 0 else zeros
+                            if nq != tabs[0]:
+                                tabs[0], tabs[1] = nq, fir_taps_f32(tap_h, nq, sh, dh, kh)
+                            if floating is float:
+                                fir_rows_f32(hbuf, dsw, nq, rows, tabs[1], tap_h, &fh[f, 0], <int>W, 0)
+                            else:
+                                fir_rows_f64(hbuf, dsw, nq, rows, tabs[1], tap_h, &fh[f, 0], <int>W, 0)
+                            for p in range(nq):  # W pass of each row: padded by row_map, kw taps
+                                pad_plane(hbuf + p * dsw, 1, W, &row_map[0], Wr, wlo, unit_stride, tmp, Wr)
+                                rows[0] = tmp
+                                wts[0] = &fw[f, 0]
+                                if floating is float:
+                                    corr_row_f32(ringt + (slot * hb + r + p - oh0) * dsr, 0, 1, rows, wts, 1, kw,
+                                                 &toff[0], Ww, zeros, unit_taps)
+                                else:
+                                    corr_row_f64(ringt + (slot * hb + r + p - oh0) * dsr, 0, 1, rows, wts, 1, kw,
+                                                 &toff[0], Ww, zeros, unit_taps)
+                            r = r + P
+                    for oh in range(oh0, oh1):  # D pass: np output planes from the ring; later terms add
+                        for i in range((np - 1) * sd + (kd - 1) * dd + 1):
+                            pos = od * sd + i
+                            rows[i] = ringt + ((pos % S) * hb + oh - oh0) * dsr if map_d[pos] >= 0 else zeros
+                        if np != tabs[2]:
+                            tabs[2], tabs[3] = np, fir_taps_f32(tap_d, np, sd, dd, kd)
+                        if floating is float:   # the first term writes the output rows, the others add
+                            fir_rows_f32(&out[n, c, od, oh, 0], ocs, np, rows, tabs[3], tap_d, &fd[f, 0], Wo,
+                                         tt > 0)
+                        else:
+                            fir_rows_f64(&out[n, c, od, oh, 0], ocs, np, rows, tabs[3], tap_d, &fd[f, 0], Wo,
+                                         tt > 0)
                 od = od + P
         free(ring)
+        free(tap_h)
+        free(tap_d)
+        free(tabs)
         free(zeros)
         free(hbuf)
         free(tmp)

@@ -16,21 +16,25 @@ RING_BYTES = 384 * 2**10   # per thread: the ring of filtered tiles stays in L2 
 
 
 def separable_conv3d(x, fd, fh, fw, spec, nthreads):
-    """One rank-1 term on every channel: fd, fh, fw are (C, k) factors (row c for channel c) or (k,) for all.
-    spec: the geometry of the whole 3-D kernel (stride, dilation, pads, mode with cval 0)."""
+    """Sums of rank-1 terms on every channel, in one fused pass: fd, fh, fw are (T, C, k) factors (term t of
+    channel c: fd[t, c] x fh[t, c] x fw[t, c], the terms summed), or (C, k) for one term per channel, or (k,)
+    for one term on every channel. spec: the geometry of the whole 3-D kernel (stride, dilation, pads, mode
+    with cval 0)."""
     N, C = x.shape[:2]
-    fd, fh, fw = (np.ascontiguousarray(np.broadcast_to(np.asarray(f, x.dtype), (C, np.shape(f)[-1])))
+    T = max(np.ndim(f) == 3 and np.shape(f)[0] or 1 for f in (fd, fh, fw))
+    as_3d = lambda f: np.asarray(f, x.dtype).reshape((1,) * (3 - np.ndim(f)) + np.shape(f))  # noqa: E731
+    fd, fh, fw = (np.ascontiguousarray(np.broadcast_to(as_3d(f), (T, C, np.shape(f)[-1]))).reshape(T * C, -1)
                   for f in (fd, fh, fw))
     row_map, map_d, map_h, toff = dense._row_layout(x.shape, spec)
     out = np.empty(spec.out_shape, dtype=x.dtype)
     Do, Ho, Wo = spec.out_shape[2:]
     vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
-    ring_rows = (_cpu.direct.fir_rows_max() - 1) * spec.stride[0] + (fd.shape[1] - 1) * spec.dilation[0] + 1
+    ring_rows = T * ((_cpu.direct.fir_rows_max() - 1) * spec.stride[0] + (fd.shape[1] - 1) * spec.dilation[0] + 1)
     hb = int(max(1, min(Ho, RING_BYTES // (ring_rows * -(-Wo // vl) * vl * x.dtype.itemsize))))
     ntile, nchunk = _split(N * C, Ho, Do, hb, nthreads)
     hb = -(-Ho // ntile)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    work = (2.0 * sum(f.shape[1] for f in (fd, fh, fw)) + 8.0) * np.prod(spec.out_shape, dtype=np.float64)
+    work = (2.0 * T * sum(f.shape[1] for f in (fd, fh, fw)) + 8.0) * np.prod(spec.out_shape, dtype=np.float64)
     nthreads = int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
     _cpu.direct.separable_conv3d(x, fd, fh, fw, map_d, map_h, row_map, spec.pads[2][0], spec.stride[2] == 1,
                                  toff, spec.stride[2] == spec.dilation[2] == 1, sd, sh, dd, dh, out, hb, nchunk,
@@ -52,21 +56,21 @@ def _split(volumes, Ho, Do, hb, nthreads):
 
 def run_separable(x, kernel, spec, algorithm, nthreads):
     """A SeparableKernel (one 3-D kernel, applied to every channel of x), term by term. spec: the geometry of
-    the whole 3-D kernel. "auto"/"direct" fuse each term's passes; "fft"/"torch" run each 1-D pass as a
-    depthwise convolution by that algorithm."""
+    the whole 3-D kernel. "auto"/"direct" run every term in one fused pass; "fft"/"torch" run each 1-D pass
+    as a depthwise convolution by that algorithm."""
     if spec.mode == "constant" and spec.cval != 0:  # passes of zero padding, then the constant's share
         dense_sum = float(np.sum(kernel.weights * np.prod([f.sum(axis=1) for f in kernel.factors], axis=0)))
         out = run_separable(x - x.dtype.type(spec.cval), kernel, spec.with_cval(0.0), algorithm, nthreads)
         return out + x.dtype.type(spec.cval * dense_sum)
+    if algorithm in ("auto", "direct"):   # every term in one fused pass
+        fd, fh, fw = kernel.factors
+        return separable_conv3d(x, (fd * kernel.weights[:, None])[:, None], fh[:, None], fw[:, None], spec,
+                                nthreads)
     out = None
     for weight, factors in kernel.terms():
-        if algorithm in ("auto", "direct"):
-            fd, fh, fw = factors
-            y = separable_conv3d(x, fd * weight, fh, fw, spec, nthreads)
-        else:
-            y = _passes(x, factors, spec, algorithm, nthreads)
-            if weight != 1:
-                y *= x.dtype.type(weight)   # y is this term's own fresh array: scaled in place
+        y = _passes(x, factors, spec, algorithm, nthreads)
+        if weight != 1:
+            y *= x.dtype.type(weight)   # y is this term's own fresh array: scaled in place
         out = y if out is None else np.add(out, y, out=out)
     return out
 
@@ -151,6 +155,12 @@ def _factored(op, input, bias, stride, padding, dilation, padding_mode, workers,
     spec = dense.conv_spec(x.shape, w_shape, b, stride, padding, dilation, 1, padding_mode)
     x = caller.cast(x, "input")
     nthreads = resolve_workers(workers)
+    if spatial is not None and in_f.shape[0] == 1 and out_f.shape[0] == 1:
+        # one channel in and out (a single kernel's CP): the components are terms of one fused pass
+        fd, fh, fw = spatial
+        u = separable_conv3d(x, (fd * (out_f[0] * in_f[0])[:, None])[:, None], fh[:, None], fw[:, None], spec,
+                             nthreads)
+        return caller.result(u if b is None else u + caller.cast(b, "bias", same_dtype=True).reshape(1, -1, 1, 1, 1))
     z = project(x, in_f.T.astype(x.dtype))
     if spatial is not None:
         R = z.shape[1]
