@@ -151,35 +151,6 @@ class SeparableFunction(torch.autograd.Function):
         return gz, gW, None, None, None, None, None
 
 
-class ProjectFunction(torch.autograd.Function):
-    """Channels mixed by a matrix (a 1x1x1 convolution): out[n, i] = sum_c M[i, c] x[n, c], by BLAS matrix
-    products in forward and backward (torch's einsum backward spends most of a training step here)."""
-
-    @staticmethod
-    def forward(ctx, x, M):
-        from ..ops.decomposed import project
-
-        ctx.save_for_backward(x, M)
-        return torch.from_numpy(project(x.numpy(), M.numpy()))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        from ..ops.decomposed import project
-
-        x, M = ctx.saved_tensors
-        g = grad.contiguous().numpy()
-        gx = gM = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.from_numpy(project(g, np.ascontiguousarray(M.numpy().T)))
-        if ctx.needs_input_grad[1]:
-            N, C = x.shape[:2]
-            xs = x.numpy().reshape(N, C, -1)
-            gs = g.reshape(N, g.shape[1], -1)
-            gM = torch.from_numpy(sum(gs[n] @ xs[n].T for n in range(N)))
-        return gx, gM
-
-
 def factored_autograd(input, bias, stride, padding, dilation, padding_mode, workers, in_f, out_f, spatial, core,
                       w_shape):
     """vc.cp_conv3d / vc.tucker_conv3d on tensors that need gradients (the input, the bias, or factors given
@@ -192,7 +163,7 @@ def factored_autograd(input, bias, stride, padding, dilation, padding_mode, work
     x = tensor(input).to(dtype)
     as_t = lambda a: (a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))).to(dtype)  # noqa: E731
     nthreads = resolve_workers(workers)
-    z = ProjectFunction.apply(x.contiguous(), as_t(in_f).T.contiguous())
+    z = torch.einsum("cr,ncdhw->nrdhw", as_t(in_f), x).contiguous()
     if spatial is not None:
         fd, fh, fw = (as_t(f).contiguous() for f in spatial)
         R = z.shape[1]
@@ -205,7 +176,7 @@ def factored_autograd(input, bias, stride, padding, dilation, padding_mode, work
         cspec = ConvSpec(tuple(z.shape), tuple(c.shape), stride=spec.stride, pads=spec.pads, dilation=spec.dilation,
                          groups=1, mode=spec.mode)
         u = conv_autograd(z, c, None, cspec, "direct", nthreads)   # oneDNN's 3-D backward is slower here
-    out = ProjectFunction.apply(u.contiguous(), as_t(out_f).contiguous())
+    out = torch.einsum("or,nrdhw->nodhw", as_t(out_f), u)
     if bias is not None:
         out = out + tensor(bias, like=out).to(dtype).reshape(1, -1, 1, 1, 1)
     return out.to(input.dtype)
