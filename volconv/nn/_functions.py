@@ -126,29 +126,38 @@ def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilati
 
 
 class SeparableFunction(torch.autograd.Function):
-    """Depthwise convolution with rank-1 kernels (component r: the outer product of fd[r], fh[r], fw[r]):
-    forward by the fused separable kernel, backward through the (R, 1, kd, kh, kw) depthwise weight W they
-    make (its gradient reaches the factors through torch's outer product)."""
+    """Depthwise convolution with rank-1 kernels (component r: the outer product of fd[r], fh[r], fw[r]), by
+    the fused separable kernel forward and backward: the input gradient is a separable pass with the reversed
+    factors (at stride 1; the dense depthwise transposed convolution otherwise), each factor's gradient a 1-D
+    weight gradient after the other two factors' passes."""
 
     @staticmethod
-    def forward(ctx, z, W, fd, fh, fw, spec, nthreads):
+    def forward(ctx, z, fd, fh, fw, spec, nthreads):
         from ..ops.decomposed import separable_conv3d
 
         ctx.spec, ctx.nthreads = spec, nthreads
-        ctx.save_for_backward(z, W)
+        ctx.save_for_backward(z, fd, fh, fw)
         return torch.from_numpy(separable_conv3d(z.numpy(), fd.numpy(), fh.numpy(), fw.numpy(), spec, nthreads))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        z, W = ctx.saved_tensors
+        from ..ops import decomposed
+
+        z, *factors = ctx.saved_tensors
+        fd, fh, fw = (f.numpy() for f in factors)
         g = grad.contiguous().numpy()
-        gz = gW = None
+        gz = gd = gh = gw = None
         if ctx.needs_input_grad[0]:
-            gz = torch.from_numpy(dense.backward_input(g, W.numpy(), ctx.spec, "auto", ctx.nthreads))
-        if ctx.needs_input_grad[1]:
-            gW = torch.from_numpy(dense.backward_weight(z.numpy(), g, ctx.spec, ctx.nthreads))
-        return gz, gW, None, None, None, None, None
+            gx = decomposed.separable_backward_input(g, fd, fh, fw, ctx.spec, ctx.nthreads)
+            if gx is None:   # strided: the dense depthwise weight's transposed convolution
+                W = np.einsum("ra,rb,re->rabe", fd, fh, fw)[:, None].astype(g.dtype)
+                gx = dense.backward_input(g, W, ctx.spec, "auto", ctx.nthreads)
+            gz = torch.from_numpy(gx)
+        if any(ctx.needs_input_grad[1:4]):
+            gd, gh, gw = (torch.from_numpy(np.ascontiguousarray(t)) for t in
+                          decomposed.separable_backward_factors(z.numpy(), g, fd, fh, fw, ctx.spec, ctx.nthreads))
+        return gz, gd, gh, gw, None, None
 
 
 def factored_autograd(input, bias, stride, padding, dilation, padding_mode, workers, in_f, out_f, spatial, core,
@@ -167,10 +176,9 @@ def factored_autograd(input, bias, stride, padding, dilation, padding_mode, work
     if spatial is not None:
         fd, fh, fw = (as_t(f).contiguous() for f in spatial)
         R = z.shape[1]
-        W = torch.einsum("ra,rb,re->rabe", fd, fh, fw).unsqueeze(1).contiguous()
-        sspec = ConvSpec(tuple(z.shape), tuple(W.shape), stride=spec.stride, pads=spec.pads,
+        sspec = ConvSpec(tuple(z.shape), (R, 1) + tuple(w_shape[2:]), stride=spec.stride, pads=spec.pads,
                          dilation=spec.dilation, groups=R, mode=spec.mode)
-        u = SeparableFunction.apply(z, W, fd.detach(), fh.detach(), fw.detach(), sspec, nthreads)
+        u = SeparableFunction.apply(z, fd, fh, fw, sspec, nthreads)
     else:
         c = as_t(core).contiguous()
         cspec = ConvSpec(tuple(z.shape), tuple(c.shape), stride=spec.stride, pads=spec.pads, dilation=spec.dilation,

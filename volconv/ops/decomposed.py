@@ -183,3 +183,44 @@ def project(x, m):
     N, C = x.shape[:2]
     out = np.matmul(m, x.reshape(N, C, -1))
     return out.reshape((N, m.shape[0]) + x.shape[2:])
+
+
+# ------------------------------------------------------------------------------ gradients of separable passes
+
+
+def separable_backward_input(g, fd, fh, fw, spec, nthreads):
+    """d loss / d input of separable_conv3d with one term per channel (fd, fh, fw: (C, k)) at stride 1: the
+    transposed convolution is the correlation of g with the reversed factors, so it is one fused pass too.
+    Zero padding: the padding's share is never computed; other modes: computed over the padded domain and
+    folded back (the padding's adjoint). None at other strides (the caller falls back to the dense path)."""
+    if spec.stride != (1, 1, 1):
+        return None
+    reach = [(k - 1) * d for k, d in zip(spec.kernel_size, spec.dilation)]
+    pads = tuple((r - lo, r - hi) for r, (lo, hi) in zip(reach, spec.pads))
+    zero_pad = spec.mode == "constant" and min(min(p) for p in pads) >= 0
+    tspec = ConvSpec(g.shape, spec.w_shape, stride=(1, 1, 1), pads=pads if zero_pad else tuple((r, r) for r in reach),
+                     dilation=spec.dilation, groups=spec.groups, mode="constant")
+    gx = separable_conv3d(g, fd[:, ::-1], fh[:, ::-1], fw[:, ::-1], tspec, nthreads)
+    return gx if zero_pad else dense._fold_padding(gx, spec.x_shape[2:], spec.pads, spec.mode)
+
+
+def separable_backward_factors(z, g, fd, fh, fw, spec, nthreads):
+    """d loss / d (fd, fh, fw), each (C, k): along each axis, the other two factors filter z (that axis padded
+    but not filtered, at unit stride), and a 1-D weight gradient along the axis correlates the result with g.
+    Three cheap passes instead of the k^3 weight gradient of the kernel they make."""
+    C = z.shape[1]
+    grads = []
+    factors = (fd, fh, fw)
+    for axis in range(3):
+        one = lambda t, v: tuple(v if a == axis else t[a] for a in range(3))  # noqa: E731
+        fs = [np.ones((C, 1)) if a == axis else f for a, f in enumerate(factors)]
+        ks = one(spec.kernel_size, 1)
+        pspec = ConvSpec(z.shape, (C, 1) + ks, stride=one(spec.stride, 1), pads=spec.pads,
+                         dilation=one(spec.dilation, 1), groups=C, mode=spec.mode)
+        y = separable_conv3d(z, *fs, pspec, nthreads)
+        wk = tuple(spec.kernel_size[a] if a == axis else 1 for a in range(3))
+        wspec = ConvSpec(y.shape, (C, 1) + wk, stride=tuple(spec.stride[a] if a == axis else 1 for a in range(3)),
+                         pads=((0, 0),) * 3, dilation=tuple(spec.dilation[a] if a == axis else 1 for a in range(3)),
+                         groups=C, mode="constant")
+        grads.append(dense.backward_weight(y, g, wspec, nthreads).reshape(C, -1))
+    return grads
