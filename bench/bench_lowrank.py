@@ -82,9 +82,9 @@ def main(argv=None):
         table = Table(f"{title}, 1 x 32 x 64^3, float32, {t} threads")
         with torch.no_grad():
             c = {"volconv": lambda: layer(x), **{n: (lambda f=f: f(x)) for n, f in anchors.items()}}
-            table.add("forward", best_times(c, rounds=3, repeat=1), ["volconv"], list(anchors))
+            table.add("forward", best_times(c, rounds=5), ["volconv"], list(anchors))
         c = {"volconv": train_step(layer, xg), **{n: train_step(f, xg) for n, f in anchors.items()}}
-        table.add("forward+backward", best_times(c, rounds=3, repeat=1), ["volconv"], list(anchors))
+        table.add("forward+backward", best_times(c, rounds=5), ["volconv"], list(anchors))
         tables.append(table.markdown() + "\n\n" + target)
 
     # 4. decomposition time
