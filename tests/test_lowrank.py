@@ -18,13 +18,14 @@ torch = pytest.importorskip("torch")
 MODES = ["zeros", "reflect", "replicate", "circular"]
 
 
-def random_geometry(r):
+def random_geometry(r, i):
     ks = tuple(int(v) for v in r.integers(1, 6, 3))
     stride = tuple(int(v) for v in r.integers(1, 3, 3))
     dilation = tuple(int(v) for v in r.integers(1, 3, 3))
     spatial = tuple(int((k - 1) * d + 1 + r.integers(0, 9)) for k, d in zip(ks, dilation))
     padding = tuple(int(r.integers(0, 3)) for _ in range(3))
-    return ks, stride, dilation, spatial, padding
+    mode = MODES[i % 4] if valid_padding_for_mode(MODES[i % 4], [(p, p) for p in padding], spatial) else "zeros"
+    return ks, stride, dilation, spatial, padding, mode
 
 
 def check_factored(out, x, w, w_abs, n_terms, b, dtype, **conv):
@@ -36,10 +37,7 @@ def check_factored(out, x, w, w_abs, n_terms, b, dtype, **conv):
 @pytest.mark.parametrize("i", range(30))
 def test_cp_conv3d_random_configs(i):
     r = config_rng(21, i)
-    ks, stride, dilation, spatial, padding = random_geometry(r)
-    mode = MODES[i % 4]
-    if not valid_padding_for_mode(mode, [(p, p) for p in padding], spatial):
-        mode = "zeros"
+    ks, stride, dilation, spatial, padding, mode = random_geometry(r, i)
     Cin, Cout, R = int(r.integers(1, 6)), int(r.integers(1, 6)), [1, 2, 4, 8, 16, 32][i % 6]
     dtype = np.float64 if i % 3 == 0 else np.float32
     cp = CPKernel(r.standard_normal(R), [r.standard_normal((n, R)) for n in (Cout, Cin) + ks])
@@ -57,10 +55,7 @@ def test_cp_conv3d_random_configs(i):
 @pytest.mark.parametrize("i", range(20))
 def test_tucker_conv3d_random_configs(i):
     r = config_rng(22, i)
-    ks, stride, dilation, spatial, padding = random_geometry(r)
-    mode = MODES[i % 4]
-    if not valid_padding_for_mode(mode, [(p, p) for p in padding], spatial):
-        mode = "zeros"
+    ks, stride, dilation, spatial, padding, mode = random_geometry(r, i)
     Cin, Cout = int(r.integers(1, 7)), int(r.integers(1, 7))
     sizes = (Cout, Cin) + ks
     full = i % 2 == 0

@@ -23,15 +23,23 @@ class Conv3dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        g = grad.contiguous().numpy()
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.from_numpy(dense.backward_input(g, w.numpy(), ctx.spec, ctx.algorithm, ctx.nthreads))
-        if ctx.needs_input_grad[1]:
-            gw = torch.from_numpy(dense.backward_weight(x.numpy(), g, ctx.spec, ctx.nthreads, ctx.algorithm))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=(0, 2, 3, 4))
-        return gx, gw, gb, None, None, None
+        gx, gw, gb = conv_backward(ctx, grad, x.numpy(), w.numpy(), ctx.algorithm)
+        return gx, None if gw is None else torch.from_numpy(gw), gb, None, None, None
+
+
+def conv_backward(ctx, grad, x, w, algorithm):
+    """(input, weight, bias) gradients of a convolution by volconv's kernels, for the inputs that need one
+    (ctx.needs_input_grad: input, weight, bias first). The weight gradient stays numpy (the sparse Function
+    gathers its pattern from it)."""
+    g = grad.contiguous().numpy()
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.from_numpy(dense.backward_input(g, w, ctx.spec, algorithm, ctx.nthreads))
+    if ctx.needs_input_grad[1]:
+        gw = dense.backward_weight(x, g, ctx.spec, ctx.nthreads, algorithm)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = grad.sum(dim=(0, 2, 3, 4))
+    return gx, gw, gb
 
 
 def tensor(a, like=None):
@@ -92,17 +100,10 @@ class SparseConv3dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, values = ctx.saved_tensors
-        g = grad.contiguous().numpy()
-        gx = gv = gb = None
-        if ctx.needs_input_grad[0]:
-            w = np.zeros(ctx.shape, g.dtype)
-            w[tuple(ctx.indices.T)] = values.numpy()
-            gx = torch.from_numpy(dense.backward_input(g, w, ctx.spec, "auto", ctx.nthreads))
-        if ctx.needs_input_grad[1]:
-            gw = dense.backward_weight(x.numpy(), g, ctx.spec, ctx.nthreads)
-            gv = torch.from_numpy(np.ascontiguousarray(gw[tuple(ctx.indices.T)]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=(0, 2, 3, 4))
+        w = np.zeros(ctx.shape, x.numpy().dtype)
+        w[tuple(ctx.indices.T)] = values.numpy()
+        gx, gw, gb = conv_backward(ctx, grad, x.numpy(), w, "auto")
+        gv = None if gw is None else torch.from_numpy(np.ascontiguousarray(gw[tuple(ctx.indices.T)]))
         return gx, gv, gb, None, None, None, None
 
 
