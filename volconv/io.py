@@ -641,7 +641,6 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
         # the slabs' halos at the volume's ends: the boundary mode's padding, read from the volume (zeros and
         # constants are the filter's own padding; normalising pads with zeros whatever the mode)
         pad_mode = None if mode == "constant" or normalize else scipy_mode(mode)
-        done, total = [0], nt * shape[2]
 
         raw = _raw_float32(src, img)
         plane_bytes = shape[0] * shape[1] * 4
@@ -667,10 +666,9 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
             part = None if inside is None else _slabs.gather(planes, _slabs.PlaneReader(mask_into, shape[:2], bool))
             return _filter_volume(block, kernel, mode, cval, part, normalize, outside, workers, halo=halo)
 
-        def advance(k1, t):
-            done[0] = t * shape[2] + k1
+        def advance(k1, t):   # planes done, over all volumes
             if progress is not None:
-                progress(done[0], total)
+                progress(t * shape[2] + k1, nt * shape[2])
 
         kept = []   # in memory, the filtered volumes are also the returned Volume's data
 

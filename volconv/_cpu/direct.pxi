@@ -124,7 +124,7 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
     cdef Py_ssize_t S = (kd - 1) * dd + 1, plane = H * ds, per = (Do + nchunk - 1) // nchunk
     cdef size_t ring_bytes = ((Cg * S * plane + VL) * sizeof(floating) + 63) // 64 * 64
     cdef Py_ssize_t ocs = out.strides[1] // sizeof(floating), ws_b = kw * OB
-    cdef Py_ssize_t nunit = N * G * nchunk, u, n, g, k, od, oh, ob, c, a, j, pos, slot, xd, nb, o0
+    cdef Py_ssize_t nunit = N * G * nchunk, u, n, g, k, od, oh, ob, c, a, j, pos, xd, nb, o0
     cdef int nr
     cdef floating *ring
     cdef Py_ssize_t *tags

@@ -21,9 +21,9 @@ def separable_conv3d(x, fd, fh, fw, spec, nthreads):
     for one term on every channel. spec: the geometry of the whole 3-D kernel (stride, dilation, pads, mode
     with cval 0)."""
     N, C = x.shape[:2]
-    T = max(np.ndim(f) == 3 and np.shape(f)[0] or 1 for f in (fd, fh, fw))
-    as_3d = lambda f: np.asarray(f, x.dtype).reshape((1,) * (3 - np.ndim(f)) + np.shape(f))  # noqa: E731
-    fd, fh, fw = (np.ascontiguousarray(np.broadcast_to(as_3d(f), (T, C, np.shape(f)[-1]))).reshape(T * C, -1)
+    fd, fh, fw = (np.asarray(f, x.dtype).reshape((1,) * (3 - np.ndim(f)) + np.shape(f)) for f in (fd, fh, fw))
+    T = max(fd.shape[0], fh.shape[0], fw.shape[0])
+    fd, fh, fw = (np.ascontiguousarray(np.broadcast_to(f, (T, C, f.shape[2]))).reshape(T * C, -1)
                   for f in (fd, fh, fw))
     row_map, map_d, map_h, toff = dense._row_layout(x.shape, spec)
     out = np.empty(spec.out_shape, dtype=x.dtype)
@@ -158,20 +158,20 @@ def _factored(op, input, bias, stride, padding, dilation, padding_mode, workers,
     if spatial is not None and in_f.shape[0] == 1 and out_f.shape[0] == 1:
         # one channel in and out (a single kernel's CP): the components are terms of one fused pass
         fd, fh, fw = spatial
-        u = separable_conv3d(x, (fd * (out_f[0] * in_f[0])[:, None])[:, None], fh[:, None], fw[:, None], spec,
-                             nthreads)
-        return caller.result(u if b is None else u + caller.cast(b, "bias", same_dtype=True).reshape(1, -1, 1, 1, 1))
-    z = project(x, in_f.T.astype(x.dtype))
-    if spatial is not None:
-        R = z.shape[1]
-        sspec = ConvSpec(z.shape, (R, 1) + w_shape[2:], stride=spec.stride, pads=spec.pads,
-                         dilation=spec.dilation, groups=R, mode=spec.mode, cval=0.0)
-        u = separable_conv3d(z, *spatial, sspec, nthreads)
+        out = separable_conv3d(x, (fd * (out_f[0] * in_f[0])[:, None])[:, None], fh[:, None], fw[:, None], spec,
+                               nthreads)
     else:
-        cspec = ConvSpec(z.shape, core.shape, stride=spec.stride, pads=spec.pads, dilation=spec.dilation,
-                         groups=1, mode=spec.mode)
-        u = dense.run(z, np.ascontiguousarray(core, x.dtype), None, cspec, "auto", nthreads)
-    out = project(u, out_f.astype(x.dtype))
+        z = project(x, in_f.T.astype(x.dtype))
+        if spatial is not None:
+            R = z.shape[1]
+            sspec = ConvSpec(z.shape, (R, 1) + w_shape[2:], stride=spec.stride, pads=spec.pads,
+                             dilation=spec.dilation, groups=R, mode=spec.mode)
+            u = separable_conv3d(z, *spatial, sspec, nthreads)
+        else:
+            cspec = ConvSpec(z.shape, core.shape, stride=spec.stride, pads=spec.pads, dilation=spec.dilation,
+                             groups=1, mode=spec.mode)
+            u = dense.run(z, np.ascontiguousarray(core, x.dtype), None, cspec, "auto", nthreads)
+        out = project(u, out_f.astype(x.dtype))
     if b is not None:
         out += caller.cast(b, "bias", same_dtype=True).reshape(1, -1, 1, 1, 1)
     return caller.result(out)

@@ -176,9 +176,14 @@ BANDWIDTH = 25e9   # bytes/s the direct path streams (input and output), both co
 MIN_WORK_PER_THREAD = 4e6   # flops (about 40 us): below this a second thread costs more than it saves
 
 
-def direct_cost(spec, nthreads):
+def streaming_cost(spec):
+    """Seconds to call a direct-style kernel and stream its input and output through memory once."""
     traffic = 4.0 * (np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
-    return CALL_OVERHEAD + traffic / BANDWIDTH + spec.flops() / (DIRECT_GFLOPS[_channel_block(spec)] * 1e9 * nthreads)
+    return CALL_OVERHEAD + traffic / BANDWIDTH
+
+
+def direct_cost(spec, nthreads):
+    return streaming_cost(spec) + spec.flops() / (DIRECT_GFLOPS[_channel_block(spec)] * 1e9 * nthreads)
 
 
 def torch_cost(spec, nthreads):
@@ -230,13 +235,20 @@ def resolve_algorithm(algorithm):
 # -------------------------------------------------------------------------------------------------- running
 
 
+def crop_negative_pads(x, spec):
+    """(x, spec) with negative pads applied as a crop of x (the kernels pad, they do not crop)."""
+    if all(lo >= 0 and hi >= 0 for lo, hi in spec.pads):
+        return x, spec
+    crop = tuple(slice(max(-lo, 0), n + min(hi, 0)) for n, (lo, hi) in zip(x.shape[2:], spec.pads))
+    x = np.ascontiguousarray(x[(slice(None), slice(None)) + crop])
+    return x, ConvSpec(x.shape, spec.w_shape, stride=spec.stride, dilation=spec.dilation, groups=spec.groups,
+                       pads=tuple((max(lo, 0), max(hi, 0)) for lo, hi in spec.pads), mode=spec.mode,
+                       cval=spec.cval)
+
+
 def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
     """Convolution of checked, contiguous arrays of one float dtype. Negative pads crop first."""
-    if any(lo < 0 or hi < 0 for lo, hi in spec.pads):
-        crop = tuple(slice(max(-lo, 0), n + min(hi, 0)) for n, (lo, hi) in zip(x.shape[2:], spec.pads))
-        x = np.ascontiguousarray(x[(slice(None), slice(None)) + crop])
-        spec = ConvSpec(x.shape, w.shape, stride=spec.stride, dilation=spec.dilation, groups=spec.groups,
-                        pads=tuple((max(lo, 0), max(hi, 0)) for lo, hi in spec.pads), mode=spec.mode)
+    x, spec = crop_negative_pads(x, spec)
     if spec.mode == "constant" and spec.cval != 0:
         # corr(x, w) with constant c outside == corr(x - c, w) with zeros outside + c * sum(w)
         extra = spec.cval * w.reshape(w.shape[0], -1).sum(axis=1)

@@ -124,12 +124,7 @@ class SparseKernel(Kernel):
 def run_sparse(x, indices, values, b, spec, nthreads):
     """The sparse direct kernel on checked, contiguous arrays (x: compute dtype; indices (nnz, 5) sorted by
     output channel, values in x's dtype). Negative pads crop first; a constant cval is the bias trick."""
-    if any(lo < 0 or hi < 0 for lo, hi in spec.pads):
-        crop = tuple(slice(max(-lo, 0), n + min(hi, 0)) for n, (lo, hi) in zip(x.shape[2:], spec.pads))
-        x = np.ascontiguousarray(x[(slice(None), slice(None)) + crop])
-        spec = dense.ConvSpec(x.shape, spec.w_shape, stride=spec.stride, dilation=spec.dilation,
-                              groups=spec.groups, pads=tuple((max(lo, 0), max(hi, 0)) for lo, hi in spec.pads),
-                              mode=spec.mode)
+    x, spec = dense.crop_negative_pads(x, spec)
     O = spec.w_shape[0]
     bias = np.zeros(O, x.dtype) if b is None else np.asarray(b, x.dtype)
     if spec.mode == "constant" and spec.cval != 0:   # corr(x, w) with c outside = corr(x - c, w) + c * sum(w)
@@ -156,8 +151,7 @@ def run_sparse(x, indices, values, b, spec, nthreads):
 def sparse_cost(spec, nnz, nthreads):
     """Seconds the sparse kernel should take: nnz taps at every output voxel of their channel."""
     flops = 2.0 * nnz * spec.x_shape[0] * np.prod(spec.out_shape[2:], dtype=np.float64)
-    traffic = 4.0 * (np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
-    return dense.CALL_OVERHEAD + traffic / dense.BANDWIDTH + flops / (SPARSE_GFLOPS * 1e9 * nthreads)
+    return dense.streaming_cost(spec) + flops / (SPARSE_GFLOPS * 1e9 * nthreads)
 
 
 def sparse_conv3d(input, kernel, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
