@@ -105,7 +105,8 @@ def test_layers_gradcheck_and_state_dict(layer):
             "tucker5": lambda: vc.nn.TuckerConv3d(2, 3, 3, padding=1, ranks=(2, 2, 2, 2, 2), dilation=2,
                                                   dtype=torch.float64)}[layer]
     m = make()
-    x = torch.randn(1, 2, 5, 4, 5, dtype=torch.float64, requires_grad=True)   # small: gradcheck is O(size^2)
+    # small (gradcheck is O(size^2)); a batch of 2: the channel projections run one matrix product per item
+    x = torch.randn(2, 2, 5, 4, 5, dtype=torch.float64, requires_grad=True)
     if m.padding_mode != "zeros":
         p = [q for q in reversed(m.padding) for _ in range(2)]
         ref = torch.nn.functional.conv3d(torch.nn.functional.pad(x, p, mode=m.padding_mode), m.to_dense(), m.bias,

@@ -161,6 +161,44 @@ class SeparableFunction(torch.autograd.Function):
         return gz, gd, gh, gw, None, None
 
 
+class ProjectFunction(torch.autograd.Function):
+    """Channel projection out[n, o] = sum_c w[o, c] x[n, c] (+ b[o]): a 1x1x1 convolution as one matrix
+    product per batch item, written into numpy-allocated tensors (torch's own allocations of volumes >= 32 MB
+    are fresh mmaps whose page faults cost more than the product) with the bias added in place."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _project(w, x, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g = grad.contiguous()
+        gx = _project(w.T, g) if ctx.needs_input_grad[0] else None
+        gw = gb = None
+        if ctx.needs_input_grad[1]:
+            G, X = g.flatten(2), x.flatten(2)
+            gw = sum(G[n] @ X[n].T for n in range(g.shape[0]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(dim=(0, 2, 3, 4))
+        return gx, gw, gb
+
+
+def _project(w, x, b=None):
+    """w (O, C) applied to the channels of x (N, C, ...), into a fresh numpy-allocated tensor."""
+    x = x.contiguous()
+    out = torch.from_numpy(np.empty((x.shape[0], w.shape[0]) + tuple(x.shape[2:]), x.numpy().dtype))
+    X, Y = x.flatten(2), out.flatten(2)
+    for n in range(x.shape[0]):
+        torch.mm(w, X[n], out=Y[n])
+    if b is not None:
+        out.add_(b.reshape((1, -1) + (1,) * (x.dim() - 2)))
+    return out
+
+
 def factored_autograd(input, bias, stride, padding, dilation, padding_mode, workers, in_f, out_f, spatial, core,
                       w_shape):
     """vc.cp_conv3d / vc.tucker_conv3d on tensors that need gradients (the input, the bias, or factors given
@@ -173,7 +211,7 @@ def factored_autograd(input, bias, stride, padding, dilation, padding_mode, work
     x = tensor(input).to(dtype)
     as_t = lambda a: (a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))).to(dtype)  # noqa: E731
     nthreads = resolve_workers(workers)
-    z = torch.einsum("cr,ncdhw->nrdhw", as_t(in_f), x).contiguous()
+    z = ProjectFunction.apply(x, as_t(in_f).T, None)
     if spatial is not None:
         fd, fh, fw = (as_t(f).contiguous() for f in spatial)
         R = z.shape[1]
@@ -185,7 +223,5 @@ def factored_autograd(input, bias, stride, padding, dilation, padding_mode, work
         cspec = ConvSpec(tuple(z.shape), tuple(c.shape), stride=spec.stride, pads=spec.pads, dilation=spec.dilation,
                          groups=1, mode=spec.mode)
         u = conv_autograd(z, c, None, cspec, "direct", nthreads)   # oneDNN's 3-D backward is slower here
-    out = torch.einsum("or,nrdhw->nodhw", as_t(out_f), u)
-    if bias is not None:
-        out = out + tensor(bias, like=out).to(dtype).reshape(1, -1, 1, 1, 1)
-    return out.to(input.dtype)
+    b = None if bias is None else tensor(bias).to(dtype)
+    return ProjectFunction.apply(u, as_t(out_f), b).to(input.dtype)
