@@ -1,4 +1,5 @@
-# Direct kernels, avx2 build (flags in setup.py). The code is in direct.pxi, separable.pxi and sparse.pxi.
+# Direct kernels, avx2 build (flags in setup.py). The code is in direct.pxi, separable.pxi, sparse.pxi and nested.pxi.
 include "direct.pxi"
 include "separable.pxi"
 include "sparse.pxi"
+include "nested.pxi"

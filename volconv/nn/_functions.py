@@ -225,3 +225,57 @@ def factored_autograd(input, bias, stride, padding, dilation, padding_mode, work
         u = conv_autograd(z, c, None, cspec, "direct", nthreads)   # oneDNN's 3-D backward is slower here
     b = None if bias is None else tensor(bias).to(dtype)
     return ProjectFunction.apply(u, as_t(out_f), b).to(input.dtype)
+
+
+class NestedFunction(torch.autograd.Function):
+    """vc.nested_conv3d with autograd: forward by the chosen algorithm (nothing stored but the input and the
+    parameters), backward by ops/nested.backward (the intermediates recomputed slab by slab)."""
+
+    @staticmethod
+    def forward(ctx, config, x, *params):
+        from ..ops import nested
+
+        act, specs, algorithm, nthreads = config
+        L = len(specs)
+        ws = [w.numpy() for w in params[:L]]
+        bs = [None if b is None else b.numpy() for b in params[L:]]
+        ctx.config = config
+        ctx.save_for_backward(x, *params)
+        return torch.from_numpy(nested.run(x.numpy(), ws, bs, act, specs, algorithm, nthreads))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        from ..ops import nested
+
+        act, specs, _, nthreads = ctx.config
+        L = len(specs)
+        x, *params = ctx.saved_tensors
+        ws = [w.numpy() for w in params[:L]]
+        bs = [None if b is None else b.numpy() for b in params[L:]]
+        gx, gws, gbs = nested.backward(x.numpy(), ws, bs, act, specs, grad.contiguous().numpy(),
+                                       ctx.needs_input_grad[1], nthreads)
+        as_t = lambda a, needed: torch.from_numpy(a) if needed else None  # noqa: E731
+        need = ctx.needs_input_grad[2:]
+        return (None, None if gx is None else torch.from_numpy(gx),
+                *(as_t(g, n) for g, n in zip(gws, need[:L])),
+                *(as_t(g, n and b is not None) for g, b, n in zip(gbs, bs, need[L:])))
+
+
+def nested_autograd(input, weights, biases, activation, groups, algorithm, workers):
+    """vc.nested_conv3d on tensors that need gradients. Computed in float32/float64, returned in the input's
+    dtype."""
+    from ..ops import nested
+
+    if algorithm == "composed":
+        raise ValueError("algorithm='composed' is for inference (it differs from the chain near the border); "
+                         "use 'auto', 'fused' or 'stages' with gradients")
+    Caller("nested_conv3d", [input], ["input"])
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = tensor(input).to(dtype).contiguous()
+    ws = [tensor(w).to(dtype).contiguous() for w in weights]
+    bs = [None if b is None else tensor(b).to(dtype).contiguous() for b in biases]
+    specs = nested.stage_specs(tuple(x.shape), ws, groups)
+    nested.check_biases(bs, specs)
+    out = NestedFunction.apply((activation, specs, algorithm, resolve_workers(workers)), x, *ws, *bs)
+    return out.to(input.dtype)

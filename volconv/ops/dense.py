@@ -168,7 +168,7 @@ def _import_torch(why):
 # Calibrated on the development machine (2 Zen 4 cores, float32, bench/bench_dense.py and a sweep
 # of layer shapes): sustained rates per thread of the direct kernel by register block, of its weight-gradient
 # kernel, of oneDNN for channel-mixing layers, the bandwidth the direct path streams at, a fixed cost per call.
-DIRECT_GFLOPS = {1: 90.0, 4: 110.0, 8: 160.0}    # by output-channel block (1: one channel / depthwise)
+DIRECT_GFLOPS = {1: 90.0, 4: 140.0, 8: 220.0}    # per thread, by output-channel block (1: one channel / depthwise)
 WGRAD_GFLOPS = {1: 47.0, 4: 55.0, 8: 55.0}       # weight-gradient kernel (unaligned tap loads)
 TORCH_GFLOPS = 130.0                              # oneDNN, when channels mix (Cg >= 4, Og >= 4)
 CALL_OVERHEAD = 20e-6
@@ -205,10 +205,8 @@ def wgrad_cost(spec, nthreads):
     return CALL_OVERHEAD + spec.flops() / (WGRAD_GFLOPS[_channel_block(spec)] * 1e9 * nthreads)
 
 
-def choose_algorithm(x, spec, nthreads, *, allow_torch, backward=False, nnz=None):
-    """The cheapest algorithm by the cost model. backward: the call will be differentiated, so the cost is a
-    training step's (forward + input gradient, about another forward, + weight gradient: the direct kernel's,
-    or for fft and torch about one more forward)."""
+def algorithm_costs(spec, nthreads, *, allow_torch, nnz=None):
+    """Predicted seconds of each algorithm that suits this convolution (the cost model)."""
     costs = {"direct": direct_cost(spec, nthreads)}
     if nnz is not None and nnz < 0.5 * np.prod(spec.w_shape):   # a mostly-zero weight: its non-zeros only
         costs["sparse"] = sparse.sparse_cost(spec, nnz, nthreads)
@@ -216,6 +214,14 @@ def choose_algorithm(x, spec, nthreads, *, allow_torch, backward=False, nnz=None
         costs["torch"] = torch_cost(spec, nthreads)
     if min(spec.kernel_size) > 3:
         costs["fft"] = fft_cost(spec, nthreads)
+    return costs
+
+
+def choose_algorithm(x, spec, nthreads, *, allow_torch, backward=False, nnz=None):
+    """The cheapest algorithm by the cost model. backward: the call will be differentiated, so the cost is a
+    training step's (forward + input gradient, about another forward, + weight gradient: the direct kernel's,
+    or for fft and torch about one more forward)."""
+    costs = algorithm_costs(spec, nthreads, allow_torch=allow_torch, nnz=nnz)
     if backward:  # torch: forward + backward ~ 3 forwards; fft: its weight gradient is another FFT convolution
         costs = {name: 3 * c if name in ("torch", "fft") else 2 * c + wgrad_cost(spec, nthreads)
                  for name, c in costs.items()}
