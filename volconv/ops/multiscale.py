@@ -104,7 +104,7 @@ def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat"
     nthreads = resolve_workers(workers)
     bias_list = [None] * len(weights) if biases is None else list(biases)
     if algorithm == "auto":
-        algorithm = _choose(np.shape(input), weights, dil, groups, nthreads)
+        algorithm = _choose(np.shape(input), weights, dil, groups, combine, nthreads)
     if algorithm == "branches":
         return _branches(input, weights, dil, groups, combine, bias_list, nthreads)
     w, b = merge(weights, dil, biases, combine, groups)
@@ -128,16 +128,16 @@ def _branches(input, weights, dil, groups, combine, biases, nthreads):
     return _torch().cat(ys, dim=1)
 
 
-def _choose(x_shape, weights, dil, groups, nthreads):
-    """"merged" unless the branches, each at its best algorithm, cost less (the merged kernel's zeros cost
-    nothing on the sparse path, so this is mostly about which kernel runs fastest)."""
+def _choose(x_shape, weights, dil, groups, combine, nthreads):
+    """"merged" unless the branches, each at its best algorithm, cost less (the merged kernel's structural
+    zeros cost nothing on the sparse path, so this is mostly about which kernel runs fastest)."""
     if len(x_shape) != 5:
         return "merged"   # conv3d's checks say what is wrong
-    merged, _ = merge([np.zeros(np.shape(w), np.float32) for w in weights], dil, None, "concat", groups)
-    nnz = sum(int(np.prod(np.shape(w))) for w in weights)
+    merged, _ = merge([np.ones(np.shape(w), np.float32) for w in weights], dil, None, combine, groups)
     spec = ConvSpec(tuple(x_shape), merged.shape, stride=(1, 1, 1), pads=same_pads(merged.shape[2:]),
                     dilation=(1, 1, 1), groups=groups, mode="constant")
-    merged_cost = min(dense.algorithm_costs(spec, nthreads, allow_torch=True, nnz=nnz).values())
+    merged_cost = min(dense.algorithm_costs(spec, nthreads, allow_torch=True,
+                                            nnz=np.count_nonzero(merged)).values())
     branch_cost = 0.0
     for w, d in zip(weights, dil):
         e = tuple(a * (k - 1) + 1 for k, a in zip(np.shape(w)[2:], d))
