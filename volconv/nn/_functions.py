@@ -9,6 +9,7 @@ from .._dispatch import Caller
 from .._validate import workers as resolve_workers
 from ..ops import dense
 
+
 class Conv3dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, spec, algorithm, nthreads):

@@ -1,7 +1,17 @@
 """vc.nn.Conv3d: torch.nn.Conv3d (same arguments, defaults, parameters and state_dict) run by volconv."""
+import math
+
 import torch
 
 from ..ops.dense import conv3d
+
+
+def reset_conv_parameters(weight, bias):
+    """torch.nn.Conv3d's initialisation of a (out, in/groups, kd, kh, kw) weight and its bias (or None)."""
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1 / math.sqrt(weight[0].numel())
+        torch.nn.init.uniform_(bias, -bound, bound)
 
 
 class Conv3d(torch.nn.Conv3d):

@@ -1,10 +1,9 @@
 """vc.nn.NestedConv3d (a chain of 'same' convolutions, large kernel first, in one fused pass) and
 vc.nn.MultiScaleConv3d (parallel branches of different kernel sizes and dilations, one merged convolution)."""
-import math
-
 import torch
 
 from .._validate import triple
+from .conv import reset_conv_parameters
 from ..ops.multiscale import COMBINES, multiscale_conv3d
 from ..ops.nested import ACTIVATIONS, nested_conv3d
 
@@ -12,11 +11,16 @@ from ..ops.nested import ACTIVATIONS, nested_conv3d
 def _conv_parameters(out_channels, in_per_group, kernel_size, bias, factory):
     """A weight (and bias) initialised as torch.nn.Conv3d initialises its own."""
     w = torch.nn.Parameter(torch.empty((out_channels, in_per_group) + kernel_size, **factory))
-    torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-    if not bias:
-        return w, None
-    bound = 1 / math.sqrt(in_per_group * math.prod(kernel_size))
-    return w, torch.nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+    b = torch.nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+    reset_conv_parameters(w, b)
+    return w, b
+
+
+def _kernel_sizes(kernel_sizes, what):
+    """One checked triple per stage / branch."""
+    if isinstance(kernel_sizes, int) or not kernel_sizes:
+        raise ValueError(f"kernel_sizes must be a non-empty sequence (one per {what}), got {kernel_sizes!r}")
+    return [triple(k, f"kernel_sizes[{i}]", minimum=1) for i, k in enumerate(kernel_sizes)]
 
 
 def _positive(value, name):
@@ -35,9 +39,7 @@ class NestedConv3d(torch.nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of None, 'relu', 'gelu', 'silu', got {activation!r}")
-        if isinstance(kernel_sizes, int) or not kernel_sizes:
-            raise ValueError(f"kernel_sizes must be a non-empty sequence (one per stage), got {kernel_sizes!r}")
-        sizes = [triple(k, f"kernel_sizes[{i}]", minimum=1) for i, k in enumerate(kernel_sizes)]
+        sizes = _kernel_sizes(kernel_sizes, "stage")
         chans = [channels] * len(sizes) if isinstance(channels, int) else list(channels)
         if len(chans) != len(sizes):
             raise ValueError(f"channels must be an int or one per stage ({len(sizes)}), got {channels!r}")
@@ -90,9 +92,7 @@ class MultiScaleConv3d(torch.nn.Module):
         super().__init__()
         if combine not in COMBINES:
             raise ValueError(f"combine must be 'concat' or 'sum', got {combine!r}")
-        if isinstance(kernel_sizes, int) or not kernel_sizes:
-            raise ValueError(f"kernel_sizes must be a non-empty sequence (one per branch), got {kernel_sizes!r}")
-        sizes = [triple(k, f"kernel_sizes[{i}]", minimum=1) for i, k in enumerate(kernel_sizes)]
+        sizes = _kernel_sizes(kernel_sizes, "branch")
         dilations = [1] * len(sizes) if dilations is None else list(dilations)
         if len(dilations) != len(sizes):
             raise ValueError(f"dilations must hold one entry per branch ({len(sizes)}), got {len(dilations)}")

@@ -1,12 +1,12 @@
 """vc.nn.VariableKernelConv3d: a 3D convolution layer that stores one kernel of the largest size and convolves
 at any smaller size chosen per call, from a centred crop or a trilinear resampling of that kernel (kernel-size
 search, or MedNeXt's UpKern, which resamples small trained kernels to larger ones)."""
-import math
 
 import torch
 
 from .._validate import triple
 from ..ops.dense import conv3d
+from .conv import reset_conv_parameters
 
 RESIZE_MODES = ("crop", "interpolate")
 
@@ -62,11 +62,7 @@ class VariableKernelConv3d(torch.nn.Module):
 
     def reset_parameters(self):
         """torch.nn.Conv3d's initialisation, for the largest kernel (the fan-in of the stored weight)."""
-        torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight[0].numel()
-            bound = 1 / math.sqrt(fan_in)
-            torch.nn.init.uniform_(self.bias, -bound, bound)
+        reset_conv_parameters(self.weight, self.bias)
 
     def _kernel_size(self, kernel_size):
         """kernel_size (None: the largest) -> a checked triple."""
