@@ -58,7 +58,10 @@ def direct_extension(variant):
     import numpy
 
     flags = SIMD_FLAGS[variant] if X86 else ["-DVC_VBYTES=16"]
+    import glob
+
     return Extension(f"volconv._cpu._direct_{variant}", [f"volconv/_cpu/_direct_{variant}.pyx"],
+                     depends=glob.glob("volconv/_cpu/*.pxi") + glob.glob("volconv/_cpu/*.h"),
                      include_dirs=["volconv/_cpu", numpy.get_include()], extra_compile_args=list(flags),
                      define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
 

@@ -280,3 +280,36 @@ def nested_autograd(input, weights, biases, activation, groups, algorithm, worke
     nested.check_biases(bs, specs)
     out = NestedFunction.apply((activation, specs, algorithm, resolve_workers(workers)), x, *ws, *bs)
     return out.to(input.dtype)
+
+
+class DynamicConv3dFunction(torch.autograd.Function):
+    """vc.dynamic_conv3d with autograd: both gradients by volconv's per-voxel kernels."""
+
+    @staticmethod
+    def forward(ctx, x, K, layout, nthreads):
+        from ..ops import dynamic
+
+        ctx.layout, ctx.nthreads = layout, nthreads
+        ctx.save_for_backward(x, K)
+        return torch.from_numpy(dynamic.forward(x.numpy(), K.numpy(), layout, nthreads))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        from ..ops import dynamic
+
+        x, K = ctx.saved_tensors
+        gx, gK = dynamic.backward(x.numpy(), K.numpy(), grad.contiguous().numpy(), ctx.layout,
+                                  ctx.needs_input_grad[:2], ctx.nthreads)
+        return (None if gx is None else torch.from_numpy(gx), None if gK is None else torch.from_numpy(gK), None,
+                None)
+
+
+def dynamic_autograd(input, kernels, layout, nthreads):
+    """vc.dynamic_conv3d on tensors that need gradients, computed in float32/float64, returned in the input's
+    dtype."""
+    Caller("dynamic_conv3d", [input, kernels], ["input", "kernels"])
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = tensor(input).to(dtype).contiguous()
+    K = tensor(kernels).to(dtype).contiguous()
+    return DynamicConv3dFunction.apply(x, K, layout, nthreads).to(input.dtype)

@@ -1,0 +1,129 @@
+"""Dynamic convolution: a different kernel at every output voxel, e.g. produced by a small network from the
+input (involution, pixel-adaptive convolution, dynamic filters), in 3D, without unfolding the patches.
+
+vc.dynamic_conv3d(input, kernels, kernel_size, stride, padding, dilation): with T = kd*kh*kw taps,
+- kernels (N, G, T, Do, Ho, Wo): the C input channels form G groups; every channel of group g uses
+  kernels[n, g, :, p] at output voxel p; the output has C channels (involution);
+- kernels (N, Cout, Cin, T, Do, Ho, Wo): a full per-voxel Cout x Cin kernel,
+  out[n, o, p] = sum over c, t of kernels[n, o, c, t, p] * x[n, c, p*stride + t*dilation - padding].
+Zero padding, torch's padding argument (int, triple, "same", "valid"). The kernels (_cpu/dynamic.pxi) read
+rows of x and of the kernel field and sum their products voxel by voxel: memory is the input, the output and
+the kernel field. Backward by the same primitive: the kernel-field gradient per voxel, the input gradient as a
+gather (each thread owns the rows it writes: deterministic, no atomics).
+"""
+import numpy as np
+
+from .. import _cpu
+from .._dispatch import Caller, wants_autograd
+from .._validate import triple, workers as resolve_workers
+from . import dense
+
+
+class Layout:
+    """Geometry of one dynamic convolution and its channel pairs: output channel o sums over its pairs
+    (input channel c, kernel slice s) of the kernel field seen as (N, S, T, Do, Ho, Wo); CSR arrays by output
+    channel (forward), by slice (kernel gradient) and by input channel (input gradient)."""
+
+    def __init__(self, x_shape, k_shape, kernel_size, stride, padding, dilation):
+        if len(x_shape) != 5:
+            raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(x_shape)}")
+        N, C = x_shape[:2]
+        self.kernel_size = triple(kernel_size, "kernel_size", minimum=1)
+        T = int(np.prod(self.kernel_size))
+        if len(k_shape) == 6:
+            G = k_shape[1]
+            if G < 1 or C % G:
+                raise ValueError(f"kernels has G={G} groups, which must divide the input's {C} channels")
+            self.full, O, w_shape = False, C, (C, 1) + self.kernel_size
+        elif len(k_shape) == 7:
+            if k_shape[2] != C:
+                raise ValueError(f"kernels (N, Cout, Cin, T, Do, Ho, Wo) has Cin={k_shape[2]} but the input has "
+                                 f"{C} channels")
+            self.full, O, w_shape = True, k_shape[1], (k_shape[1], C) + self.kernel_size
+        else:
+            raise ValueError("kernels must be (N, G, kd*kh*kw, Do, Ho, Wo) or (N, Cout, Cin, kd*kh*kw, Do, Ho, Wo), "
+                             f"got shape {tuple(k_shape)}")
+        self.spec = dense.conv_spec(x_shape, w_shape, None, stride, padding, dilation, 1 if self.full else C,
+                                    "zeros")
+        expected = (N,) + tuple(k_shape[1:-4]) + (T,) + self.spec.out_shape[2:]
+        if tuple(k_shape) != expected:
+            raise ValueError(f"kernels must have shape {expected} for this input, kernel_size={self.kernel_size}, "
+                             f"stride, padding and dilation (T = {T} taps, output {self.spec.out_shape[2:]}), got "
+                             f"{tuple(k_shape)}")
+        self.out_shape = (N, O) + self.spec.out_shape[2:]
+        if self.full:
+            o, c = np.divmod(np.arange(O * C), C)          # slice s = o * C + c
+            self.by_out = (np.arange(O + 1) * C, c, np.arange(O * C))
+            self.by_slice = (np.arange(O * C + 1), o, c)
+            order = np.argsort(c, kind="stable")           # by input channel
+            self.by_in = (np.arange(C + 1) * O, o[order], order)
+            self.k_slices = O * C
+        else:
+            Cg = C // G
+            c = np.arange(C)
+            self.by_out = (np.arange(C + 1), c, c // Cg)
+            self.by_slice = (np.arange(G + 1) * Cg, c, c)
+            self.by_in = (np.arange(C + 1), c, c // Cg)
+            self.k_slices = G
+        self.by_out, self.by_slice, self.by_in = (tuple(np.ascontiguousarray(a, np.intp) for a in t)
+                                                  for t in (self.by_out, self.by_slice, self.by_in))
+
+    def field(self, K):
+        """The kernel field as (N, S, T, Do, Ho, Wo)."""
+        return K.reshape((K.shape[0], self.k_slices) + K.shape[-4:])
+
+    def geometry(self):
+        (sd, sh, _), (dd, dh, _) = self.spec.stride, self.spec.dilation
+        return self.kernel_size[1], self.kernel_size[2], sd, sh, dd, dh
+
+    def threads(self, nthreads):
+        work = 2.0 * np.prod(self.spec.w_shape[1:], dtype=np.float64) * np.prod(self.out_shape, dtype=np.float64)
+        return int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
+
+
+def forward(x, K, layout, nthreads):
+    rows, map_d, map_h, toff = dense._direct_operands(x, layout.spec, nthreads)
+    out = np.empty(layout.out_shape, x.dtype)
+    _cpu.direct.dynamic_forward(rows, np.ascontiguousarray(layout.field(K)), out, *layout.by_out, map_d, map_h,
+                                toff, *layout.geometry(), layout.threads(nthreads))
+    return out
+
+
+def backward(x, K, grad, layout, needs, nthreads):
+    """(input gradient, kernel-field gradient), each None unless needs[0] / needs[1]."""
+    rows, map_d, map_h, toff = dense._direct_operands(x, layout.spec, nthreads)
+    g = np.ascontiguousarray(grad, x.dtype)
+    nthreads = layout.threads(nthreads)
+    gx = gK = None
+    if needs[1]:
+        gK = np.empty(layout.field(K).shape, x.dtype)
+        _cpu.direct.dynamic_grad_kernels(rows, g, gK, *layout.by_slice, map_d, map_h, toff, *layout.geometry(),
+                                         nthreads)
+        gK = gK.reshape(K.shape)
+    if needs[0]:
+        gxr = np.empty(rows.shape, x.dtype)
+        _cpu.direct.dynamic_grad_input(np.ascontiguousarray(layout.field(K)), g, gxr, *layout.by_in, map_d, map_h,
+                                       toff, *layout.geometry(), nthreads)
+        row_map = dense._row_layout(x.shape, layout.spec)[0]
+        if rows is x:
+            gx = gxr
+        else:   # back from the row layout: column w of x sits where row_map names it
+            where = np.flatnonzero(row_map >= 0)
+            gx = np.ascontiguousarray(gxr[..., where[np.argsort(row_map[where])]])
+    return gx, gK
+
+
+def dynamic_conv3d(input, kernels, kernel_size, stride=1, padding=0, dilation=1, *, workers=None):
+    """Per-voxel kernels (see the module's doc): kernels (N, G, T, Do, Ho, Wo) (channel groups, involution
+    style) or (N, Cout, Cin, T, Do, Ho, Wo) (a full kernel per voxel); numpy or torch, float32/float64,
+    differentiable in input and kernels."""
+    layout = Layout(tuple(np.shape(input)), tuple(np.shape(kernels)), kernel_size, stride, padding, dilation)
+    nthreads = resolve_workers(workers)
+    if wants_autograd(input, kernels):
+        from ..nn._functions import dynamic_autograd
+
+        return dynamic_autograd(input, kernels, layout, nthreads)
+    caller = Caller("dynamic_conv3d", [input, kernels], ["input", "kernels"])
+    x = caller.cast(caller.arrays[0], "input")
+    K = caller.cast(caller.arrays[1], "kernels", same_dtype=True)
+    return caller.result(forward(x, K, layout, nthreads))
