@@ -1,5 +1,6 @@
 # Dynamic convolution: a different kernel at every output voxel (ops/dynamic.py). Included by the
-# _direct_*.pyx stubs; the SIMD work is dot_rows (dynamic_impl.h): out[w] (+)= sum_r a[r][w] * b[r][w].
+# _direct_*.pyx stubs; the SIMD work is dot_rows (dynamic_impl.h): out[w] (+)= sum_r a[ao[r] + w] * b[bo[r] + w], the offset
+# lists built once per output row (or plane) and reused for every channel.
 #
 # Both layouts of the kernel field K (N, S, T, Do, Ho, Wo) are one: output channel o sums, over its pairs
 # (input channel c, kernel slice s) (CSR ptr/pc/ps), sum_t K[n, s, t, p] * x[n, c, p*stride + t*dilation - pad].
@@ -8,57 +9,60 @@
 # column w at w + toff[e]); map_d / map_h: padded D/H position -> plane / row of x, or -1 (zero).
 
 cdef extern from "kernels.h" nogil:
-    void dot_rows_f32(float *out, const float *const *a, const float *const *b, int nrows, int n, int accumulate)
-    void dot_rows_f64(double *out, const double *const *a, const double *const *b, int nrows, int n,
-                      int accumulate)
+    void dot_rows_f32(float *out, const float *a, const Py_ssize_t *ao, const float *b, const Py_ssize_t *bo,
+                      int nrows, int n, int accumulate)
+    void dot_rows_f64(double *out, const double *a, const Py_ssize_t *ao, const double *b, const Py_ssize_t *bo,
+                      int nrows, int n, int accumulate)
 
 
-cdef inline void dot_rows(floating *out, const floating **a, const floating **b, int nrows, int n,
-                          int accumulate) noexcept nogil:
+cdef inline void dot_rows(floating *out, const floating *a, const Py_ssize_t *ao, const floating *b,
+                          const Py_ssize_t *bo, Py_ssize_t nrows, int n, bint accumulate) noexcept nogil:
     if floating is float:
-        dot_rows_f32(out, a, b, nrows, n, accumulate)
+        dot_rows_f32(out, a, ao, b, bo, <int>nrows, n, accumulate)
     else:
-        dot_rows_f64(out, a, b, nrows, n, accumulate)
+        dot_rows_f64(out, a, ao, b, bo, <int>nrows, n, accumulate)
 
 
 def dynamic_forward(const floating[:, :, :, :, ::1] xr, const floating[:, :, :, :, :, ::1] K,
                     floating[:, :, :, :, ::1] out, const Py_ssize_t[::1] ptr, const Py_ssize_t[::1] pc,
                     const Py_ssize_t[::1] ps, const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
                     const Py_ssize_t[::1] toff, int kh, int kw, int sd, int sh, int dd, int dh, int nthreads):
-    """out[n, o, od, oh, :] = sum over o's pairs (c, s) and taps t of K[n, s, t, od, oh, :] * x-row(c, t)."""
-    cdef Py_ssize_t N = out.shape[0], O = out.shape[1], Do = out.shape[2], Ho = out.shape[3]
+    """out[n, o, od, oh, :] = sum over o's pairs (c, s) and taps t of K[n, s, t, od, oh, :] * x-row(c, t).
+    Unit (n, od, block of outputs): the tap offsets of a row are built once for the block's outputs, which
+    reuse its kernel-field rows from cache."""
+    cdef Py_ssize_t N = out.shape[0], O = out.shape[1], Do = out.shape[2], Ho = out.shape[3], T = K.shape[2]
     cdef int Wo = <int>out.shape[4]
-    cdef Py_ssize_t kd = K.shape[2] // (kh * kw), maxpairs = 0, u, n, o, od, oh, j, ta, tb, te, xd, xh
-    cdef int nr
-    cdef const floating **a
-    cdef const floating **b
-    for o in range(O):
-        maxpairs = max(maxpairs, ptr[o + 1] - ptr[o])
+    cdef Py_ssize_t kd = T // (kh * kw), OB = max(1, min(O, 16)), nob = (O + OB - 1) // OB
+    cdef Py_ssize_t kt = K.strides[2] // sizeof(floating), xs_d = xr.strides[2] // sizeof(floating)
+    cdef Py_ssize_t xs_h = xr.strides[3] // sizeof(floating)
+    cdef Py_ssize_t u, n, o, ob, od, oh, j, ta, tb, te, xd, xh, nt
+    cdef Py_ssize_t *koff
+    cdef Py_ssize_t *xoff
     with nogil, parallel(num_threads=nthreads):
-        a = <const floating **>malloc((maxpairs * K.shape[2] + 1) * sizeof(floating *))
-        b = <const floating **>malloc((maxpairs * K.shape[2] + 1) * sizeof(floating *))
-        for u in prange(N * O * Do, schedule="static"):
-            od = u % Do
-            o = (u // Do) % O
-            n = u // (Do * O)
+        koff = <Py_ssize_t *>malloc(T * sizeof(Py_ssize_t))
+        xoff = <Py_ssize_t *>malloc(T * sizeof(Py_ssize_t))
+        for u in prange(N * Do * nob, schedule="static"):
+            ob = u % nob
+            od = (u // nob) % Do
+            n = u // (nob * Do)
             for oh in range(Ho):
-                nr = 0
-                for j in range(ptr[o], ptr[o + 1]):
-                    for ta in range(kd):
-                        xd = map_d[od * sd + ta * dd]
-                        if xd < 0:
+                nt = 0   # the taps inside the volume (zero padding drops the others)
+                for ta in range(kd):
+                    xd = map_d[od * sd + ta * dd]
+                    for tb in range(kh):
+                        xh = map_h[oh * sh + tb * dh]
+                        if xd < 0 or xh < 0:
                             continue
-                        for tb in range(kh):
-                            xh = map_h[oh * sh + tb * dh]
-                            if xh < 0:
-                                continue
-                            for te in range(kw):
-                                a[nr] = &K[n, ps[j], (ta * kh + tb) * kw + te, od, oh, 0]
-                                b[nr] = &xr[n, pc[j], xd, xh, toff[te]]
-                                nr = nr + 1
-                dot_rows(&out[n, o, od, oh, 0], a, b, nr, Wo, 0)
-        free(a)
-        free(b)
+                        for te in range(kw):
+                            koff[nt] = ((ta * kh + tb) * kw + te) * kt
+                            xoff[nt] = xd * xs_d + xh * xs_h + toff[te]
+                            nt = nt + 1
+                for o in range(ob * OB, min(O, (ob + 1) * OB)):
+                    for j in range(ptr[o], ptr[o + 1]):
+                        dot_rows(&out[n, o, od, oh, 0], &K[n, ps[j], 0, od, oh, 0], koff, &xr[n, pc[j], 0, 0, 0],
+                                 xoff, nt, Wo, j > ptr[o])
+        free(koff)
+        free(xoff)
 
 
 def dynamic_grad_kernels(const floating[:, :, :, :, ::1] xr, const floating[:, :, :, :, ::1] g,
@@ -68,32 +72,33 @@ def dynamic_grad_kernels(const floating[:, :, :, :, ::1] xr, const floating[:, :
     """gK[n, s, t, od, oh, :] = sum over slice s's pairs (o, c) of g[n, o, od, oh, :] * x-row(c, t)."""
     cdef Py_ssize_t N = gK.shape[0], S = gK.shape[1], T = gK.shape[2], Do = gK.shape[3], Ho = gK.shape[4]
     cdef int Wo = <int>gK.shape[5]
-    cdef Py_ssize_t maxpairs = 1, u, n, s, od, oh, j, t, xd, xh
-    cdef int nr
-    cdef const floating **a
-    cdef const floating **b
+    cdef Py_ssize_t gs_c = g.strides[1] // sizeof(floating), xs_c = xr.strides[1] // sizeof(floating)
+    cdef Py_ssize_t maxpairs = 1, u, n, s, od, oh, j, t, xd, xh, np_
+    cdef Py_ssize_t *goff
+    cdef Py_ssize_t *xoff
     for s in range(S):
         maxpairs = max(maxpairs, sptr[s + 1] - sptr[s])
     with nogil, parallel(num_threads=nthreads):
-        a = <const floating **>malloc(maxpairs * sizeof(floating *))
-        b = <const floating **>malloc(maxpairs * sizeof(floating *))
+        goff = <Py_ssize_t *>malloc(maxpairs * sizeof(Py_ssize_t))
+        xoff = <Py_ssize_t *>malloc(maxpairs * sizeof(Py_ssize_t))
         for u in prange(N * S * Do, schedule="static"):
             od = u % Do
             s = (u // Do) % S
             n = u // (Do * S)
+            np_ = sptr[s + 1] - sptr[s]
+            for j in range(np_):
+                goff[j] = so[sptr[s] + j] * gs_c
+                xoff[j] = sc[sptr[s] + j] * xs_c
             for oh in range(Ho):
                 for t in range(T):
                     xd = map_d[od * sd + (t // (kh * kw)) * dd]
                     xh = map_h[oh * sh + ((t // kw) % kh) * dh]
-                    nr = 0
-                    if xd >= 0 and xh >= 0:
-                        for j in range(sptr[s], sptr[s + 1]):
-                            a[nr] = &g[n, so[j], od, oh, 0]
-                            b[nr] = &xr[n, sc[j], xd, xh, toff[t % kw]]
-                            nr = nr + 1
-                    dot_rows(&gK[n, s, t, od, oh, 0], a, b, nr, Wo, 0)   # no rows: zeros (the tap read padding)
-        free(a)
-        free(b)
+                    # a tap in the padding reads zeros: its gradient row is zero (no rows summed)
+                    dot_rows(&gK[n, s, t, od, oh, 0], &g[n, 0, od, oh, 0], goff,
+                             &xr[n, 0, max(xd, 0), max(xh, 0), toff[t % kw]], xoff,
+                             np_ if xd >= 0 and xh >= 0 else 0, Wo, 0)
+        free(goff)
+        free(xoff)
 
 
 def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :, :, :, ::1] g,
@@ -108,17 +113,20 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
     cdef Py_ssize_t Do = g.shape[2], Ho = g.shape[3], T = K.shape[2], kd = T // (kh * kw)
     cdef Py_ssize_t Dp = map_d.shape[0], Hp = map_h.shape[0]
     cdef int Wo = <int>g.shape[4]
-    cdef Py_ssize_t maxpairs = 1, u, n, c, xd, xh, j, p, ta, tb, te, od, oh, nd, nh, id_, ih
-    cdef int nr
-    cdef const floating **a
-    cdef const floating **b
+    cdef Py_ssize_t ks_s = K.strides[1] // sizeof(floating), kt = K.strides[2] // sizeof(floating)
+    cdef Py_ssize_t ks_d = K.strides[3] // sizeof(floating), ks_h = K.strides[4] // sizeof(floating)
+    cdef Py_ssize_t gs_c = g.strides[1] // sizeof(floating), gs_d = g.strides[2] // sizeof(floating)
+    cdef Py_ssize_t gs_h = g.strides[3] // sizeof(floating)
+    cdef Py_ssize_t maxpairs = 1, u, n, c, xd, xh, j, p, ta, tb, te, od, oh, nd, nh, id_, ih, nr
+    cdef Py_ssize_t *koff
+    cdef Py_ssize_t *goff
     cdef Py_ssize_t *dlist   # (od, ta) reaching plane xd
     cdef Py_ssize_t *hlist   # (oh, tb) reaching row xh
     for c in range(C):
         maxpairs = max(maxpairs, cptr[c + 1] - cptr[c])
     with nogil, parallel(num_threads=nthreads):
-        a = <const floating **>malloc((maxpairs * kd * kh + 1) * sizeof(floating *))
-        b = <const floating **>malloc((maxpairs * kd * kh + 1) * sizeof(floating *))
+        koff = <Py_ssize_t *>malloc((maxpairs * kd * kh + 1) * sizeof(Py_ssize_t))
+        goff = <Py_ssize_t *>malloc((maxpairs * kd * kh + 1) * sizeof(Py_ssize_t))
         dlist = <Py_ssize_t *>malloc((2 * kd + 1) * sizeof(Py_ssize_t))
         hlist = <Py_ssize_t *>malloc((2 * kh + 1) * sizeof(Py_ssize_t))
         for u in prange(N * C * D, schedule="static"):
@@ -147,18 +155,19 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
                             hlist[2 * nh] = oh // sh
                             hlist[2 * nh + 1] = tb
                             nh = nh + 1
-                for te in range(kw):
-                    nr = 0
-                    for id_ in range(nd):
-                        for ih in range(nh):
-                            for j in range(cptr[c], cptr[c + 1]):
-                                a[nr] = &K[n, cs[j], (dlist[2 * id_ + 1] * kh + hlist[2 * ih + 1]) * kw + te,
-                                           dlist[2 * id_], hlist[2 * ih], 0]
-                                b[nr] = &g[n, co[j], dlist[2 * id_], hlist[2 * ih], 0]
-                                nr = nr + 1
-                    if nr:
-                        dot_rows(&gxr[n, c, xd, xh, toff[te]], a, b, nr, Wo, 1)
-        free(a)
-        free(b)
+                nr = 0   # rows for tap e = 0; tap e adds e * kt to every kernel-field offset
+                for id_ in range(nd):
+                    for ih in range(nh):
+                        for j in range(cptr[c], cptr[c + 1]):
+                            koff[nr] = cs[j] * ks_s + (dlist[2 * id_ + 1] * kh + hlist[2 * ih + 1]) * kw * kt \
+                                + dlist[2 * id_] * ks_d + hlist[2 * ih] * ks_h
+                            goff[nr] = co[j] * gs_c + dlist[2 * id_] * gs_d + hlist[2 * ih] * gs_h
+                            nr = nr + 1
+                if nr:
+                    for te in range(kw):
+                        dot_rows(&gxr[n, c, xd, xh, toff[te]], &K[n, 0, 0, 0, 0, 0] + te * kt, koff,
+                                 &g[n, 0, 0, 0, 0], goff, nr, Wo, 1)
+        free(koff)
+        free(goff)
         free(dlist)
         free(hlist)
