@@ -107,7 +107,7 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
                        const Py_ssize_t[::1] toff, int kh, int kw, int sd, int sh, int dd, int dh, int nthreads):
     """Input gradient as a gather (deterministic, no atomics): row (c, xd, xh) of gxr, in the row layout of x,
     collects every output row whose taps read it, K[n, s, t, od, oh, :] * g[n, o, od, oh, :] added at toff[e].
-    A unit owns its rows whole (n, c, plane xd). Zero padding: every plane and row of x sits at one padded
+    A unit owns its rows whole (n, plane xd, every channel). Zero padding: every plane and row of x sits at one padded
     position, so at most kd (od, ta) and kh (oh, tb) reach it."""
     cdef Py_ssize_t N = gxr.shape[0], C = gxr.shape[1], D = gxr.shape[2], H = gxr.shape[3], Wr = gxr.shape[4]
     cdef Py_ssize_t Do = g.shape[2], Ho = g.shape[3], T = K.shape[2], kd = T // (kh * kw)
@@ -129,10 +129,9 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
         goff = <Py_ssize_t *>malloc((maxpairs * kd * kh + 1) * sizeof(Py_ssize_t))
         dlist = <Py_ssize_t *>malloc((2 * kd + 1) * sizeof(Py_ssize_t))
         hlist = <Py_ssize_t *>malloc((2 * kh + 1) * sizeof(Py_ssize_t))
-        for u in prange(N * C * D, schedule="static"):
+        for u in prange(N * D, schedule="static"):
             xd = u % D
-            c = (u // D) % C
-            n = u // (D * C)
+            n = u // D
             nd = 0
             for p in range(Dp):
                 if map_d[p] != xd:
@@ -144,7 +143,6 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
                         dlist[2 * nd + 1] = ta
                         nd = nd + 1
             for xh in range(H):
-                memset(&gxr[n, c, xd, xh, 0], 0, Wr * sizeof(floating))
                 nh = 0
                 for p in range(Hp):
                     if map_h[p] != xh:
@@ -155,18 +153,20 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
                             hlist[2 * nh] = oh // sh
                             hlist[2 * nh + 1] = tb
                             nh = nh + 1
-                nr = 0   # rows for tap e = 0; tap e adds e * kt to every kernel-field offset
-                for id_ in range(nd):
-                    for ih in range(nh):
-                        for j in range(cptr[c], cptr[c + 1]):
-                            koff[nr] = cs[j] * ks_s + (dlist[2 * id_ + 1] * kh + hlist[2 * ih + 1]) * kw * kt \
-                                + dlist[2 * id_] * ks_d + hlist[2 * ih] * ks_h
-                            goff[nr] = co[j] * gs_c + dlist[2 * id_] * gs_d + hlist[2 * ih] * gs_h
-                            nr = nr + 1
-                if nr:
-                    for te in range(kw):
-                        dot_rows(&gxr[n, c, xd, xh, toff[te]], &K[n, 0, 0, 0, 0, 0] + te * kt, koff,
-                                 &g[n, 0, 0, 0, 0], goff, nr, Wo, 1)
+                for c in range(C):   # inner: the channels reuse this row's kernel-field rows from cache
+                    memset(&gxr[n, c, xd, xh, 0], 0, Wr * sizeof(floating))
+                    nr = 0   # rows for tap e = 0; tap e adds e * kt to every kernel-field offset
+                    for id_ in range(nd):
+                        for ih in range(nh):
+                            for j in range(cptr[c], cptr[c + 1]):
+                                koff[nr] = cs[j] * ks_s + (dlist[2 * id_ + 1] * kh + hlist[2 * ih + 1]) * kw * kt \
+                                    + dlist[2 * id_] * ks_d + hlist[2 * ih] * ks_h
+                                goff[nr] = co[j] * gs_c + dlist[2 * id_] * gs_d + hlist[2 * ih] * gs_h
+                                nr = nr + 1
+                    if nr:
+                        for te in range(kw):
+                            dot_rows(&gxr[n, c, xd, xh, toff[te]], &K[n, 0, 0, 0, 0, 0] + te * kt, koff,
+                                     &g[n, 0, 0, 0, 0], goff, nr, Wo, 1)
         free(koff)
         free(goff)
         free(dlist)
