@@ -18,23 +18,7 @@ import numpy as np
 
 import volconv as vc
 from volconv import _benchmark
-from volconv._benchmark import Table, best_times
-
-
-def peak_extra_bytes(fn):
-    """Resident memory the call adds at its peak, beyond its result (Linux: the peak (VmHWM) reset by clear_refs
-    after malloc_trim hands freed memory back, so the call's allocations take fresh pages)."""
-    import ctypes
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS:")
-    out = fn()
-    return status("VmHWM:") - before - out.nbytes
+from volconv._benchmark import Table, best_times, peak_extra_bytes
 
 
 def main(argv=None):

@@ -31,6 +31,22 @@ def best_times(contenders, rounds=5, min_seconds=0.0, repeat=2):
     return best
 
 
+def peak_extra_bytes(fn, *, minus_result=True):
+    """Resident memory a call adds at its peak (Linux: the peak, VmHWM, reset by clear_refs after malloc_trim
+    hands freed memory back, so the call's allocations take fresh pages); minus its result's size unless told."""
+    import ctypes
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    out = fn()
+    return status("VmHWM:") - before - (out.nbytes if minus_result else 0)
+
+
 class Table:
     """Rows of (case, volconv variant, ms, GFLOP/s, ratios vs anchors), printed as markdown."""
 
