@@ -138,6 +138,10 @@ def test_layer_tiles_equal_the_whole_volume(kwargs):
     assert torch.allclose(tiled, whole, atol=1e-12)
     for a, b in zip(torch.autograd.grad(tiled, [x] + list(m.parameters()), g), grads):
         assert torch.allclose(a, b, atol=1e-11)
+    # a first layer: the input needs no gradient, the parameters do
+    frozen = x.detach()
+    for a, b in zip(torch.autograd.grad(m(frozen), list(m.parameters()), g), grads[1:]):
+        assert torch.allclose(a, b, atol=1e-11)
 
 
 def test_full_layer_gradcheck():

@@ -1,10 +1,12 @@
 """vc.nn.DynamicConv3d: a convolution whose kernel at every voxel is produced from the input by a function (a
 small network), applied by vc.dynamic_conv3d; with `tile=`, kernel field and application run tile by tile
-(D slabs with the halos both need) under checkpointing, so the whole kernel field never exists at once."""
+(D slabs with the halos both need), backward recomputing each tile's field, so the whole kernel field never
+exists at once."""
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
-from .._validate import triple
+from .._validate import triple, workers as resolve_workers
+from ..ops.dense import conv3d
 from ..ops.dynamic import dynamic_conv3d
 from .conv import Conv3d
 
@@ -20,7 +22,7 @@ class DynamicConv3d(torch.nn.Module):
 
     tile: None, or the output planes (along D) per tile: kernel_fn and the application run per tile on the
     input planes they need (`kernel_fn_halo`: the planes kernel_fn looks beyond a voxel, k // 2 for the
-    default) and backward recomputes each tile (checkpointing): memory holds one tile's kernel field."""
+    default) and backward recomputes each tile's field: memory holds one tile's kernel field."""
 
     def __init__(self, in_channels, kernel_size, groups=1, kernel_fn=None, *, tile=None, hidden=None,
                  activation="relu", dilation=1, kernel_fn_halo=None, out_channels=None, workers=None, device=None,
@@ -41,6 +43,7 @@ class DynamicConv3d(torch.nn.Module):
         T = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
         self.taps = T
         field = groups * T if out_channels is None else out_channels * in_channels * T
+        self._default_fn = kernel_fn is None   # its k^3 convolution can skip the D padding inside a volume
         if kernel_fn is None:
             hidden = hidden or max(8, in_channels)
             factory = {"device": device, "dtype": dtype}
@@ -49,7 +52,7 @@ class DynamicConv3d(torch.nn.Module):
                        workers=workers, **factory),
                 ACTIVATIONS[activation](),
                 Conv3d(hidden, field, 1, workers=workers, **factory))
-            kernel_fn_halo = self.kernel_size[0] // 2 if kernel_fn_halo is None else kernel_fn_halo
+            kernel_fn_halo = self.kernel_size[0] // 2
         self.kernel_fn = kernel_fn
         self.kernel_fn_halo = 0 if kernel_fn_halo is None else int(kernel_fn_halo)
 
@@ -76,25 +79,29 @@ class DynamicConv3d(torch.nn.Module):
         if self.tile is None or self.tile >= input.shape[2]:
             field = self._field(self.kernel_fn(input), input.shape[0], input.shape[2:])
             return dynamic_conv3d(input, field, self.kernel_size, 1, pad, self.dilation, workers=self.workers)
-        D, outs = input.shape[2], []
-        halo = max(self.kernel_fn_halo, pad[0])
-        for a in range(0, D, self.tile):
-            b = min(D, a + self.tile)
-            lo, hi = max(0, a - halo), min(D, b + halo)
-            tile = lambda x, a=a, b=b, lo=lo: self._tile(x, a - lo, b - lo, pad)  # noqa: E731
-            x = input[:, :, lo:hi]
-            outs.append(checkpoint(tile, x, use_reentrant=False) if torch.is_grad_enabled() else tile(x))
-        return torch.cat(outs, dim=2)
+        params = [q for q in self.kernel_fn.parameters() if q.requires_grad]
+        return _TiledDynamic.apply(self, pad, input, *params)
 
-    def _tile(self, x, a, b, pad):
-        """Output planes [a, b) of the slab x (which holds kernel_fn's and the application's halos, or reaches
-        the volume's end, where both see zeros as they would on the whole volume)."""
-        field = self._field(self.kernel_fn(x), x.shape[0], x.shape[2:])[..., a:b, :, :]
-        r = pad[0]
-        xs = torch.nn.functional.pad(x, (0, 0, 0, 0, max(0, r - a), max(0, b + r - x.shape[2])))
-        xs = xs[:, :, max(0, a - r):max(0, a - r) + (b - a) + 2 * r]
-        return dynamic_conv3d(xs, field.contiguous(), self.kernel_size, 1, (0,) + pad[1:], self.dilation,
-                              workers=self.workers)
+    def _slab(self, x, a, b, halo):
+        """x's planes [a - halo, b + halo), zeros beyond the volume (differentiable), and the leaf of existing
+        planes it pads (for gradients)."""
+        lo, hi = max(0, a - halo), min(x.shape[2], b + halo)
+        leaf = x[:, :, lo:hi].detach().requires_grad_(torch.is_grad_enabled())
+        return torch.nn.functional.pad(leaf, (0, 0, 0, 0, lo - (a - halo), (b + halo) - hi)), leaf, lo
+
+    def _tile_field(self, slab, halo, planes):
+        """The kernel field of `planes` output planes at the middle of a slab with `halo` planes either side.
+        The default kernel_fn runs its k^3 convolution without D padding, so it computes those planes only."""
+        fn = self.kernel_fn
+        if self._default_fn:
+            conv, act, mix = fn[0], fn[1], fn[2]
+            h = conv.kernel_size[0] // 2   # its own D reach (the slab may hold more for a dilated application)
+            hidden = conv3d(slab[:, :, halo - h:halo + planes + h], conv.weight, conv.bias,
+                            padding=(0,) + conv.padding[1:], workers=self.workers)
+            field = mix(act(hidden))
+        else:
+            field = fn(slab)[:, :, halo:halo + planes]
+        return self._field(field, slab.shape[0], (planes,) + tuple(slab.shape[3:]))
 
     def extra_repr(self):
         s = f"{self.in_channels}, kernel_size={self.kernel_size}"
@@ -107,3 +114,69 @@ class DynamicConv3d(torch.nn.Module):
         if self.tile is not None:
             s += f", tile={self.tile}"
         return s
+
+
+class _TiledDynamic(torch.autograd.Function):
+    """DynamicConv3d tile by tile (D slabs of `tile` output planes). Forward keeps nothing but the input;
+    backward, per tile, recomputes the tile's kernel field with gradients, runs the dynamic convolution's
+    backward (volconv's kernels) and sends the field's gradient back through kernel_fn, summing the input and
+    parameter gradients tile by tile."""
+
+    @staticmethod
+    def forward(ctx, layer, pad, x, *params):
+        ctx.layer, ctx.pad = layer, pad
+        ctx.save_for_backward(x)
+        xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        out = torch.empty((x.shape[0], layer.in_channels if layer.out_channels is None else layer.out_channels)
+                          + tuple(x.shape[2:]), dtype=xf.dtype)
+        with torch.no_grad():
+            for a, b, slab, _, _, halo in _tiles(layer, xf, pad):
+                field = layer._tile_field(slab, halo, b - a)
+                xs = slab[:, :, halo - pad[0]:halo + (b - a) + pad[0]]
+                out[:, :, a:b] = dynamic_conv3d(xs, field, layer.kernel_size, 1, (0,) + pad[1:], layer.dilation,
+                                                workers=layer.workers)
+                del field
+        return out.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        from ..ops import dynamic
+
+        layer, pad = ctx.layer, ctx.pad
+        (x,) = ctx.saved_tensors
+        xf = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        params = [q for q in layer.kernel_fn.parameters() if q.requires_grad]
+        need_x = ctx.needs_input_grad[2]
+        gx = torch.zeros_like(xf) if need_x else None
+        gparams = [torch.zeros_like(q) for q in params]
+        g, r = grad.to(xf.dtype), pad[0]
+        for a, b, slab, leaf, lo, halo in _tiles(layer, xf, pad, grad=need_x):
+            with torch.enable_grad():
+                field = layer._tile_field(slab, halo, b - a)
+            xs = slab[:, :, halo - r:halo + (b - a) + r].detach().contiguous().numpy()
+            K = field.detach().contiguous().numpy()
+            lay = dynamic.Layout(xs.shape, K.shape, layer.kernel_size, 1, (0,) + pad[1:], layer.dilation)
+            gxs, gK = dynamic.backward(xs, K, g[:, :, a:b].contiguous().numpy(), lay, (need_x, True),
+                                       resolve_workers(layer.workers))
+            grads = torch.autograd.grad(field, [leaf] * need_x + params, torch.from_numpy(gK), allow_unused=True)
+            if need_x:   # the application's input planes [a - r, b + r) inside the volume, and kernel_fn's
+                s0, s1 = max(0, a - r), min(x.shape[2], b + r)
+                gx[:, :, s0:s1] += torch.from_numpy(gxs[:, :, s0 - (a - r):s1 - (a - r)])
+                gx[:, :, lo:lo + leaf.shape[2]] += grads[0]
+            for acc, gq in zip(gparams, grads[need_x:]):
+                if gq is not None:
+                    acc += gq
+            del field, K, gK, gxs, grads   # this tile's field and gradients go before the next tile's come
+        return (None, None, None if gx is None else gx.to(x.dtype), *gparams)
+
+
+def _tiles(layer, x, pad, grad=False):
+    """Per tile: output planes [a, b), the slab of x around them (zeros beyond the volume) holding the halo
+    of kernel_fn and of the application, the leaf of existing planes the slab pads, its first plane, the halo."""
+    halo = max(layer.kernel_fn_halo, pad[0])
+    for a in range(0, x.shape[2], layer.tile):
+        b = min(x.shape[2], a + layer.tile)
+        with torch.set_grad_enabled(grad):
+            slab, leaf, lo = layer._slab(x, a, b, halo)
+        yield a, b, slab, leaf, lo, halo
