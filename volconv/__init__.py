@@ -8,7 +8,7 @@ from .kernels import SeparableKernel
 from .ops.dense import conv3d, convolve, correlate
 from .ops import multiscale, nested
 from .ops.decomposed import cp_conv3d, tucker_conv3d
-from .ops.dynamic import dynamic_conv3d
+from .ops.dynamic import adaptive_filter, dynamic_conv3d
 from .ops.multiscale import multiscale_conv3d
 from .ops.nested import nested_conv3d
 from .ops.sparse import SparseKernel, sparse_conv3d
@@ -16,7 +16,7 @@ from .ops.sparse import SparseKernel, sparse_conv3d
 __version__ = "0.1.0"
 __all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "SparseKernel",
            "sparse_conv3d", "cp_conv3d", "tucker_conv3d", "nested_conv3d", "nested", "multiscale_conv3d",
-           "multiscale", "dynamic_conv3d", "decompose", "CPKernel", "TuckerKernel", "nn", "io", "dask", "Volume", "filter_nifti"]
+           "multiscale", "dynamic_conv3d", "adaptive_filter", "decompose", "CPKernel", "TuckerKernel", "nn", "io", "dask", "Volume", "filter_nifti"]
 
 
 def __getattr__(name):

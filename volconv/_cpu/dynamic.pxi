@@ -171,3 +171,38 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
         free(goff)
         free(dlist)
         free(hlist)
+
+
+def adaptive_gaussian(const floating[:, :, ::1] xp, const floating[:, :, :, ::1] gd,
+                      const floating[:, :, :, ::1] gh, const floating[:, :, :, ::1] gw, floating[:, :, ::1] out,
+                      Py_ssize_t d0, int nthreads):
+    """A separable kernel of its own at every voxel: out[d, h, w] = sum_a gd[a, d, h, w] sum_b gh[b, d, h, w]
+    sum_e gw[e, d, h, w] xp[d0 + d + a, h + b, w + e] (xp: the volume padded by the kernels' radii; gd, gh, gw:
+    every voxel's 1-D weights). The 3-D kernel is never formed: per row, the W sums, then H, then D, each a
+    dot_rows, so a voxel costs kd*kh*kw + kd*kh + kd multiply-adds and the weights 3 small fields, not k^3."""
+    cdef Py_ssize_t Ds = out.shape[0], H = out.shape[1], W = out.shape[2]
+    cdef Py_ssize_t kd = gd.shape[0], kh = gh.shape[0], kw = gw.shape[0], u, od, oh, a, b, e
+    cdef Py_ssize_t plane = gw.strides[0] // sizeof(floating)   # one weight's field to the next
+    cdef Py_ssize_t *woff = <Py_ssize_t *>malloc(kw * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *xoff = <Py_ssize_t *>malloc(kw * sizeof(Py_ssize_t))
+    cdef Py_ssize_t zero = 0
+    cdef floating *tmp
+    cdef floating *acc
+    for e in range(kw):
+        woff[e] = e * plane
+        xoff[e] = e
+    with nogil, parallel(num_threads=nthreads):
+        tmp = <floating *>malloc(W * sizeof(floating))
+        acc = <floating *>malloc(W * sizeof(floating))
+        for u in prange(Ds * H, schedule="static"):
+            od = u // H
+            oh = u % H
+            for a in range(kd):
+                for b in range(kh):
+                    dot_rows(tmp, &gw[0, od, oh, 0], woff, &xp[d0 + od + a, oh + b, 0], xoff, kw, <int>W, 0)
+                    dot_rows(acc, &gh[b, od, oh, 0], &zero, tmp, &zero, 1, <int>W, b > 0)
+                dot_rows(&out[od, oh, 0], &gd[a, od, oh, 0], &zero, acc, &zero, 1, <int>W, a > 0)
+        free(tmp)
+        free(acc)
+    free(woff)
+    free(xoff)
