@@ -177,3 +177,91 @@ def test_errors():
     m = vc.nn.DynamicConv3d(4, 3, kernel_fn=torch.nn.Conv3d(4, 5, 1))
     with pytest.raises(ValueError, match=r"kernel_fn must return \(N, 27, D, H, W\)"):
         m(torch.zeros(1, 4, 5, 5, 5))
+
+
+# ------------------------------------------------------------------------------------- adaptive filtering
+
+
+def brute_force_adaptive(v, sigma, zooms, truncate, mode, cval=0.0):
+    """Every voxel's own 3-D Gaussian (scipy's truncation and normalisation per axis), summed explicitly."""
+    z = np.asarray(zooms, float)
+    R = [int(truncate * sigma.max() / za + 0.5) for za in z]
+    pad = {"reflect": "symmetric", "nearest": "edge", "mirror": "reflect", "wrap": "wrap", "constant": "constant"}
+    vp = np.pad(v, [(r, r) for r in R], mode=pad[mode], **({"constant_values": cval} if mode == "constant" else {}))
+    out = np.empty_like(v)
+    for p in np.ndindex(v.shape):
+        g = []
+        for a in range(3):
+            s = sigma[p] / z[a]
+            own = int(truncate * s + 0.5)
+            t = np.arange(-own, own + 1)
+            w = np.exp(-0.5 * t ** 2 / s ** 2) if s > 0 else (t == 0).astype(float)
+            g.append(w / w.sum())
+        k = g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
+        sl = tuple(slice(p[a] + R[a] - len(g[a]) // 2, p[a] + R[a] + len(g[a]) // 2 + 1) for a in range(3))
+        out[p] = (k * vp[sl]).sum()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant", "nearest", "mirror", "wrap"])
+def test_adaptive_filter_against_per_voxel_kernels(mode):
+    r = np.random.default_rng(9)
+    v = r.standard_normal((6, 7, 9))
+    sigma = r.uniform(0, 2.0, v.shape)
+    sigma[0, 0, 0] = 0.0   # the voxel itself
+    zooms = (1.0, 1.5, 0.8)
+    got = vc.adaptive_filter(v, sigma, zooms, truncate=2.0, mode=mode, cval=0.3)
+    np.testing.assert_allclose(got, brute_force_adaptive(v, sigma, zooms, 2.0, mode, 0.3), rtol=0, atol=1e-12)
+
+
+def test_adaptive_filter_with_a_constant_map_is_gaussian_filter():
+    import scipy.ndimage as ndi
+
+    r = np.random.default_rng(10)
+    v = r.standard_normal((24, 19, 40)).astype(np.float32)
+    for sigma, zooms in ((2.0, None), (1.5, (1.0, 2.0, 0.7))):
+        got = vc.adaptive_filter(torch.from_numpy(v), np.full(v.shape, sigma, np.float32), zooms, truncate=3.0)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+        want = ndi.gaussian_filter(v.astype(np.float64), sigma / np.asarray(zooms or (1, 1, 1)), truncate=3.0)
+        assert np.abs(got.numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_adaptive_filter_errors():
+    v = np.zeros((4, 5, 6))
+    with pytest.raises(ValueError, match="sigma_map must have the volume's shape"):
+        vc.adaptive_filter(v, np.zeros((4, 5, 5)))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        vc.adaptive_filter(v, np.full(v.shape, -1.0))
+    with pytest.raises(ValueError, match="volume must be 3-D"):
+        vc.adaptive_filter(v[0], np.zeros((5, 6)))
+    with pytest.raises(ValueError, match="zooms must be 3 positive"):
+        vc.adaptive_filter(v, np.ones(v.shape), zooms=(1, 0, 1))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        vc.adaptive_filter(v, np.ones(v.shape), mode="circular")
+
+
+def test_cli_sigma_map(tmp_path, capsys):
+    import nibabel as nib
+    import scipy.ndimage as ndi
+
+    from volconv import cli
+
+    aff = np.diag([1.0, 2.0, 1.5, 1.0])
+    v = np.random.default_rng(11).standard_normal((20, 18, 16)).astype(np.float32)
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm")
+    nib.save(nib.Nifti1Image(v, aff, header), tmp_path / "v.nii.gz")
+    nib.save(nib.Nifti1Image(np.full(v.shape, 2.0, np.float32), aff, header), tmp_path / "s.nii.gz")
+    args = ["filter", str(tmp_path / "v.nii.gz"), str(tmp_path / "o.nii.gz"), "--sigma-map", str(tmp_path / "s.nii.gz")]
+    assert cli.main(args) == 0
+    out = nib.load(tmp_path / "o.nii.gz").get_fdata()
+    want = ndi.gaussian_filter(v.astype(np.float64), 2.0 / np.array([1.0, 2.0, 1.5]), truncate=3.0)
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+    assert cli.main(args) == 1 and "exists; use --force" in capsys.readouterr().err
+    nib.save(nib.Nifti1Image(np.full((20, 18, 15), 2.0, np.float32), aff, header), tmp_path / "bad.nii.gz")
+    assert cli.main(args[:2] + [str(tmp_path / "o2.nii.gz"), "--sigma-map", str(tmp_path / "bad.nii.gz")]) == 1
+    assert "must be 3-D on the volume's grid" in capsys.readouterr().err
+    assert not (tmp_path / "o2.nii.gz").exists() and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["bad.nii.gz", "o.nii.gz", "s.nii.gz", "v.nii.gz"]   # nothing left behind
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--mask", str(tmp_path / "s.nii.gz")])

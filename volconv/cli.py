@@ -18,6 +18,8 @@ import sys
 import time
 import warnings
 
+import numpy as np
+
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
 OUTPUT_DTYPES = ("float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
@@ -30,8 +32,10 @@ KERNEL_OPTIONS = {
     "ball": ("--ball", "RADIUS", "mean over the voxels within RADIUS of the centre (fslmaths -kernel sphere)"),
     "kernel": ("--kernel", "FILE", "a kernel stored as .npy or NIfTI (its values, in voxels; correlated, "
                                    "not flipped)"),
+    "sigma_map": ("--sigma-map", "MAP", "spatially varying Gaussian: a NIfTI map (the volume's grid) of sigma in "
+                                        "mm per voxel (vc.adaptive_filter; --truncate default 3; filter only)"),
 }
-GAUSSIANS = ("gaussian", "fwhm", "sigma_vox")
+GAUSSIANS = ("gaussian", "fwhm", "sigma_vox", "sigma_map")
 PROGRESS_DELAY_S = 1.0  # a progress bar appears only for work that lasts longer than this
 
 
@@ -291,12 +295,42 @@ def _filter_file(args, choice, src, dst, reporter, on_progress=None):
     return result
 
 
+def _adaptive_file(args, src, dst, reporter):
+    """`--sigma-map`: vc.adaptive_filter of every 3-D volume of src, written atomically to dst; the Volume."""
+    from . import io
+    from .ops.dynamic import adaptive_filter
+
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vol, sigma = io.load(src), io.load(args.sigma_map)
+        if sigma.data.ndim != 3 or sigma.data.shape != vol.data.shape[:3]:
+            raise CommandError(args.sigma_map, f"sigma map has shape {sigma.data.shape}; it must be 3-D on the "
+                                               f"volume's grid {vol.data.shape[:3]}")
+        if not np.allclose(sigma.affine, vol.affine, atol=1e-3):
+            raise CommandError(args.sigma_map, f"sigma map is not on the grid of {src} (their affines differ)")
+        truncate = 3.0 if args.truncate is None else args.truncate
+        run = lambda v: adaptive_filter(v, sigma.data, vol.zooms, truncate, mode=args.mode, cval=args.cval,  # noqa: E731
+                                        workers=args.workers)
+        data = run(vol.data) if vol.data.ndim == 3 else \
+            np.stack([run(vol.data[..., t]) for t in range(vol.data.shape[3])], axis=-1)
+        result = io.Volume(data, vol.affine, vol.header)
+        io.save(result, dst, dtype=args.odt, overwrite=args.force, workers=args.workers)
+    except (MemoryError, OSError, ValueError) as e:   # NiftiError is a ValueError
+        raise CommandError(*_failure(e, src, dst, args.sigma_map)) from e
+    _report_warnings(reporter, caught)
+    reporter.log(f"volconv: {src} -> {dst}: adaptive gaussian (sigma map {args.sigma_map}, truncate {truncate:g}), "
+                 f"{time.perf_counter() - start:.2f} s")
+    return result
+
+
 def _filter(args):
     reporter = Reporter(args.quiet)
     src, dst = args.input, args.output
     try:
         _check_device(args.device)
-        choice = KernelChoice(args)
+        choice = None if args.sigma_map is not None else KernelChoice(args)
         _check_output(dst, args.force)
         preview = _Preview(args.preview, args.force) if args.preview else None
     except CommandError as e:
@@ -305,7 +339,8 @@ def _filter(args):
     try:
         reporter.start_bar(total=1, unit="plane")
         progress = (lambda done, total: _set_total(reporter, done, total)) if reporter.bar else None
-        result = _filter_file(args, choice, src, dst, reporter, progress)
+        result = _adaptive_file(args, src, dst, reporter) if choice is None else \
+            _filter_file(args, choice, src, dst, reporter, progress)
         reporter.close_bar()
         if preview is not None:
             try:
@@ -776,7 +811,7 @@ def _add_filter_options(p, preview):
                              "for array axes i,j,k)")
     group = k.add_mutually_exclusive_group(required=True)
     for dest, (flag, metavar, help_text) in KERNEL_OPTIONS.items():
-        if dest == "kernel":
+        if dest in ("kernel", "sigma_map"):
             kind = str
         elif dest == "sigma_vox":
             kind = size_type(default_unit="vox", units=("vox",))
@@ -855,11 +890,16 @@ def _check_filter_args(sub, args):
     """Combinations argparse cannot express (exit 2 like its own errors); `sub` is the subcommand's parser."""
     if args.truncate is not None:
         if not any(getattr(args, k) is not None for k in GAUSSIANS):
-            sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox)")
+            sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox, --sigma-map)")
         if not args.truncate > 0:
             sub.error(f"--truncate must be positive, got {args.truncate:g}")
     if args.outside is not None and args.mask is None:
         sub.error("--outside needs --mask")
+    if getattr(args, "sigma_map", None) is not None:
+        if args.command != "filter":
+            sub.error("--sigma-map applies to `volconv filter` (one map for one volume's grid)")
+        if args.mask is not None or args.normalize:
+            sub.error("--sigma-map does not combine with --mask or --normalize")
     args.outside = args.outside or "keep"
     out = getattr(args, "output", None)
     if out is not None and not out.lower().endswith(NIFTI_EXTENSIONS):
