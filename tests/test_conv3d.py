@@ -505,7 +505,7 @@ def test_nan_inf_propagate_like_torch(algorithm, size, channels, kernel, stride,
 def test_every_simd_build(level):
     """The direct kernel is compiled once per SIMD level and the CPU picks one at import, so the run above only
     tests that one. VOLCONV_SIMD forces a level (read at import, hence a subprocess): rerun the direct tests
-    (forward, gradients, thread determinism, the fused separable, sparse and nested kernels) under each level
+    (forward, gradients, thread determinism, the fused separable, sparse, nested and dynamic kernels) under each level
     this CPU can execute."""
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, VOLCONV_SIMD=level)
@@ -521,9 +521,9 @@ def test_every_simd_build(level):
     if level == (os.environ.get("VOLCONV_SIMD") or default):
         pytest.skip(f"{level} is the build this run already tests")
     files = [os.path.join(tests, f) for f in ("test_conv3d.py", "test_autograd.py", "test_threads.py",
-                                              "test_separable.py", "test_sparse.py", "test_nested.py")]
+                                              "test_separable.py", "test_sparse.py", "test_nested.py", "test_dynamic.py")]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
-                          "-k", "(direct or separable or sparse or nested or fused) and not simd and not 20-1-19"], env=env, cwd=tests,
+                          "-k", "(direct or separable or sparse or nested or fused or unfold or adaptive) and not simd and not 20-1-19"], env=env, cwd=tests,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"VOLCONV_SIMD={level}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
     assert " passed" in run.stdout and "no tests ran" not in run.stdout
