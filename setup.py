@@ -1,4 +1,5 @@
-"""Build of volconv's compiled kernels. Needs Cython >= 3 and numpy; never torch, never nvcc.
+"""Build of volconv's compiled kernels. Needs Cython >= 3 and numpy; never torch; nvcc only for the optional
+CUDA plugin (built when nvcc is on PATH; VOLCONV_CUDA=0 skips it, VOLCONV_CUDA=1 makes its failure fatal).
 
 The direct kernels (volconv/_cpu/direct.pxi + kernels.h) are compiled three times, for baseline x86-64,
 AVX2+FMA and AVX-512; volconv/_cpu/__init__.py imports the best one the CPU supports. VOLCONV_NATIVE=1 adds
@@ -52,6 +53,48 @@ class BuildExt(build_ext):
             if native:
                 ext.extra_compile_args.append("-march=native")
         super().build_extensions()
+        self.build_cuda_plugin()
+
+    def plugin_path(self):
+        """volconv/_cuda_plugin.so beside the compiled kernels (the source tree for an editable install)."""
+        cpu_dir = os.path.dirname(self.get_ext_fullpath("volconv._cpu._direct_generic"))
+        return os.path.join(os.path.dirname(cpu_dir), "_cuda_plugin.so")
+
+    def build_cuda_plugin(self):
+        """nvcc present: build the CUDA plugin (VOLCONV_CUDA=0 skips it, =1 makes a failure fatal)."""
+        wanted = os.environ.get("VOLCONV_CUDA", "")
+        if wanted == "0" or (wanted != "1" and shutil.which("nvcc") is None):
+            return
+        cuda = load_cuda_builder()
+        try:
+            self.plugin_built = cuda.build(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_plugin"),
+                                           self.plugin_path())
+        except RuntimeError as e:
+            if wanted == "1":
+                raise
+            print(f"volconv: CUDA plugin not built ({e}); `python -m volconv.cuda build` retries", file=sys.stderr)
+
+    def copy_extensions_to_source(self):
+        """In-place (editable) builds: the plugin joins the compiled kernels in the source tree."""
+        super().copy_extensions_to_source()
+        built = getattr(self, "plugin_built", None)
+        if built and os.path.exists(built) and os.path.abspath(built) != os.path.abspath(self.plugin_path()):
+            shutil.copyfile(built, self.plugin_path())
+
+    def get_outputs(self):
+        outputs = super().get_outputs()
+        return outputs + [self.plugin_path()] if os.path.exists(self.plugin_path()) else outputs
+
+
+def load_cuda_builder():
+    """volconv/cuda.py by path (it imports nothing from volconv): the one place that knows the nvcc command."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "volconv_cuda_builder", os.path.join(os.path.dirname(os.path.abspath(__file__)), "volconv", "cuda.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def direct_extension(variant):

@@ -9,7 +9,7 @@ Exit codes: 0 success, 2 bad arguments (argparse's own), 1 failure. A failure pr
 "volconv: error: <file>: <problem>" and leaves no output file behind: the NIfTI is written atomically by
 vc.io.save, the preview PNG through a temporary file that is renamed into place.
 
-Nothing here imports torch (only `--device cuda` would need it, and the CUDA plugin is not built yet);
+Nothing here imports torch (only `--device cuda` would need it);
 matplotlib (--preview) and tqdm (progress bars) are imported only when used.
 """
 import argparse

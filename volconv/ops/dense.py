@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from .. import _cpu
+from .. import _cpu, _cuda
 from . import decomposed, sparse
 from .._dispatch import Caller, is_tensor, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
@@ -387,7 +387,10 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     may choose it for channel-mixing layers when torch is already imported). workers: threads (None: all OpenMP allows; -1: all
     cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the caller's type,
     dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
-    propagate as in torch (algorithm="fft" spreads them over the whole output)."""
+    propagate as in torch (algorithm="fft" spreads them over the whole output). CUDA tensors run on the GPU by
+    the CUDA plugin (volconv/_cuda.py; `algorithm` and `workers` do not apply there)."""
+    if _cuda.is_cuda(input):
+        return _cuda.conv3d(input, weight, bias, stride, padding, dilation, groups, padding_mode)
     if getattr(weight, "ndim", None) == 5 and type(weight).__name__ in ("CPKernel", "TuckerKernel"):
         run_factored = decomposed.cp_conv3d if type(weight).__name__ == "CPKernel" else decomposed.tucker_conv3d
         if groups != 1:

@@ -1,0 +1,251 @@
+// Direct 3-D convolution on the GPU: forward, input gradient and weight gradient (torch.conv3d semantics, zero
+// padding, any groups, stride and dilation). See volconv_cuda.h for the interface.
+//
+// Forward: a block computes a 32 x 8 tile of output columns x rows of one output plane and channel; the
+// channel's weights sit in shared memory when they fit (48 KiB), every thread accumulates one voxel in a
+// register, reading its inputs through the read-only cache (neighbouring threads read neighbouring columns).
+// Input gradient: one thread per input voxel gathers the output voxels whose taps land on it (no atomics).
+// Weight gradient: one block per weight reduces over every output voxel in a fixed order (deterministic).
+#include <cuda_runtime.h>
+
+#include "volconv_cuda.h"
+
+namespace {
+
+enum { VC_BAD_GEOMETRY = 10000, VC_BAD_DTYPE = 10001 };
+
+struct Geom {
+    long long N, C, D, H, W, O, G, kd, kh, kw, Do, Ho, Wo, sd, sh, sw, pd, ph, pw, dd, dh, dw;
+};
+
+Geom read_geom(const long long *g)
+{
+    return Geom{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14],
+                g[15], g[16], g[17], g[18], g[19], g[20], g[21]};
+}
+
+constexpr int TX = 32, TY = 8;               // forward tile: columns x rows
+constexpr long long SHARED_WEIGHTS = 48 * 1024;
+
+template <typename T>
+__global__ void conv3d_forward_kernel(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ b,
+                                      T *__restrict__ out, Geom g, bool weights_in_shared)
+{
+    extern __shared__ unsigned char smem[];
+    T *ws = reinterpret_cast<T *>(smem);
+    const long long Cg = g.C / g.G, taps = g.kd * g.kh * g.kw;
+    const long long tiles_w = (g.Wo + TX - 1) / TX;
+    const long long ow = (blockIdx.x % tiles_w) * TX + threadIdx.x;
+    const long long oh = (blockIdx.x / tiles_w) * TY + threadIdx.y;
+    const long long od = blockIdx.y;
+    const long long n = blockIdx.z / g.O, o = blockIdx.z % g.O;
+    const T *wo = w + o * Cg * taps;
+    if (weights_in_shared) {
+        for (long long i = threadIdx.y * TX + threadIdx.x; i < Cg * taps; i += TX * TY)
+            ws[i] = wo[i];
+        __syncthreads();
+        wo = ws;
+    }
+    if (ow >= g.Wo || oh >= g.Ho)
+        return;
+    const long long c0 = (o / (g.O / g.G)) * Cg;
+    T acc = b ? b[o] : T(0);
+    for (long long c = 0; c < Cg; c++) {
+        const T *xc = x + ((n * g.C + c0 + c) * g.D) * g.H * g.W;
+        for (long long a = 0; a < g.kd; a++) {
+            const long long id = od * g.sd - g.pd + a * g.dd;
+            if (id < 0 || id >= g.D)
+                continue;
+            for (long long bb = 0; bb < g.kh; bb++) {
+                const long long ih = oh * g.sh - g.ph + bb * g.dh;
+                if (ih < 0 || ih >= g.H)
+                    continue;
+                const T *row = xc + (id * g.H + ih) * g.W;
+                const T *wr = wo + ((c * g.kd + a) * g.kh + bb) * g.kw;
+                for (long long e = 0; e < g.kw; e++) {
+                    const long long iw = ow * g.sw - g.pw + e * g.dw;
+                    if (iw >= 0 && iw < g.W)
+                        acc += __ldg(row + iw) * wr[e];
+                }
+            }
+        }
+    }
+    out[(((n * g.O + o) * g.Do + od) * g.Ho + oh) * g.Wo + ow] = acc;
+}
+
+// Position q along an axis receives output position p through tap t when p * s - pad + t * dil == q.
+__device__ inline bool source(long long q, long long t, long long s, long long pad, long long dil, long long n_out,
+                              long long *p)
+{
+    const long long num = q + pad - t * dil;
+    if (num < 0 || num % s)
+        return false;
+    *p = num / s;
+    return *p < n_out;
+}
+
+template <typename T>
+__global__ void conv3d_grad_input_kernel(const T *__restrict__ grad, const T *__restrict__ w, T *__restrict__ gx,
+                                         Geom g)
+{
+    const long long total = g.N * g.C * g.D * g.H * g.W;
+    const long long Cg = g.C / g.G, Og = g.O / g.G;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long iw = i % g.W, ih = (i / g.W) % g.H, id = (i / (g.W * g.H)) % g.D;
+        const long long c = (i / (g.W * g.H * g.D)) % g.C, n = i / (g.W * g.H * g.D * g.C);
+        const long long grp = c / Cg, cc = c % Cg;
+        T acc = 0;
+        for (long long a = 0; a < g.kd; a++) {
+            long long od;
+            if (!source(id, a, g.sd, g.pd, g.dd, g.Do, &od))
+                continue;
+            for (long long bb = 0; bb < g.kh; bb++) {
+                long long oh;
+                if (!source(ih, bb, g.sh, g.ph, g.dh, g.Ho, &oh))
+                    continue;
+                for (long long e = 0; e < g.kw; e++) {
+                    long long ow;
+                    if (!source(iw, e, g.sw, g.pw, g.dw, g.Wo, &ow))
+                        continue;
+                    for (long long o = grp * Og; o < (grp + 1) * Og; o++)
+                        acc += grad[(((n * g.O + o) * g.Do + od) * g.Ho + oh) * g.Wo + ow] *
+                               w[(((o * Cg + cc) * g.kd + a) * g.kh + bb) * g.kw + e];
+                }
+            }
+        }
+        gx[i] = acc;
+    }
+}
+
+constexpr int REDUCE = 256;
+
+template <typename T>
+__global__ void conv3d_grad_weight_kernel(const T *__restrict__ x, const T *__restrict__ grad, T *__restrict__ gw,
+                                          Geom g)
+{
+    __shared__ T part[REDUCE];
+    const long long Cg = g.C / g.G, Og = g.O / g.G;
+    const long long k = blockIdx.x;   // weight index (o, c, a, b, e)
+    const long long e = k % g.kw, bb = (k / g.kw) % g.kh, a = (k / (g.kw * g.kh)) % g.kd;
+    const long long cc = (k / (g.kw * g.kh * g.kd)) % Cg, o = k / (g.kw * g.kh * g.kd * Cg);
+    const long long c = (o / Og) * Cg + cc;
+    const long long per = g.Do * g.Ho * g.Wo, total = g.N * per;
+    T acc = 0;
+    for (long long i = threadIdx.x; i < total; i += REDUCE) {
+        const long long ow = i % g.Wo, oh = (i / g.Wo) % g.Ho, od = (i / (g.Wo * g.Ho)) % g.Do, n = i / per;
+        const long long id = od * g.sd - g.pd + a * g.dd, ih = oh * g.sh - g.ph + bb * g.dh;
+        const long long iw = ow * g.sw - g.pw + e * g.dw;
+        if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W)
+            continue;
+        acc += grad[(n * g.O + o) * per + (od * g.Ho + oh) * g.Wo + ow] *
+               x[(((n * g.C + c) * g.D + id) * g.H + ih) * g.W + iw];
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = REDUCE / 2; s > 0; s >>= 1) {   // a fixed tree: the same sum on every run
+        if (threadIdx.x < s)
+            part[threadIdx.x] += part[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        gw[k] = part[0];
+}
+
+bool valid(const Geom &g)
+{
+    return g.N > 0 && g.C > 0 && g.O > 0 && g.G > 0 && g.C % g.G == 0 && g.O % g.G == 0 && g.Do > 0 && g.Ho > 0 &&
+           g.Wo > 0 && g.sd > 0 && g.sh > 0 && g.sw > 0 && g.dd > 0 && g.dh > 0 && g.dw > 0 && g.Do <= 65535 &&
+           g.N * g.O <= 65535;
+}
+
+int status(cudaError_t e) { return e == cudaSuccess ? 0 : static_cast<int>(e); }
+
+template <typename T>
+int forward(const void *x, const void *w, const void *b, void *out, const Geom &g, cudaStream_t stream)
+{
+    const long long wbytes = (g.C / g.G) * g.kd * g.kh * g.kw * (long long)sizeof(T);
+    const bool shared = wbytes <= SHARED_WEIGHTS;
+    dim3 block(TX, TY), grid((unsigned)(((g.Wo + TX - 1) / TX) * ((g.Ho + TY - 1) / TY)), (unsigned)g.Do,
+                             (unsigned)(g.N * g.O));
+    conv3d_forward_kernel<T><<<grid, block, shared ? wbytes : 0, stream>>>(
+        static_cast<const T *>(x), static_cast<const T *>(w), static_cast<const T *>(b), static_cast<T *>(out), g,
+        shared);
+    return status(cudaGetLastError());
+}
+
+template <typename T>
+int grad_input(const void *grad, const void *w, void *gx, const Geom &g, cudaStream_t stream)
+{
+    const long long total = g.N * g.C * g.D * g.H * g.W;
+    const unsigned blocks = (unsigned)((total + 255) / 256 < 65535 * 16 ? (total + 255) / 256 : 65535 * 16);
+    conv3d_grad_input_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T *>(grad), static_cast<const T *>(w),
+                                                            static_cast<T *>(gx), g);
+    return status(cudaGetLastError());
+}
+
+template <typename T>
+int grad_weight(const void *x, const void *grad, void *gw, const Geom &g, cudaStream_t stream)
+{
+    const long long weights = g.O * (g.C / g.G) * g.kd * g.kh * g.kw;
+    if (weights > 0x7fffffffLL)
+        return VC_BAD_GEOMETRY;
+    conv3d_grad_weight_kernel<T><<<(unsigned)weights, REDUCE, 0, stream>>>(
+        static_cast<const T *>(x), static_cast<const T *>(grad), static_cast<T *>(gw), g);
+    return status(cudaGetLastError());
+}
+
+}  // namespace
+
+extern "C" {
+
+int vc_cuda_abi(void) { return 1; }
+
+const char *vc_cuda_error_string(int code)
+{
+    if (code == VC_BAD_GEOMETRY)
+        return "a geometry this kernel cannot take (batch x output channels and output depth must be at most "
+               "65535, channels divisible by groups)";
+    if (code == VC_BAD_DTYPE)
+        return "dtype must be float32 (0) or float64 (1)";
+    return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+int vc_cuda_device_count(void)
+{
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+int vc_conv3d_forward(int dtype, const void *x, const void *w, const void *b, void *out, const long long *geom,
+                      void *stream)
+{
+    const Geom g = read_geom(geom);
+    if (!valid(g))
+        return VC_BAD_GEOMETRY;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    return dtype == 0 ? forward<float>(x, w, b, out, g, s) : dtype == 1 ? forward<double>(x, w, b, out, g, s)
+                                                                        : VC_BAD_DTYPE;
+}
+
+int vc_conv3d_grad_input(int dtype, const void *grad, const void *w, void *gx, const long long *geom, void *stream)
+{
+    const Geom g = read_geom(geom);
+    if (!valid(g))
+        return VC_BAD_GEOMETRY;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    return dtype == 0 ? grad_input<float>(grad, w, gx, g, s) : dtype == 1 ? grad_input<double>(grad, w, gx, g, s)
+                                                                           : VC_BAD_DTYPE;
+}
+
+int vc_conv3d_grad_weight(int dtype, const void *x, const void *grad, void *gw, const long long *geom, void *stream)
+{
+    const Geom g = read_geom(geom);
+    if (!valid(g))
+        return VC_BAD_GEOMETRY;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    return dtype == 0 ? grad_weight<float>(x, grad, gw, g, s) : dtype == 1 ? grad_weight<double>(x, grad, gw, g, s)
+                                                                           : VC_BAD_DTYPE;
+}
+
+}  // extern "C"

@@ -1,0 +1,33 @@
+/* volconv's CUDA plugin: a plain C interface over device pointers, loaded by volconv/_cuda.py with ctypes.
+ * No torch headers: nvcc alone builds it, on a machine without a GPU too.
+ *
+ * Every function returns 0 or an error code (vc_cuda_error_string says what it is: a CUDA error, or a
+ * geometry the kernel cannot take); `stream` is the caller's cudaStream_t (torch's current stream).
+ * dtype: 0 float32, 1 float64. Arrays are contiguous, layout NCDHW; weights (O, C/groups, kd, kh, kw).
+ * geom (int64[22]): N, C, D, H, W, O, groups, kd, kh, kw, Do, Ho, Wo, sd, sh, sw, pd, ph, pw, dd, dh, dw
+ * (torch.conv3d semantics with zero padding pd/ph/pw before each axis; the caller pads for other modes). */
+#ifndef VOLCONV_CUDA_H
+#define VOLCONV_CUDA_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int vc_cuda_abi(void);                 /* bumped when a signature changes */
+const char *vc_cuda_error_string(int code);
+int vc_cuda_device_count(void);        /* 0 without a GPU or a driver */
+
+/* out = conv3d(x, w, b); b may be NULL. */
+int vc_conv3d_forward(int dtype, const void *x, const void *w, const void *b, void *out, const long long *geom,
+                      void *stream);
+/* gx = d loss / d x for grad = d loss / d out: each input voxel gathers the output voxels that read it. */
+int vc_conv3d_grad_input(int dtype, const void *grad, const void *w, void *gx, const long long *geom,
+                         void *stream);
+/* gw = d loss / d w: one block per weight, a fixed-order reduction (deterministic). */
+int vc_conv3d_grad_weight(int dtype, const void *x, const void *grad, void *gw, const long long *geom,
+                          void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
