@@ -83,8 +83,13 @@ class CPConv3d(_Factored):
         error). The decomposition's relative error is kept in `.relative_error`."""
         from ..decompose import cp
 
+        cls._conv_args(conv)   # a Conv3d, checked before the decomposition's work
+        return cls.from_kernel(conv, cp(conv.weight, rank, **decompose_options), workers=workers)
+
+    @classmethod
+    def from_kernel(cls, conv, k, *, workers=None):
+        """The CP layer of a torch.nn.Conv3d's geometry and bias with the factors of a CPKernel k of its weight."""
         args = cls._conv_args(conv)
-        k = cp(conv.weight, rank, **decompose_options)
         new = cls(*args, rank=k.rank, workers=workers, device=conv.weight.device, dtype=conv.weight.dtype)
         a, b, d, h, e = (torch.as_tensor(f, dtype=conv.weight.dtype) for f in k.factors)
         with torch.no_grad():
@@ -142,9 +147,16 @@ class TuckerConv3d(_Factored):
         """The Tucker layer of a trained torch.nn.Conv3d (vc.decompose.tucker with these ranks)."""
         from ..decompose import tucker
 
+        cls._conv_args(conv)
+        return cls.from_kernel(conv, tucker(conv.weight, ranks, **decompose_options), workers=workers)
+
+    @classmethod
+    def from_kernel(cls, conv, k, *, workers=None):
+        """The Tucker layer of a torch.nn.Conv3d's geometry and bias with a TuckerKernel k of its weight."""
         args = cls._conv_args(conv)
-        k = tucker(conv.weight, ranks, **decompose_options)
-        new = cls(*args, ranks=tuple(ranks), workers=workers, device=conv.weight.device, dtype=conv.weight.dtype)
+        ranks = tuple(int(n) for n in k.core.shape[:2]) if all(f is None for f in k.factors[2:]) else \
+            tuple(int(n) for n in k.core.shape)
+        new = cls(*args, ranks=ranks, workers=workers, device=conv.weight.device, dtype=conv.weight.dtype)
         names = ("out_factor", "in_factor", "factor_d", "factor_h", "factor_w")
         with torch.no_grad():
             new.core.copy_(torch.as_tensor(k.core))
