@@ -1,6 +1,7 @@
 """PyTorch layers over volconv's kernels (torch.nn argument names and defaults; autograd on CPU)."""
 from .blocks import ChannelAttention3d, Res2Block3d
 from .conv import Conv3d
+from .convert import ConversionReport, convert
 from .dynamic import DynamicConv3d
 from .lowrank import CPConv3d, TuckerConv3d
 from .nested import MultiScaleConv3d, NestedConv3d
@@ -8,4 +9,5 @@ from .sparse import SparseConv3d
 from .variable import VariableKernelConv3d
 
 __all__ = ["Conv3d", "SparseConv3d", "CPConv3d", "TuckerConv3d", "NestedConv3d", "MultiScaleConv3d", "DynamicConv3d",
-           "VariableKernelConv3d", "Res2Block3d", "ChannelAttention3d"]
+           "VariableKernelConv3d", "Res2Block3d", "ChannelAttention3d", "convert",
+           "ConversionReport"]
