@@ -137,6 +137,7 @@ def _convert_one(name, conv, to, rank, tolerance, density, workers):
     if to == "tucker":
         if rank is not None:
             ranks = (rank, rank) if isinstance(rank, int) else tuple(rank)
+            ranks = (min(ranks[0], conv.out_channels), min(ranks[1], conv.in_channels))   # at most full rank
             new = TuckerConv3d.from_kernel(conv, tucker(w.cpu(), ranks), workers=workers)
         else:
             found = [c for c in suggest(w.cpu(), tolerance) if c.kind == "tucker"]
