@@ -20,10 +20,22 @@ def is_tensor(x):
 
 
 def wants_autograd(*args):
-    """True when a torch tensor among args needs a gradient (the op must go through its autograd Function)."""
+    """True when a torch tensor among args needs a gradient (the op must go through its autograd Function), or
+    while torch.compile / export trace tensors (the autograd paths are then volconv's custom operators)."""
     torch = _torch()
-    return (torch is not None and torch.is_grad_enabled()
-            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+    if torch is None:
+        return False
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if tensors and torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def compiling():
+    """True while torch.compile / torch.export trace: tensor ops then go through volconv's custom operators
+    (nn/_library.py), which the tracer can see into."""
+    torch = _torch()
+    return torch is not None and torch.compiler.is_compiling()
 
 
 def _device(x):

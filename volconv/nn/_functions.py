@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._dispatch import Caller
+from .._dispatch import Caller, compiling
 from .._validate import workers as resolve_workers
 from ..ops import dense
 
@@ -57,6 +57,11 @@ def conv_autograd(x, w, b, spec, algorithm, workers):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, w = x.to(dtype).contiguous(), w.to(dtype).contiguous()
     b = None if b is None else b.to(dtype).contiguous()
+    if compiling():   # traced: the custom operator (its "auto" decides inside, on the real arrays)
+        from . import _library
+
+        return _library.conv3d(x, w, b, *_library.spec_args(spec), dense.resolve_algorithm(algorithm),
+                               _library.threads_arg(workers))
     algorithm, nthreads = dense.resolve_algorithm(algorithm), resolve_workers(workers)
     torch_reachable = spec.mode in dense.TORCH_PAD_MODES and spec.cval == 0
     if algorithm == "auto":
@@ -101,17 +106,24 @@ class SparseConv3dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, values = ctx.saved_tensors
-        w = np.zeros(ctx.shape, x.numpy().dtype)
-        w[tuple(ctx.indices.T)] = values.numpy()
-        gx, gw, gb = conv_backward(ctx, grad, x.numpy(), w, "auto")
+        gx, gw, gb = conv_backward(ctx, grad, x.numpy(), sparse_dense_weight(values.numpy(), ctx.indices, ctx.shape),
+                                   "auto")
         gv = None if gw is None else torch.from_numpy(np.ascontiguousarray(gw[tuple(ctx.indices.T)]))
         return gx, gv, gb, None, None, None, None
+
+
+def sparse_dense_weight(values, indices, shape):
+    """The dense weight a sparse kernel's values fill (its backward runs through it)."""
+    w = np.zeros(shape, values.dtype)
+    w[tuple(indices.T)] = values
+    return w
 
 
 def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilation, groups, padding_mode,
                     workers):
     """vc.sparse_conv3d on torch tensors that need gradients (input, bias, or the values)."""
-    Caller("sparse_conv3d", [input, bias], ["input", "bias"])  # devices and dtypes checked
+    if not compiling():
+        Caller("sparse_conv3d", [input, bias], ["input", "bias"])  # devices and dtypes checked
     spec = dense.conv_spec(tuple(input.shape), tuple(shape), bias, stride, padding, dilation, groups,
                            padding_mode)
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -123,7 +135,14 @@ def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilati
     else:
         v = torch.as_tensor(np.asarray(values), dtype=dtype)
     b = None if bias is None else tensor(bias, like=x).to(dtype).contiguous()
-    out = SparseConv3dFunction.apply(x, v, b, indices, shape, spec, resolve_workers(workers))
+    if compiling():
+        from . import _library
+
+        stride_, pads, dilation_, groups_, mode, _ = _library.spec_args(spec)
+        out = _library.sparse_conv3d(x, v, b, torch.as_tensor(np.asarray(indices)), list(shape), stride_, pads,
+                                     dilation_, groups_, mode, _library.threads_arg(workers))
+    else:
+        out = SparseConv3dFunction.apply(x, v, b, indices, shape, spec, resolve_workers(workers))
     return out.to(input.dtype)
 
 
@@ -144,22 +163,29 @@ class SeparableFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        from ..ops import decomposed
-
         z, *factors = ctx.saved_tensors
-        fd, fh, fw = (f.numpy() for f in factors)
-        g = grad.contiguous().numpy()
-        gz = gd = gh = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = decomposed.separable_backward_input(g, fd, fh, fw, ctx.spec, ctx.nthreads)
-            if gx is None:   # strided: the dense depthwise weight's transposed convolution
-                W = np.einsum("ra,rb,re->rabe", fd, fh, fw)[:, None].astype(g.dtype)
-                gx = dense.backward_input(g, W, ctx.spec, "auto", ctx.nthreads)
-            gz = torch.from_numpy(gx)
-        if any(ctx.needs_input_grad[1:4]):
-            gd, gh, gw = (torch.from_numpy(np.ascontiguousarray(t)) for t in
-                          decomposed.separable_backward_factors(z.numpy(), g, fd, fh, fw, ctx.spec, ctx.nthreads))
-        return gz, gd, gh, gw, None, None
+        gz, gd, gh, gw = separable_grads(z.numpy(), grad.contiguous().numpy(), *(f.numpy() for f in factors),
+                                         ctx.spec, ctx.nthreads, ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4]))
+        as_t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+        return as_t(gz), as_t(gd), as_t(gh), as_t(gw), None, None
+
+
+def separable_grads(z, g, fd, fh, fw, spec, nthreads, need_input, need_factors):
+    """(input, fd, fh, fw) gradients of the separable depthwise pass, numpy (None where not needed): the input
+    gradient a separable pass with the reversed factors (at stride 1; the dense depthwise weight's transposed
+    convolution otherwise), each factor's a 1-D weight gradient."""
+    from ..ops import decomposed
+
+    gz = gd = gh = gw = None
+    if need_input:
+        gz = decomposed.separable_backward_input(g, fd, fh, fw, spec, nthreads)
+        if gz is None:   # strided
+            W = np.einsum("ra,rb,re->rabe", fd, fh, fw)[:, None].astype(g.dtype)
+            gz = dense.backward_input(g, W, spec, "auto", nthreads)
+    if need_factors:
+        gd, gh, gw = (np.ascontiguousarray(t) for t in
+                      decomposed.separable_backward_factors(z, g, fd, fh, fw, spec, nthreads))
+    return gz, gd, gh, gw
 
 
 class ProjectFunction(torch.autograd.Function):
@@ -206,25 +232,42 @@ def factored_autograd(input, bias, stride, padding, dilation, padding_mode, work
     as tensors, as vc.nn.CPConv3d and TuckerConv3d do): projections by torch, the spatial part by volconv."""
     from ..ops.decomposed import ConvSpec
 
-    Caller("conv3d", [input, bias], ["input", "bias"])
+    traced = compiling()
+    if not traced:
+        Caller("conv3d", [input, bias], ["input", "bias"])
     spec = dense.conv_spec(tuple(input.shape), tuple(w_shape), bias, stride, padding, dilation, 1, padding_mode)
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = tensor(input).to(dtype)
     as_t = lambda a: (a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))).to(dtype)  # noqa: E731
-    nthreads = resolve_workers(workers)
-    z = ProjectFunction.apply(x, as_t(in_f).T, None)
+    if traced:   # torch.compile / export: plain torch projections, the spatial part as custom operators
+        from . import _library
+
+        nthreads = _library.threads_arg(workers)
+    else:
+        nthreads = resolve_workers(workers)
+    z = torch.einsum("cr,ncdhw->nrdhw", as_t(in_f), x) if traced else ProjectFunction.apply(x, as_t(in_f).T, None)
     if spatial is not None:
         fd, fh, fw = (as_t(f).contiguous() for f in spatial)
         R = z.shape[1]
         sspec = ConvSpec(tuple(z.shape), (R, 1) + tuple(w_shape[2:]), stride=spec.stride, pads=spec.pads,
                          dilation=spec.dilation, groups=R, mode=spec.mode)
-        u = SeparableFunction.apply(z, fd, fh, fw, sspec, nthreads)
+        if traced:
+            stride_, pads, dilation_, _, mode, _ = _library.spec_args(sspec)
+            u = _library.separable_conv3d(z.contiguous(), fd, fh, fw, stride_, pads, dilation_, mode, nthreads)
+        else:
+            u = SeparableFunction.apply(z, fd, fh, fw, sspec, nthreads)
     else:
         c = as_t(core).contiguous()
         cspec = ConvSpec(tuple(z.shape), tuple(c.shape), stride=spec.stride, pads=spec.pads, dilation=spec.dilation,
                          groups=1, mode=spec.mode)
-        u = conv_autograd(z, c, None, cspec, "direct", nthreads)   # oneDNN's 3-D backward is slower here
+        if traced:
+            u = _library.conv3d(z.contiguous(), c, None, *_library.spec_args(cspec), "direct", nthreads)
+        else:
+            u = conv_autograd(z, c, None, cspec, "direct", nthreads)   # oneDNN's 3-D backward is slower here
     b = None if bias is None else tensor(bias).to(dtype)
+    if traced:
+        out = torch.einsum("or,nrdhw->nodhw", as_t(out_f), u)
+        return (out if b is None else out + b.reshape(1, -1, 1, 1, 1)).to(input.dtype)
     return ProjectFunction.apply(u, as_t(out_f), b).to(input.dtype)
 
 
@@ -271,14 +314,22 @@ def nested_autograd(input, weights, biases, activation, groups, algorithm, worke
     if algorithm == "composed":
         raise ValueError("algorithm='composed' is for inference (it differs from the chain near the border); "
                          "use 'auto', 'fused' or 'stages' with gradients")
-    Caller("nested_conv3d", [input], ["input"])
+    if not compiling():
+        Caller("nested_conv3d", [input], ["input"])
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = tensor(input).to(dtype).contiguous()
     ws = [tensor(w).to(dtype).contiguous() for w in weights]
     bs = [None if b is None else tensor(b).to(dtype).contiguous() for b in biases]
     specs = nested.stage_specs(tuple(x.shape), ws, groups)
     nested.check_biases(bs, specs)
-    out = NestedFunction.apply((activation, specs, algorithm, resolve_workers(workers)), x, *ws, *bs)
+    if compiling():
+        from . import _library
+
+        if algorithm == "composed":
+            raise ValueError("algorithm='composed' is for inference; use 'auto', 'fused' or 'stages' when tracing")
+        out = _library.nested_conv3d(x, ws, bs, activation or "", groups, algorithm, _library.threads_arg(workers))
+    else:
+        out = NestedFunction.apply((activation, specs, algorithm, resolve_workers(workers)), x, *ws, *bs)
     return out.to(input.dtype)
 
 
@@ -303,6 +354,18 @@ class DynamicConv3dFunction(torch.autograd.Function):
                                   ctx.needs_input_grad[:2], ctx.nthreads)
         return (None if gx is None else torch.from_numpy(gx), None if gK is None else torch.from_numpy(gK), None,
                 None)
+
+
+def traced_dynamic(input, kernels, kernel_size, stride, padding, dilation, workers):
+    """vc.dynamic_conv3d while torch.compile / export trace: the custom operator, which checks the geometry."""
+    from .._validate import triple
+    from . import _library
+
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    text = padding if isinstance(padding, str) else ",".join(map(str, triple(padding, "padding")))
+    return _library.dynamic_conv3d(input.to(dtype), kernels.to(dtype), list(triple(kernel_size, "kernel_size")),
+                                   list(triple(stride, "stride")), text, list(triple(dilation, "dilation")),
+                                   _library.threads_arg(workers)).to(input.dtype)
 
 
 def dynamic_autograd(input, kernels, layout, nthreads):

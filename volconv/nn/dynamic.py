@@ -5,6 +5,7 @@ exists at once."""
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._dispatch import compiling
 from .._validate import triple, workers as resolve_workers
 from ..ops.dense import conv3d
 from ..ops.dynamic import dynamic_conv3d
@@ -76,7 +77,7 @@ class DynamicConv3d(torch.nn.Module):
         if input.dim() != 5 or input.shape[1] != self.in_channels:
             raise ValueError(f"input must be 5-D (N, {self.in_channels}, D, H, W), got shape {tuple(input.shape)}")
         pad = tuple(k // 2 * d for k, d in zip(self.kernel_size, self.dilation))
-        if self.tile is None or self.tile >= input.shape[2]:
+        if self.tile is None or self.tile >= input.shape[2] or compiling():   # traced: one custom op, untiled
             field = self._field(self.kernel_fn(input), input.shape[0], input.shape[2:])
             return dynamic_conv3d(input, field, self.kernel_size, 1, pad, self.dilation, workers=self.workers)
         params = [q for q in self.kernel_fn.parameters() if q.requires_grad]

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _cpu, _cuda
 from . import decomposed, sparse
-from .._dispatch import Caller, is_tensor, wants_autograd
+from .._dispatch import Caller, compiling, is_tensor, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
 from ..kernels import Kernel, SeparableKernel
 from .._validate import (ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index,
@@ -391,6 +391,10 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     the CUDA plugin (volconv/_cuda.py; `algorithm` and `workers` do not apply there)."""
     if _cuda.is_cuda(input):
         return _cuda.conv3d(input, weight, bias, stride, padding, dilation, groups, padding_mode)
+    if compiling() and is_tensor(input) and is_tensor(weight):
+        from ..nn._library import traced_conv3d
+
+        return traced_conv3d(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm, workers)
     if getattr(weight, "ndim", None) == 5 and type(weight).__name__ in ("CPKernel", "TuckerKernel"):
         run_factored = decomposed.cp_conv3d if type(weight).__name__ == "CPKernel" else decomposed.tucker_conv3d
         if groups != 1:

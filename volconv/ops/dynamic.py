@@ -14,7 +14,7 @@ gather (each thread owns the rows it writes: deterministic, no atomics).
 import numpy as np
 
 from .. import _cpu
-from .._dispatch import Caller, wants_autograd
+from .._dispatch import Caller, compiling, is_tensor, wants_autograd
 from .._validate import triple, workers as resolve_workers
 from . import dense
 
@@ -117,6 +117,10 @@ def dynamic_conv3d(input, kernels, kernel_size, stride=1, padding=0, dilation=1,
     """Per-voxel kernels (see the module's doc): kernels (N, G, T, Do, Ho, Wo) (channel groups, involution
     style) or (N, Cout, Cin, T, Do, Ho, Wo) (a full kernel per voxel); numpy or torch, float32/float64,
     differentiable in input and kernels."""
+    if compiling() and is_tensor(input):   # traced: the custom operator (the geometry checked inside)
+        from ..nn._functions import traced_dynamic
+
+        return traced_dynamic(input, kernels, kernel_size, stride, padding, dilation, workers)
     layout = Layout(tuple(np.shape(input)), tuple(np.shape(kernels)), kernel_size, stride, padding, dilation)
     nthreads = resolve_workers(workers)
     if wants_autograd(input, kernels):

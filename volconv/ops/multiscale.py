@@ -10,7 +10,7 @@ only, one read of each input tile) or densely; "branches" runs each branch on it
 """
 import numpy as np
 
-from .._dispatch import _torch
+from .._dispatch import _torch, compiling
 from .._validate import ConvSpec, triple, workers as resolve_workers
 from . import dense
 from .nested import same_pads
@@ -20,25 +20,26 @@ ALGORITHMS = ("auto", "merged", "branches")
 
 
 def _extents(weights, dilations):
-    return [tuple(d * (k - 1) + 1 for k, d in zip(np.shape(w)[2:], dil)) for w, dil in zip(weights, dilations)]
+    return [tuple(d * (k - 1) + 1 for k, d in zip(tuple(w.shape)[2:], dil)) for w, dil in zip(weights, dilations)]
 
 
 def _check(weights, dilations, combine, biases):
     """dilations as triples; refuses mismatched branches (channels, combine='sum' with different outputs)."""
     if isinstance(weights, np.ndarray) or not isinstance(weights, (list, tuple)) or not weights:
         raise TypeError("weights must be a non-empty list of 5-D kernels, one per branch")
-    for i, w in enumerate(weights):
-        if np.ndim(w) != 5:
+    shapes = [tuple(w.shape) for w in weights]
+    for i, shape in enumerate(shapes):
+        if len(shape) != 5:
             raise ValueError(f"weights[{i}] must be 5-D (out_channels, in_channels/groups, kd, kh, kw), got shape "
-                             f"{tuple(np.shape(w))}")
-        if np.shape(w)[1] != np.shape(weights[0])[1]:
-            raise ValueError(f"weights[{i}] has {np.shape(w)[1]} input channels per group but weights[0] has "
-                             f"{np.shape(weights[0])[1]}: every branch reads the same input")
+                             f"{shape}")
+        if shape[1] != shapes[0][1]:
+            raise ValueError(f"weights[{i}] has {shape[1]} input channels per group but weights[0] has "
+                             f"{shapes[0][1]}: every branch reads the same input")
     if combine not in COMBINES:
         raise ValueError(f"combine must be 'concat' or 'sum', got {combine!r}")
-    if combine == "sum" and len({np.shape(w)[0] for w in weights}) > 1:
+    if combine == "sum" and len({shape[0] for shape in shapes}) > 1:
         raise ValueError("combine='sum' needs the same number of output channels in every branch, got "
-                         f"{[np.shape(w)[0] for w in weights]}")
+                         f"{[shape[0] for shape in shapes]}")
     if dilations is None:
         dilations = [1] * len(weights)
     if len(dilations) != len(weights):
@@ -56,8 +57,8 @@ def merge(weights, dilations=None, biases=None, combine="sum", groups=1):
     extents = _extents(weights, dilations)
     E = tuple(max(e[a] for e in extents) for a in range(3))
     torch_in = not isinstance(weights[0], np.ndarray) and hasattr(weights[0], "new_zeros")
-    Cg = np.shape(weights[0])[1]
-    outs = [np.shape(w)[0] for w in weights]
+    Cg = weights[0].shape[1]
+    outs = [int(w.shape[0]) for w in weights]
     O = outs[0] if combine == "sum" else sum(outs)
     new = weights[0].new_zeros if torch_in else \
         (lambda shape: np.zeros(shape, np.result_type(*weights, np.float32)))
@@ -97,26 +98,27 @@ def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat"
     dil = _check(weights, dilations, combine, biases)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    outs = [np.shape(w)[0] for w in weights]
+    outs = [int(w.shape[0]) for w in weights]
     for i, o in enumerate(outs):
         if o % groups:
             raise ValueError(f"groups={groups} must divide weights[{i}]'s {o} output channels")
-    nthreads = resolve_workers(workers)
     bias_list = [None] * len(weights) if biases is None else list(biases)
     if algorithm == "auto":
-        algorithm = _choose(np.shape(input), weights, dil, groups, combine, nthreads)
+        # traced by torch.compile / export: the merged kernel (the cost model reads arrays the tracer cannot)
+        algorithm = "merged" if compiling() else _choose(tuple(input.shape), weights, dil, groups, combine,
+                                                         resolve_workers(workers))
     if algorithm == "branches":
-        return _branches(input, weights, dil, groups, combine, bias_list, nthreads)
+        return _branches(input, weights, dil, groups, combine, bias_list, workers)
     w, b = merge(weights, dil, biases, combine, groups)
-    out = dense.conv3d(input, w, b, padding="same", groups=groups, workers=nthreads)
+    out = dense.conv3d(input, w, b, padding="same", groups=groups, workers=workers)
     if combine == "concat" and groups > 1:   # back to branch order
         inverse = np.argsort(_group_order(outs, groups))
         out = out[:, _torch().as_tensor(inverse) if not isinstance(out, np.ndarray) else inverse]
     return out
 
 
-def _branches(input, weights, dil, groups, combine, biases, nthreads):
-    ys = [dense.conv3d(input, w, b, padding="same", dilation=d, groups=groups, workers=nthreads)
+def _branches(input, weights, dil, groups, combine, biases, workers):
+    ys = [dense.conv3d(input, w, b, padding="same", dilation=d, groups=groups, workers=workers)
           for w, d, b in zip(weights, dil, biases)]
     if combine == "sum":
         out = ys[0]
@@ -133,15 +135,15 @@ def _choose(x_shape, weights, dil, groups, combine, nthreads):
     zeros cost nothing on the sparse path, so this is mostly about which kernel runs fastest)."""
     if len(x_shape) != 5:
         return "merged"   # conv3d's checks say what is wrong
-    merged, _ = merge([np.ones(np.shape(w), np.float32) for w in weights], dil, None, combine, groups)
+    merged, _ = merge([np.ones(tuple(w.shape), np.float32) for w in weights], dil, None, combine, groups)
     spec = ConvSpec(tuple(x_shape), merged.shape, stride=(1, 1, 1), pads=same_pads(merged.shape[2:]),
                     dilation=(1, 1, 1), groups=groups, mode="constant")
     merged_cost = min(dense.algorithm_costs(spec, nthreads, allow_torch=True,
                                             nnz=np.count_nonzero(merged)).values())
     branch_cost = 0.0
     for w, d in zip(weights, dil):
-        e = tuple(a * (k - 1) + 1 for k, a in zip(np.shape(w)[2:], d))
-        bspec = ConvSpec(tuple(x_shape), np.shape(w), stride=(1, 1, 1), pads=same_pads(e), dilation=d,
+        e = tuple(a * (k - 1) + 1 for k, a in zip(tuple(w.shape)[2:], d))
+        bspec = ConvSpec(tuple(x_shape), tuple(w.shape), stride=(1, 1, 1), pads=same_pads(e), dilation=d,
                          groups=groups, mode="constant")
         branch_cost += min(dense.algorithm_costs(bspec, nthreads, allow_torch=True).values())
     return "merged" if merged_cost <= branch_cost else "branches"

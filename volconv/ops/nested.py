@@ -35,9 +35,9 @@ def stage_specs(x_shape, weights, groups):
     """The ConvSpec of every stage (checked: channels chained, groups dividing them)."""
     specs, shape = [], tuple(x_shape)
     for i, w in enumerate(weights):
-        if np.ndim(w) != 5:
+        if len(w.shape) != 5:
             raise ValueError(f"weights[{i}] must be 5-D (out_channels, in_channels/groups, kd, kh, kw), got shape "
-                             f"{tuple(np.shape(w))}")
+                             f"{tuple(w.shape)}")
         try:
             spec = ConvSpec(shape, w.shape, stride=(1, 1, 1), pads=same_pads(w.shape[2:]), dilation=(1, 1, 1),
                             groups=groups, mode="constant")
