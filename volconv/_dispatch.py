@@ -26,7 +26,7 @@ def wants_autograd(*args):
     if torch is None:
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if tensors and torch.compiler.is_compiling():
+    if tensors and (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
         return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -35,7 +35,7 @@ def compiling():
     """True while torch.compile / torch.export trace: tensor ops then go through volconv's custom operators
     (nn/_library.py), which the tracer can see into."""
     torch = _torch()
-    return torch is not None and torch.compiler.is_compiling()
+    return torch is not None and (torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
 def _device(x):

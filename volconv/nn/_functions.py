@@ -139,7 +139,8 @@ def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilati
         from . import _library
 
         stride_, pads, dilation_, groups_, mode, _ = _library.spec_args(spec)
-        out = _library.sparse_conv3d(x, v, b, torch.as_tensor(np.asarray(indices)), list(shape), stride_, pads,
+        idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
+        out = _library.sparse_conv3d(x, v, b, idx, list(shape), stride_, pads,
                                      dilation_, groups_, mode, _library.threads_arg(workers))
     else:
         out = SparseConv3dFunction.apply(x, v, b, indices, shape, spec, resolve_workers(workers))
@@ -327,7 +328,8 @@ def nested_autograd(input, weights, biases, activation, groups, algorithm, worke
 
         if algorithm == "composed":
             raise ValueError("algorithm='composed' is for inference; use 'auto', 'fused' or 'stages' when tracing")
-        out = _library.nested_conv3d(x, ws, bs, activation or "", groups, algorithm, _library.threads_arg(workers))
+        out = _library.nested_conv3d(x, ws, _library.nested_biases(bs, x), activation or "", groups, algorithm,
+                                     _library.threads_arg(workers))
     else:
         out = NestedFunction.apply((activation, specs, algorithm, resolve_workers(workers)), x, *ws, *bs)
     return out.to(input.dtype)

@@ -31,13 +31,17 @@ def _threads(n):
 
 def compiling():
     """True while torch.compile / torch.export trace (then volconv's ops must be custom operators)."""
-    return torch.compiler.is_compiling()
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _ints(values):
+    return tuple(int(v) for v in values)   # symbolic sizes (torch.compile's dynamic shapes) become concrete
 
 
 def _spec(x_shape, w_shape, stride, pads, dilation, groups, mode, cval=0.0):
-    return ConvSpec(tuple(x_shape), tuple(w_shape), stride=tuple(stride),
-                    pads=((pads[0], pads[1]), (pads[2], pads[3]), (pads[4], pads[5])), dilation=tuple(dilation),
-                    groups=groups, mode=mode, cval=cval)
+    p = _ints(pads)
+    return ConvSpec(_ints(x_shape), _ints(w_shape), stride=_ints(stride), pads=(p[0:2], p[2:4], p[4:6]),
+                    dilation=_ints(dilation), groups=int(groups), mode=mode, cval=float(cval))
 
 
 def spec_args(spec):
@@ -225,19 +229,29 @@ separable_conv3d.register_autograd(_separable_grad, setup_context=_separable_set
 def _nested_specs(x_shape, weights, groups):
     from ..ops.nested import stage_specs
 
-    return stage_specs(tuple(x_shape), weights, groups)
+    return stage_specs(_ints(x_shape), weights, int(groups))
 
 
 @torch.library.custom_op(f"{NS}::nested_conv3d", mutates_args=())
-def nested_conv3d(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], activation: str, groups: int,
+def nested_conv3d(x: Tensor, weights: List[Tensor], biases: List[Tensor], activation: str, groups: int,
                   algorithm: str, nthreads: int) -> Tensor:
+    """biases: one per stage, an empty tensor for a stage without one (an operator takes no list of Nones)."""
     nthreads = _threads(nthreads)
     from ..ops import nested
 
     ws = [_np(w) for w in weights]
     specs = _nested_specs(x.shape, ws, groups)
-    return torch.from_numpy(nested.run(_np(x), ws, [_np(b) for b in biases], activation or None, specs, algorithm,
+    return torch.from_numpy(nested.run(_np(x), ws, _biases(biases), activation or None, specs, algorithm,
                                        nthreads))
+
+
+def _biases(biases):
+    return [None if b.numel() == 0 else _np(b) for b in biases]
+
+
+def nested_biases(biases, like):
+    """The nested operator's bias list: empty tensors where a stage has none."""
+    return [like.new_empty(0) if b is None else b for b in biases]
 
 
 @nested_conv3d.register_fake
@@ -246,7 +260,7 @@ def _(x, weights, biases, activation, groups, algorithm, nthreads):
 
 
 @torch.library.custom_op(f"{NS}::nested_conv3d_backward", mutates_args=())
-def nested_conv3d_backward(grad: Tensor, x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]],
+def nested_conv3d_backward(grad: Tensor, x: Tensor, weights: List[Tensor], biases: List[Tensor],
                            activation: str, groups: int, need_input: bool,
                            nthreads: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     nthreads = _threads(nthreads)
@@ -254,8 +268,8 @@ def nested_conv3d_backward(grad: Tensor, x: Tensor, weights: List[Tensor], biase
 
     ws = [_np(w) for w in weights]
     specs = _nested_specs(x.shape, ws, groups)
-    gx, gws, gbs = nested.backward(_np(x), ws, [_np(b) for b in biases], activation or None, specs, _np(grad),
-                                   need_input, nthreads)
+    gx, gws, gbs = nested.backward(_np(x), ws, _biases(biases), activation or None, specs, _np(grad), need_input,
+                                   nthreads)
     return (_empty(x) if gx is None else torch.from_numpy(gx), [torch.from_numpy(g) for g in gws],
             [torch.from_numpy(g) for g in gbs])
 
@@ -268,19 +282,18 @@ def _(grad, x, weights, biases, activation, groups, need_input, nthreads):
 
 def _nested_setup(ctx, inputs, output):
     x, weights, biases, ctx.activation, ctx.groups, _, ctx.nthreads = inputs
-    ctx.has_bias = [b is not None for b in biases]
-    ctx.save_for_backward(x, *weights, *[b for b in biases if b is not None])
+    ctx.stages = len(weights)
+    ctx.has_bias = [b.numel() > 0 for b in biases]
+    ctx.save_for_backward(x, *weights, *biases)
 
 
 def _nested_grad(ctx, grad):
     x, *saved = ctx.saved_tensors
-    L = len(ctx.has_bias)
-    weights, rest = list(saved[:L]), iter(saved[L:])
-    biases = [next(rest) if has else None for has in ctx.has_bias]
+    weights, biases = list(saved[:ctx.stages]), list(saved[ctx.stages:])
     gx, gws, gbs = nested_conv3d_backward(grad, x, weights, biases, ctx.activation, ctx.groups,
                                           ctx.needs_input_grad[0], ctx.nthreads)
-    return (gx if ctx.needs_input_grad[0] else None, gws, [g if has else None for g, has in zip(gbs, ctx.has_bias)],
-            None, None, None, None)
+    gbs = [g if has else b.new_empty(0) for g, b, has in zip(gbs, biases, ctx.has_bias)]
+    return gx if ctx.needs_input_grad[0] else None, gws, gbs, None, None, None, None
 
 
 nested_conv3d.register_autograd(_nested_grad, setup_context=_nested_setup)
@@ -293,7 +306,7 @@ def _layout(x_shape, k_shape, kernel_size, stride, padding, dilation):
     from ..ops.dynamic import Layout
 
     pad = padding if padding in ("same", "valid") else tuple(int(p) for p in padding.split(","))
-    return Layout(tuple(x_shape), tuple(k_shape), tuple(kernel_size), tuple(stride), pad, tuple(dilation))
+    return Layout(_ints(x_shape), _ints(k_shape), _ints(kernel_size), _ints(stride), pad, _ints(dilation))
 
 
 @torch.library.custom_op(f"{NS}::dynamic_conv3d", mutates_args=())

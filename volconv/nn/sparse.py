@@ -4,6 +4,7 @@ import math
 import numpy as np
 import torch
 
+from .._dispatch import compiling
 from .._validate import triple
 from ..ops.sparse import SparseKernel
 from ._functions import sparse_autograd
@@ -74,7 +75,8 @@ class SparseConv3d(torch.nn.Module):
         return w.index_put((*self.indices.T,), self.values, accumulate=True)
 
     def forward(self, input):
-        return sparse_autograd(input, self.indices.cpu().numpy(), self.values, self.weight_shape, self.bias,
+        indices = self.indices if compiling() else self.indices.cpu().numpy()   # traced: a tensor for the operator
+        return sparse_autograd(input, indices, self.values, self.weight_shape, self.bias,
                                self.stride, self.padding, self.dilation, self.groups, self.padding_mode,
                                self.workers)
 
