@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import volconv as vc
-from volconv.nn import _library
 
 
 class Every(torch.nn.Module):
@@ -77,8 +76,8 @@ def test_opcheck_every_operator():
     torch.library.opcheck(ops.separable_conv3d.default, (x, fd, fh, fw, stride, pads, dilation, mode, 1))
     ws = [torch.randn(4, 2, 3, 3, 3, **f64, requires_grad=True), torch.randn(2, 4, 1, 3, 1, **f64,
                                                                              requires_grad=True)]
-    torch.library.opcheck(ops.nested_conv3d.default, (x, ws, [b.new_zeros(4).requires_grad_(), b.new_empty(0)], "relu", 1,
-                                                      "fused", 1))
+    biases = [b.new_zeros(4).requires_grad_(), b.new_empty(0)]   # stage 2 has none: an empty tensor
+    torch.library.opcheck(ops.nested_conv3d.default, (x, ws, biases, "relu", 1, "fused", 1))
     K = torch.randn(1, 2, 27, 4, 5, 6, **f64, requires_grad=True)
     torch.library.opcheck(ops.dynamic_conv3d.default, (x, K, [3, 3, 3], [1, 1, 1], "1,1,1", [1, 1, 1], 1))
 
@@ -99,8 +98,8 @@ def test_dtypes_and_devices():
     x = torch.randn(1, 2, 5, 5, 5)
     half = layer.half()(x.half())              # computed in float32, returned in the input's dtype
     assert half.dtype == torch.float16
-    assert torch.allclose(half.float(), torch.nn.functional.conv3d(x, layer.weight.float(), layer.bias.float(),
-                                                                     padding=1), atol=1e-2)
+    want = torch.nn.functional.conv3d(x, layer.weight.float(), layer.bias.float(), padding=1)
+    assert torch.allclose(half.float(), want, atol=1e-2)
     layer = vc.nn.Conv3d(2, 3, 3, padding=1).to("cpu", torch.float64)
     assert layer(x.double()).dtype == torch.float64
     with pytest.raises(ValueError, match="input is on device meta; volconv runs on cpu and cuda"):

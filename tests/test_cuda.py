@@ -5,7 +5,6 @@ Tolerances: float64 within 1e-10 of the reference's scale, float32 within 1e-4 (
 than the CPU, and cuDNN's float32 may use TF32 unless disabled: it is disabled here)."""
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

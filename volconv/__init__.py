@@ -16,7 +16,8 @@ from .ops.sparse import SparseKernel, sparse_conv3d
 __version__ = "0.1.0"
 __all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "SparseKernel",
            "sparse_conv3d", "cp_conv3d", "tucker_conv3d", "nested_conv3d", "nested", "multiscale_conv3d",
-           "multiscale", "dynamic_conv3d", "adaptive_filter", "decompose", "CPKernel", "TuckerKernel", "nn", "io", "dask", "Volume", "filter_nifti"]
+           "multiscale", "dynamic_conv3d", "adaptive_filter", "decompose", "CPKernel", "TuckerKernel", "nn", "io",
+           "dask", "Volume", "filter_nifti"]
 
 
 def __getattr__(name):

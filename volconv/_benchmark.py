@@ -1,7 +1,6 @@
 """Benchmark machinery shared by bench/*.py and `volconv bench`: contenders timed round-robin in ONE run
 (this machine is shared and noisy: compare ratios, not absolute times), best of the rounds, printed as a
 markdown table with GFLOP/s and ratios against the anchors."""
-import sys
 import time
 
 import numpy as np
@@ -153,7 +152,7 @@ def layer(table, name, C, O, groups, k, n, threads, rounds):
     c = {
         "volconv": fwd_bwd(lambda a, b: conv3d(a, b, padding=k // 2, groups=groups, workers=threads)),
         "volconv direct": fwd_bwd(lambda a, b: conv3d(a, b, padding=k // 2, groups=groups,
-                                                          algorithm="direct", workers=threads)),
+                                                      algorithm="direct", workers=threads)),
         "torch": fwd_bwd(lambda a, b: torch.nn.functional.conv3d(a, b, padding=k // 2, groups=groups)),
     }
     table.add(f"{name} fwd+bwd", best_times(c, rounds=max(len(c) + 1, rounds // 2)), ["volconv", "volconv direct"],

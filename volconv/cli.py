@@ -311,8 +311,10 @@ def _adaptive_file(args, src, dst, reporter):
         if not np.allclose(sigma.affine, vol.affine, atol=1e-3):
             raise CommandError(args.sigma_map, f"sigma map is not on the grid of {src} (their affines differ)")
         truncate = 3.0 if args.truncate is None else args.truncate
-        run = lambda v: adaptive_filter(v, sigma.data, vol.zooms, truncate, mode=args.mode, cval=args.cval,  # noqa: E731
-                                        workers=args.workers)
+
+        def run(volume):
+            return adaptive_filter(volume, sigma.data, vol.zooms, truncate, mode=args.mode, cval=args.cval,
+                                   workers=args.workers)
         data = run(vol.data) if vol.data.ndim == 3 else \
             np.stack([run(vol.data[..., t]) for t in range(vol.data.shape[3])], axis=-1)
         result = io.Volume(data, vol.affine, vol.header)
@@ -734,7 +736,7 @@ def _file_info(path):
     lines += [
         f"  dtype        {dtype.name}{', ' + order if dtype.itemsize > 1 and order else ''} (on disk)",
         f"  orientation  {''.join(c or '?' for c in nib.aff2axcodes(img.affine))}",
-        f"  scaling      " + (f"slope {slope:g}, intercept {inter:g}" if scaled else "none"),
+        "  scaling      " + (f"slope {slope:g}, intercept {inter:g}" if scaled else "none"),
         f"  sform        code {int(header['sform_code'])} ({codes[int(header['sform_code'])]})",
         f"  qform        code {int(header['qform_code'])} ({codes[int(header['qform_code'])]})",
         f"  units        {space}, {time_unit}",

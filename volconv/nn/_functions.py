@@ -66,7 +66,7 @@ def conv_autograd(x, w, b, spec, algorithm, workers):
     torch_reachable = spec.mode in dense.TORCH_PAD_MODES and spec.cval == 0
     if algorithm == "auto":
         algorithm = dense.choose_algorithm(x.detach().numpy(), spec, nthreads, allow_torch=torch_reachable,
-                                              backward=True)
+                                           backward=True)
     if algorithm == "torch" and torch_reachable:
         out = dense.torch_conv3d_tensors(x, w, b, spec)
     else:
@@ -165,8 +165,9 @@ class SeparableFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         z, *factors = ctx.saved_tensors
+        need = ctx.needs_input_grad
         gz, gd, gh, gw = separable_grads(z.numpy(), grad.contiguous().numpy(), *(f.numpy() for f in factors),
-                                         ctx.spec, ctx.nthreads, ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4]))
+                                         ctx.spec, ctx.nthreads, need[0], any(need[1:4]))
         as_t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
         return as_t(gz), as_t(gd), as_t(gh), as_t(gw), None, None
 

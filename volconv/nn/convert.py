@@ -103,7 +103,7 @@ def _conv3d_modules(model):
 
 
 def _convert_one(name, conv, to, rank, tolerance, density, workers):
-    from ..decompose import cp, suggest, tucker
+    from ..decompose import suggest, tucker
 
     w = conv.weight.detach()
     before = w.numel() + (conv.bias.numel() if conv.bias is not None else 0)

@@ -87,7 +87,7 @@ def plane_chunks(spec, nthreads):
 def direct_conv3d(x, w, b, spec, nthreads):
     row_map, map_d, map_h, toff = _row_layout(x.shape, spec)
     O, G, ob = w.shape[0], spec.groups, _channel_block(spec)
-    Og, Cg = O // G, w.shape[1]
+    Og = O // G
     # (G, Og/ob, ob, Cg, kd, kh, kw) -> (G, Og/ob, Cg, kd, kh, kw, ob): the ob weights of a tap are adjacent.
     wpack = np.ascontiguousarray(w.reshape((G, Og // ob, ob) + w.shape[1:]).transpose(0, 1, 3, 4, 5, 6, 2))
     bias = np.zeros(O, x.dtype) if b is None else b
@@ -384,9 +384,9 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     torch.nn.Conv3d: the input is padded in that mode, then convolved without padding).
     algorithm: "auto" (cost model), "direct", "fft", "sparse" (the weight's non-zeros only: ops/sparse.py;
     "auto" chooses it for a mostly-zero weight when it is the cheapest) or "torch" (torch's own kernel; "auto"
-    may choose it for channel-mixing layers when torch is already imported). workers: threads (None: all OpenMP allows; -1: all
-    cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the caller's type,
-    dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
+    may choose it for channel-mixing layers when torch is already imported). workers: threads (None: all OpenMP
+    allows; -1: all cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the
+    caller's type, dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
     propagate as in torch (algorithm="fft" spreads them over the whole output). CUDA tensors run on the GPU by
     the CUDA plugin (volconv/_cuda.py; `algorithm` and `workers` do not apply there)."""
     if _cuda.is_cuda(input):
@@ -526,7 +526,8 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
     elif separable is not None:
         if flip:
             separable = SeparableKernel([f[:, ::-1] for f in separable.factors], separable.weights)
-        out = decomposed.run_separable(v[None, None], separable, spec, resolve_algorithm(algorithm), resolve_workers(workers))
+        out = decomposed.run_separable(v[None, None], separable, spec, resolve_algorithm(algorithm),
+                                       resolve_workers(workers))
     else:
         k = caller.cast(k, "kernel")
         out = run(v[None, None], k[None, None], None, spec, resolve_algorithm(algorithm), resolve_workers(workers))
