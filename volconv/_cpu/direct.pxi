@@ -25,6 +25,10 @@ cdef extern from "kernels.h" nogil:
                       int nrows, int kw, const Py_ssize_t *toff, int Wo, const float *bias, int aligned_unit)
     void corr_row_f64(double *out, Py_ssize_t ocs, int OB, const double *const *rows, const double *const *wts,
                       int nrows, int kw, const Py_ssize_t *toff, int Wo, const double *bias, int aligned_unit)
+    int corr_rows2_f32(float *out, Py_ssize_t ors, const float *const *rows, const float *const *wa,
+                       const float *const *wb, int nrows, int kw, const Py_ssize_t *toff, int Wo, float bias)
+    int corr_rows2_f64(double *out, Py_ssize_t ors, const double *const *rows, const double *const *wa,
+                       const double *const *wb, int nrows, int kw, const Py_ssize_t *toff, int Wo, double bias)
     void wgrad_rows_f32(const float *const *grows, Py_ssize_t gcs, const float *const *xrows, int nr, int Wo,
                         int kw, const Py_ssize_t *toff, int OB, float *vacc)
     void wgrad_rows_f64(const double *const *grows, Py_ssize_t gcs, const double *const *xrows, int nr, int Wo,
@@ -125,8 +129,12 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
     cdef size_t ring_bytes = ((Cg * S * plane + VL) * sizeof(floating) + 63) // 64 * 64
     cdef Py_ssize_t ocs = out.strides[1] // sizeof(floating), ws_b = kw * OB
     cdef Py_ssize_t nunit = N * G * nchunk, u, n, g, k, od, oh, ob, c, a, j, pos, xd, nb, o0
-    cdef int nr
+    cdef Py_ssize_t ors = out.strides[3] // sizeof(floating)
+    cdef bint pairs = OB == 1 and nOB == 1 and unit_taps and sh == 1 and dh == 1   # rows oh, oh+1 share inputs
+    cdef bint paired
+    cdef int nr, done
     cdef floating *ring
+    cdef const floating **wb
     cdef Py_ssize_t *tags
     cdef const floating **rows
     cdef const floating **wts
@@ -139,8 +147,9 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
     with nogil, parallel(num_threads=nthreads):
         ring = <floating *>aligned_alloc(64, ring_bytes)  # + VL: the shift kernel loads one vector ahead
         tags = <Py_ssize_t *>malloc(Cg * S * sizeof(Py_ssize_t))
-        rows = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
-        wts = <const floating **>malloc(Cg * kd * kh * sizeof(floating *))
+        rows = <const floating **>malloc(Cg * kd * (kh + 1) * sizeof(floating *))
+        wts = <const floating **>malloc(Cg * kd * (kh + 1) * sizeof(floating *))
+        wb = <const floating **>malloc(Cg * kd * (kh + 1) * sizeof(floating *))
         hrow = <Py_ssize_t *>malloc(kh * sizeof(Py_ssize_t))
         htap = <Py_ssize_t *>malloc(kh * sizeof(Py_ssize_t))
         for u in prange(nunit, schedule="static"):
@@ -153,7 +162,37 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
                 fill_ring(&x[n, g * Cg, 0, 0, 0], x.strides[1] // sizeof(floating), x.strides[2] // sizeof(floating),
                           Cg, kd, od * sd, dd, S, &map_d[0], H, W, &row_map[0], Wr, wlo, unit_stride, ring, plane,
                           ds, tags)
+                paired = False
                 for oh in range(Ho):
+                    if paired:   # computed with the row before
+                        paired = False
+                        continue
+                    if pairs and oh + 1 < Ho:   # rows oh, oh + 1: input rows oh .. oh + kh, each feeding both
+                        nr = 0
+                        for c in range(Cg):
+                            for a in range(kd):
+                                pos = od * sd + a * dd
+                                if map_d[pos] < 0:
+                                    continue
+                                xplane = ring + (c * S + pos % S) * plane
+                                wplane = &wpack[g, 0, c, a, 0, 0, 0]
+                                for j in range(kh + 1):
+                                    xd = map_h[oh + j]
+                                    if xd < 0:
+                                        continue
+                                    rows[nr] = xplane + xd * ds
+                                    wts[nr] = wplane + j * kw if j < kh else NULL   # feeds row oh + 1 only
+                                    wb[nr] = wplane + (j - 1) * kw if j > 0 else NULL   # feeds row oh only
+                                    nr = nr + 1
+                        if floating is float:
+                            done = corr_rows2_f32(&out[n, g, od, oh, 0], ors, rows, wts, wb, nr, kw, &toff[0], Wo,
+                                                  bias[g])
+                        else:
+                            done = corr_rows2_f64(&out[n, g, od, oh, 0], ors, rows, wts, wb, nr, kw, &toff[0], Wo,
+                                                  bias[g])
+                        if done:
+                            paired = True
+                            continue
                     nb = 0  # the H taps that land on a row (zero padding drops the others)
                     for j in range(kh):
                         xd = map_h[oh * sh + j * dh]
@@ -185,6 +224,7 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
         free(tags)
         free(rows)
         free(wts)
+        free(wb)
         free(hrow)
         free(htap)
 

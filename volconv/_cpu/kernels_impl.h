@@ -129,6 +129,48 @@ static inline void FN(shift_block_##WV)(T *out, const T *const *rows, const T *c
 VC_DEFINE_SHIFT_BLOCK(8, 1)
 VC_DEFINE_SHIFT_BLOCK(4, 2)
 VC_DEFINE_SHIFT_BLOCK(1, 2)
+
+/* Two output rows at once (out, out + ors), WV aligned vectors at w0: every input row's shifted vectors (one
+ * shuffle each) feed both rows, through weights wa[r] (row 0) and wb[r] (row 1); NULL when the input row feeds
+ * only the other output row (never multiplied, so a NaN stays in its own window). Halves the shuffles per
+ * multiply-add of shift_block. */
+#define VC_SHIFT2_TAPS(WV, UPDATE)                                                                        \
+    _Pragma("GCC unroll 32") for (int e = 0; e < 2 * VL; e++) {                                       \
+        if (e >= kw) break;                                                                           \
+        _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) {                                       \
+            const VEC s = VC_SHIFT(A[j + e / VL], A[j + e / VL + 1], e % VL);                         \
+            UPDATE;                                                                                   \
+        }                                                                                             \
+    }
+
+#define VC_DEFINE_SHIFT2_BLOCK(WV)                                                                    \
+static inline void FN(shift2_block_##WV)(T *out, ptrdiff_t ors, const T *const *rows, const T *const *wa,  \
+                                          const T *const *wb, int nrows, int kw, ptrdiff_t w0, T bias)  \
+{                                                                                                     \
+    VEC acc0[WV], acc1[WV];                                                                           \
+    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) acc0[j] = acc1[j] = (VEC){0} + bias;        \
+    for (int r = 0; r < nrows; r++) {                                                                 \
+        const T *src = rows[r] + w0;                                                                  \
+        const T *x0 = wa[r], *x1 = wb[r];                                                             \
+        VEC A[WV + 2];                                                                                \
+        _Pragma("GCC unroll 16") for (int j = 0; j <= WV; j++) A[j] = *(const VEC *)(src + j * VL);   \
+        A[WV + 1] = kw > VL + 1 ? *(const VEC *)(src + (WV + 1) * VL) : A[WV];                        \
+        if (x0 && x1) {                                                                               \
+            VC_SHIFT2_TAPS(WV, acc0[j] += x0[e] * s; acc1[j] += x1[e] * s)                                \
+        } else if (x0) {                                                                              \
+            VC_SHIFT2_TAPS(WV, acc0[j] += x0[e] * s)                                                      \
+        } else {                                                                                      \
+            VC_SHIFT2_TAPS(WV, acc1[j] += x1[e] * s)                                                      \
+        }                                                                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) {                                           \
+        *(UVEC *)(out + w0 + j * VL) = acc0[j];                                                       \
+        *(UVEC *)(out + ors + w0 + j * VL) = acc1[j];                                                 \
+    }                                                                                                 \
+}
+
+VC_DEFINE_SHIFT2_BLOCK(4)
+VC_DEFINE_SHIFT2_BLOCK(1)
 #endif
 
 /* Any OB: accumulate in memory; only for rows narrower than a vector. */
@@ -163,6 +205,37 @@ static void FN(corr_row_scalar)(T *out, ptrdiff_t ocs, int OB, const T *const *r
         if (w0 < Wo)                                                                                  \
             FN(block_##OB##x1)(out, ocs, rows, wts, nrows, kw, toff, Wo - VL, bias);                    \
     } while (0)
+
+/* Two output rows of one channel (out and out + ors) from shared input rows: the AVX-512 aligned-row,
+ * unit-tap case (rows VL-aligned, kw <= 2 VL, Wo >= VL). Returns 0 when it does not apply (the caller then
+ * computes the rows one by one). wa[r] / wb[r]: NULL where input row r does not feed that output row. */
+static int FN(corr_rows2)(T *out, ptrdiff_t ors, const T *const *rows, const T *const *wa, const T *const *wb,
+                          int nrows, int kw, const ptrdiff_t *toff, int Wo, T bias)
+{
+#if VC_VBYTES >= 64
+    if (kw > 2 * VL || Wo < VL)
+        return 0;
+    ptrdiff_t w0 = 0;
+    for (; w0 + 4 * VL <= Wo; w0 += 4 * VL)
+        FN(shift2_block_4)(out, ors, rows, wa, wb, nrows, kw, w0, bias);
+    for (; w0 + VL <= Wo; w0 += VL)
+        FN(shift2_block_1)(out, ors, rows, wa, wb, nrows, kw, w0, bias);
+    for (; w0 < Wo; w0++) {   /* columns past the last whole vector, one by one */
+        T s0 = bias, s1 = bias;
+        for (int r = 0; r < nrows; r++)
+            for (int e = 0; e < kw; e++) {
+                if (wa[r]) s0 += wa[r][e] * rows[r][w0 + toff[e]];
+                if (wb[r]) s1 += wb[r][e] * rows[r][w0 + toff[e]];
+            }
+        out[w0] = s0;
+        out[ors + w0] = s1;
+    }
+    return 1;
+#else
+    (void)out; (void)ors; (void)rows; (void)wa; (void)wb; (void)nrows; (void)kw; (void)toff; (void)Wo; (void)bias;
+    return 0;
+#endif
+}
 
 /* out[o*ocs + w] = bias[o] + sum_r sum_e wts[r][e*OB + o] * rows[r][w + toff[e]], w < Wo, o < OB.
  * OB is 1, 4 or 8 (output channels sharing every input row). */

@@ -52,8 +52,11 @@ def nested_conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[::1] 
     cdef Py_ssize_t L = meta.shape[0], VL = vc_vector_bytes() // sizeof(floating)
     cdef Py_ssize_t per = (D + nchunk - 1) // nchunk, nunit = N * G * nchunk
     cdef Py_ssize_t s, n, t, u, c, a, b, j, q, hh, p, g, k, ob, oh, o0, cin, kd, kh, OB, Cg, nOB, c0, c1
-    cdef Py_ssize_t lo_d, lo_h, ocs, first, last, maxrows = 1, maxkw = 1, total = 0
-    cdef int nr, kw
+    cdef Py_ssize_t lo_d, lo_h, ocs, ors, first, last, maxrows = 1, maxkw = 1, total = 0
+    cdef int nr, kw, done
+    cdef bint paired
+    cdef const floating *bias
+    cdef const floating **wb
     cdef Py_ssize_t *ds = <Py_ssize_t *>malloc(L * sizeof(Py_ssize_t))
     cdef Py_ssize_t *roff = <Py_ssize_t *>malloc(L * sizeof(Py_ssize_t))   # ring s at rings + roff[s]
     cdef Py_ssize_t *toff
@@ -67,7 +70,7 @@ def nested_conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[::1] 
         ds[s] = (W + kw - 1 + VL - 1) // VL * VL
         roff[s] = total
         total = total + (cin * kd * H * ds[s] + VL - 1) // VL * VL
-        maxrows = max(maxrows, cin * kd * kh)
+        maxrows = max(maxrows, cin * kd * (kh + 1))   # kh + 1: two output rows at a time
         maxkw = max(maxkw, kw)
     toff = <Py_ssize_t *>malloc(maxkw * sizeof(Py_ssize_t))
     for j in range(maxkw):
@@ -77,6 +80,7 @@ def nested_conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[::1] 
         memset(rings, 0, (total + VL) * sizeof(floating))   # the W padding columns stay zero for good
         rows = <const floating **>malloc(maxrows * sizeof(floating *))
         wts = <const floating **>malloc(maxrows * sizeof(floating *))
+        wb = <const floating **>malloc(maxrows * sizeof(floating *))
         for u in prange(nunit, schedule="static"):
             k = u % nchunk
             g = (u // nchunk) % G
@@ -99,7 +103,49 @@ def nested_conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[::1] 
                     nOB = meta[s, 1] // G // OB
                     lo_d, lo_h = (kd - 1) // 2, (kh - 1) // 2
                     for ob in range(nOB):
+                        paired = False
                         for oh in range(H):
+                            if paired:   # computed with the row before
+                                paired = False
+                                continue
+                            o0 = ob * OB   # within the group
+                            if s + 1 < L:   # into the next stage's ring, then the activation
+                                ocs = meta[s + 1, 2] * H * ds[s + 1]
+                                ors = ds[s + 1]
+                                dst = rings + roff[s + 1] + (o0 * meta[s + 1, 2] + p % meta[s + 1, 2]) * H * ds[s + 1] \
+                                    + oh * ds[s + 1] + (meta[s + 1, 4] - 1) // 2
+                            else:
+                                ocs = out.strides[1] // sizeof(floating)
+                                ors = out.strides[3] // sizeof(floating)
+                                dst = &out[n, g * (meta[s, 1] // G) + o0, p, oh, 0]
+                            bias = &bflat[meta[s, 7] + g * (meta[s, 1] // G) + o0]
+                            done = 0
+                            if OB == 1 and nOB == 1 and oh + 1 < H:   # rows oh, oh + 1 share their input rows
+                                nr = 0
+                                for c in range(Cg):
+                                    for a in range(kd):
+                                        q = p - lo_d + a
+                                        if q < 0 or q >= D:
+                                            continue
+                                        wbase = &wflat[meta[s, 6] + (((g * Cg + c) * kd + a) * kh) * kw]
+                                        for b in range(kh + 1):
+                                            hh = oh - lo_h + b
+                                            if hh < 0 or hh >= H:
+                                                continue
+                                            rows[nr] = rings + roff[s] + ((c * kd + q % kd) * H + hh) * ds[s]
+                                            wts[nr] = wbase + b * kw if b < kh else NULL     # feeds row oh + 1 only
+                                            wb[nr] = wbase + (b - 1) * kw if b > 0 else NULL  # feeds row oh only
+                                            nr = nr + 1
+                                if floating is float:
+                                    done = corr_rows2_f32(dst, ors, rows, wts, wb, nr, kw, toff, <int>W, bias[0])
+                                else:
+                                    done = corr_rows2_f64(dst, ors, rows, wts, wb, nr, kw, toff, <int>W, bias[0])
+                            if done:
+                                paired = True
+                                if s + 1 < L and act != ACT_NONE:
+                                    activate(dst, W, act)
+                                    activate(dst + ors, W, act)
+                                continue
                             nr = 0
                             for c in range(Cg):
                                 for a in range(kd):
@@ -114,26 +160,17 @@ def nested_conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[::1] 
                                         rows[nr] = rings + roff[s] + ((c * kd + q % kd) * H + hh) * ds[s]
                                         wts[nr] = wbase + b * kw * OB
                                         nr = nr + 1
-                            o0 = ob * OB   # within the group
-                            if s + 1 < L:   # into the next stage's ring, then the activation
-                                ocs = meta[s + 1, 2] * H * ds[s + 1]
-                                dst = rings + roff[s + 1] + (o0 * meta[s + 1, 2] + p % meta[s + 1, 2]) * H * ds[s + 1] \
-                                    + oh * ds[s + 1] + (meta[s + 1, 4] - 1) // 2
-                            else:
-                                ocs = out.strides[1] // sizeof(floating)
-                                dst = &out[n, g * (meta[s, 1] // G) + o0, p, oh, 0]
                             if floating is float:
-                                corr_row_f32(dst, ocs, <int>OB, rows, wts, nr, kw, toff, <int>W,
-                                             &bflat[meta[s, 7] + g * (meta[s, 1] // G) + o0], 1)
+                                corr_row_f32(dst, ocs, <int>OB, rows, wts, nr, kw, toff, <int>W, bias, 1)
                             else:
-                                corr_row_f64(dst, ocs, <int>OB, rows, wts, nr, kw, toff, <int>W,
-                                             &bflat[meta[s, 7] + g * (meta[s, 1] // G) + o0], 1)
+                                corr_row_f64(dst, ocs, <int>OB, rows, wts, nr, kw, toff, <int>W, bias, 1)
                             if s + 1 < L and act != ACT_NONE:
                                 for j in range(OB):
                                     activate(dst + j * ocs, W, act)
         free(rings)
         free(rows)
         free(wts)
+        free(wb)
     free(ds)
     free(roff)
     free(toff)
