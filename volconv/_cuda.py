@@ -172,3 +172,10 @@ class _LazyFunction:
 
 
 CudaConv3d = _LazyFunction()
+
+
+def __getattr__(name):
+    """HAS_CUDA: has_cuda() at the moment it is read (whether torch sees a GPU can change after import)."""
+    if name == "HAS_CUDA":
+        return has_cuda()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
