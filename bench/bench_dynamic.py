@@ -9,7 +9,6 @@ GFLOP/s counts 2 * C * k^3 per output voxel.
 
     python bench/bench_dynamic.py [--threads 2] [--out FILE]
 """
-import argparse
 import itertools
 
 import volconv as vc
@@ -32,13 +31,9 @@ def unfold_reference(x, K, k):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out")
-    a = p.parse_args(argv)
+    a = _benchmark.arguments(__doc__, argv)
     import torch
 
-    torch.set_num_threads(a.threads)
     t = a.threads
     torch.manual_seed(0)
     tables = []

@@ -11,7 +11,6 @@
 
     python bench/bench_lowrank.py [--threads 2] [--out FILE]
 """
-import argparse
 import time
 
 import numpy as np
@@ -43,13 +42,9 @@ def train_step(fn, x, grad):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out")
-    a = p.parse_args(argv)
+    a = _benchmark.arguments(__doc__, argv)
     import torch
 
-    torch.set_num_threads(a.threads)
     t = a.threads
     r = np.random.default_rng(0)
     tables = []

@@ -7,7 +7,6 @@ then converted by vc.nn.convert(to="auto", tolerance=T) for several T, timed aga
 
     python bench/bench_models.py [--threads 2] [--steps 30] [--out FILE]
 """
-import argparse
 import os
 import sys
 import time
@@ -23,13 +22,10 @@ import unet3d  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--tolerances", type=float, nargs="+", default=(0.0, 0.3, 0.6))
-    p.add_argument("--out")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    def options(p):
+        p.add_argument("--steps", type=int, default=30)
+        p.add_argument("--tolerances", type=float, nargs="+", default=(0.0, 0.3, 0.6))
+    a = _benchmark.arguments(__doc__, argv, options)
     torch.manual_seed(0)
     import numpy as np
 

@@ -12,8 +12,6 @@ run each (ratios in one process):
 
     python bench/bench_nested.py [--threads 2] [--out FILE]
 """
-import argparse
-
 import numpy as np
 
 import volconv as vc
@@ -22,14 +20,10 @@ from volconv._benchmark import Table, best_times, peak_extra_bytes
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out")
-    a = p.parse_args(argv)
+    a = _benchmark.arguments(__doc__, argv)
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(a.threads)
     t = a.threads
     r = np.random.default_rng(0)
     tables = []

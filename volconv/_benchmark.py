@@ -30,6 +30,23 @@ def best_times(contenders, rounds=5, min_seconds=0.0, repeat=2):
     return best
 
 
+def arguments(doc, argv=None, configure=None):
+    """A benchmark's command line: --threads (default 2; torch's threads set to it) and --out FILE;
+    `configure(parser)` adds the benchmark's own options."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out")
+    if configure is not None:
+        configure(p)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def peak_extra_bytes(fn, *, minus_result=True):
     """Resident memory a call adds at its peak (Linux: the peak, VmHWM, reset by clear_refs after malloc_trim
     hands freed memory back, so the call's allocations take fresh pages); minus its result's size unless told."""
