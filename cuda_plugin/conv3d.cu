@@ -195,6 +195,20 @@ int grad_weight(const void *x, const void *grad, void *gw, const Geom &g, cudaSt
     return status(cudaGetLastError());
 }
 
+// The checks every entry point makes, then `run` with a value of the element type (0.0f or 0.0) and the geometry.
+template <typename Run>
+int checked(int dtype, const long long *geom, Run run)
+{
+    const Geom g = read_geom(geom);
+    if (!valid(g))
+        return VC_BAD_GEOMETRY;
+    if (dtype == 0)
+        return run(0.0f, g);
+    if (dtype == 1)
+        return run(0.0, g);
+    return VC_BAD_DTYPE;
+}
+
 }  // namespace
 
 extern "C" {
@@ -220,32 +234,23 @@ int vc_cuda_device_count(void)
 int vc_conv3d_forward(int dtype, const void *x, const void *w, const void *b, void *out, const long long *geom,
                       void *stream)
 {
-    const Geom g = read_geom(geom);
-    if (!valid(g))
-        return VC_BAD_GEOMETRY;
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    return dtype == 0 ? forward<float>(x, w, b, out, g, s) : dtype == 1 ? forward<double>(x, w, b, out, g, s)
-                                                                        : VC_BAD_DTYPE;
+    return checked(dtype, geom, [&](auto zero, const Geom &g) {
+        return forward<decltype(zero)>(x, w, b, out, g, static_cast<cudaStream_t>(stream));
+    });
 }
 
 int vc_conv3d_grad_input(int dtype, const void *grad, const void *w, void *gx, const long long *geom, void *stream)
 {
-    const Geom g = read_geom(geom);
-    if (!valid(g))
-        return VC_BAD_GEOMETRY;
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    return dtype == 0 ? grad_input<float>(grad, w, gx, g, s) : dtype == 1 ? grad_input<double>(grad, w, gx, g, s)
-                                                                           : VC_BAD_DTYPE;
+    return checked(dtype, geom, [&](auto zero, const Geom &g) {
+        return grad_input<decltype(zero)>(grad, w, gx, g, static_cast<cudaStream_t>(stream));
+    });
 }
 
 int vc_conv3d_grad_weight(int dtype, const void *x, const void *grad, void *gw, const long long *geom, void *stream)
 {
-    const Geom g = read_geom(geom);
-    if (!valid(g))
-        return VC_BAD_GEOMETRY;
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    return dtype == 0 ? grad_weight<float>(x, grad, gw, g, s) : dtype == 1 ? grad_weight<double>(x, grad, gw, g, s)
-                                                                           : VC_BAD_DTYPE;
+    return checked(dtype, geom, [&](auto zero, const Geom &g) {
+        return grad_weight<decltype(zero)>(x, grad, gw, g, static_cast<cudaStream_t>(stream));
+    });
 }
 
 }  // extern "C"

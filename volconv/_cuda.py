@@ -6,6 +6,7 @@ comes out, and every failure becomes a RuntimeError naming the op.
 tensor with; `conv3d` is the CUDA version of vc.conv3d (zero padding in the kernels; other padding modes pad
 first; autograd by the plugin's input- and weight-gradient kernels)."""
 import ctypes
+import functools
 import os
 import sys
 
@@ -109,21 +110,19 @@ def conv3d(input, weight, bias, stride, padding, dilation, groups, padding_mode)
     x = input.to(dtype)
     if spec.mode != "constant":   # reflect / replicate / circular: pad with torch, then zero-padding geometry
         x = torch.nn.functional.pad(x, [p for lo_hi in reversed(spec.pads) for p in lo_hi],
-                                    mode=torch_padding_mode_name(padding_mode))
+                                    mode=padding_mode)
         spec = ConvSpec(tuple(x.shape), spec.w_shape, stride=spec.stride, pads=((0, 0),) * 3,
                         dilation=spec.dilation, groups=spec.groups, mode="constant")
     # zero padding: the kernels read nothing outside the input, so 'before' is all they need and an asymmetric
     # 'after' (padding='same' with even kernels) is the output's size alone
-    out = CudaConv3d.apply(x.contiguous(), weight.to(dtype).contiguous(),
-                           None if bias is None else bias.to(dtype).contiguous(), spec)
+    out = _function().apply(x.contiguous(), weight.to(dtype).contiguous(),
+                            None if bias is None else bias.to(dtype).contiguous(), spec)
     return out.to(input.dtype)
 
 
-def torch_padding_mode_name(padding_mode):
-    return padding_mode if padding_mode != "zeros" else "constant"
-
-
-def _make_function():
+@functools.cache
+def _function():
+    """The autograd Function, defined on first use (importing this module must not import torch)."""
     import torch
     from torch.autograd.function import once_differentiable
 
@@ -158,20 +157,6 @@ def _make_function():
             return gx, gw, gb, None
 
     return Function
-
-
-class _LazyFunction:
-    """The autograd Function, defined on first use (importing this module must not import torch)."""
-
-    _fn = None
-
-    def apply(self, *args):
-        if _LazyFunction._fn is None:
-            _LazyFunction._fn = _make_function()
-        return _LazyFunction._fn.apply(*args)
-
-
-CudaConv3d = _LazyFunction()
 
 
 def __getattr__(name):

@@ -104,10 +104,10 @@ def backward(x, K, grad, layout, needs, nthreads):
         gxr = np.empty(rows.shape, x.dtype)
         _cpu.direct.dynamic_grad_input(np.ascontiguousarray(layout.field(K)), g, gxr, *layout.by_in, map_d, map_h,
                                        toff, *layout.geometry(), nthreads)
-        row_map = dense._row_layout(x.shape, layout.spec)[0]
         if rows is x:
             gx = gxr
         else:   # back from the row layout: column w of x sits where row_map names it
+            row_map = dense._row_layout(x.shape, layout.spec)[0]
             where = np.flatnonzero(row_map >= 0)
             gx = np.ascontiguousarray(gxr[..., where[np.argsort(row_map[where])]])
     return gx, gK

@@ -180,8 +180,7 @@ def run(x, ws, bs, act, specs, algorithm, nthreads):
         return fused(x, ws, bs, act, specs, nthreads)
     if algorithm == "composed":
         w, b = compose(ws, bs, specs[0].groups)
-        pads = tuple((sum(p[a][0] for p in (s.pads for s in specs)), sum(p[a][1] for p in (s.pads for s in specs)))
-                     for a in range(3))
+        pads = tuple((sum(s.pads[a][0] for s in specs), sum(s.pads[a][1] for s in specs)) for a in range(3))
         spec = ConvSpec(x.shape, w.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
                         groups=specs[0].groups, mode="constant")
         return dense.run(x, w.astype(x.dtype), None if b is None else b.astype(x.dtype), spec, "auto", nthreads)
