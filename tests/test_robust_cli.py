@@ -10,12 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import hypothesis.strategies as st
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 import volconv
 import volconv.io as vio
@@ -300,3 +303,39 @@ def test_filter_adds_nii_gz_when_the_output_has_no_extension(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:   # another format's name is still refused, not extended
         main(["filter", str(src), str(tmp_path / "o.img"), "--gaussian", "1mm"])
     assert info.value.code == 2
+
+
+def test_an_input_directory_is_named_as_the_input(tmp_path, capsys):
+    """A directory given as IN, next to OUT: the error names IN, not OUT (whose folder it happens to be)."""
+    code, _, err = run(capsys, "filter", tmp_path, tmp_path / "o.nii.gz", "--box", "3vox")
+    assert_failure(code, err, tmp_path, also="is a directory")
+
+
+def test_bench_threads_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--quick", "--threads", "0"])
+    assert info.value.code == 2
+    assert "positive finite integer" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(hops=st.lists(st.sampled_from(["./", "sub/../", "link/", "sub/../link/"]), max_size=4),
+       absolute=st.booleans(), hard_link=st.booleans())
+def test_every_spelling_of_an_input_is_refused_as_an_output(hops, absolute, hard_link):
+    """However OUT spells the input's path (./, a/.., a symlinked folder, absolute or relative, or a hard link),
+    the one check refuses it; a different file passes."""
+    from volconv.cli import CommandError, _check_distinct
+
+    with tempfile.TemporaryDirectory() as top:
+        top = Path(top)
+        (top / "sub").mkdir()
+        (top / "link").symlink_to(top)
+        (top / "in.nii").write_bytes(b"x")
+        if hard_link:
+            os.link(top / "in.nii", top / "hard.nii")
+        name = "hard.nii" if hard_link else "in.nii"
+        spelled = "".join(hops) + name
+        out = top / spelled if absolute else Path(os.path.relpath(top, os.getcwd())) / spelled
+        with pytest.raises(CommandError, match="OUT is the same file as IN"):
+            _check_distinct([("IN", top / "in.nii")], [("OUT", out)])
+        _check_distinct([("IN", top / "in.nii")], [("OUT", top / "sub" / name)])

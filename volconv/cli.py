@@ -128,18 +128,21 @@ def size_type(default_unit="mm", positive=False, units=("mm", "vox")):
     return parse
 
 
-def positive_float(text):
-    """argparse type: a positive finite number (--truncate: inf or nan would make a kernel of no size)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive finite number")
-    return value
+def positive(kind):
+    """argparse type: a positive finite number of `kind` (float or int); --truncate inf or nan would make a
+    kernel of no size, bench --threads 0 no thread."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive finite "
+                                             f"{'integer' if kind is int else 'number'}")
+        return value
 
-
-positive_float.__name__ = "number"
+    parse.__name__ = "number"  # argparse names the type in its messages
+    return parse
 
 
 def workers_type(text):
@@ -701,7 +704,7 @@ def _failure(e, src, dst, mask):
     if isinstance(e, MemoryError):
         return src, "not enough memory to filter it"
     culprit, problem = _blame(e, src, dst, mask)
-    if os.path.abspath(culprit) == os.path.dirname(os.path.abspath(dst)):
+    if isinstance(e, OSError) and os.path.abspath(culprit) == os.path.dirname(os.path.abspath(dst)):
         culprit, problem = dst, f"{problem}: {os.path.dirname(os.path.abspath(dst))}"  # name the output
     return culprit, problem
 
@@ -913,7 +916,7 @@ def _add_filter_options(p, preview):
         else:
             kind = size_type(positive=dest in ("box", "ball"))
         group.add_argument(flag, dest=dest, metavar=metavar, type=kind, help=help_text)
-    k.add_argument("--truncate", type=positive_float, metavar="T",
+    k.add_argument("--truncate", type=positive(float), metavar="T",
                    help="Gaussian radius in sigmas, as scipy.ndimage (default 4)")
     o = p.add_argument_group("filtering")
     o.add_argument("--mode", choices=MODES, default="reflect",
@@ -987,7 +990,7 @@ def build_parser():
     s = sub.add_parser("bench", help="check a sample scan against scipy.ndimage, then time volconv against "
                                      "torch and scipy (ratios in one run)")
     s.add_argument("--quick", action="store_true", help="smaller volumes, fewer rounds")
-    s.add_argument("--threads", type=int, default=2, help="threads for every contender (default 2)")
+    s.add_argument("--threads", type=positive(int), default=2, help="threads for every contender (default 2)")
     s.add_argument("--sample", metavar="NIFTI", help="a NIfTI volume to filter and compare with scipy.ndimage")
     s.set_defaults(run=_bench)
     return p
