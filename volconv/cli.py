@@ -1047,15 +1047,16 @@ def _stdout_gone():
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.command is None:
-        p.print_help()
-        return 2
-    if args.command in ("filter", "batch"):
-        _check_filter_args(args.parser, args)
+    args = None
     try:
         with _signals_interrupt():
+            p = build_parser()
+            args = p.parse_args(argv)   # --help and argparse's errors (exit 2) leave through SystemExit
+            if args.command is None:
+                p.print_help()
+                return 2
+            if args.command in ("filter", "batch"):
+                _check_filter_args(args.parser, args)
             return args.run(args)
     except Terminated as e:
         print("volconv: terminated", file=sys.stderr)
