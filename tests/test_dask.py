@@ -221,7 +221,7 @@ def test_cli_batch_with_a_scheduler(tmp_path, cluster, capsys):
     errors = capsys.readouterr().err.splitlines()
     assert code == 1
     assert errors[0].startswith(f"volconv: error: {tmp_path / 'in' / 'broken.nii.gz'}: not a NIfTI file")
-    assert errors[1:] == [f"volconv: error: {tmp_path / 'in'}: 1 of 4 files failed"]
+    assert errors[1:] == [f"volconv: error: {tmp_path / 'in'}: 1 of 4 files failed: broken.nii.gz"]
 
 
 def test_cli_batch_scheduler_errors(tmp_path, capsys):

@@ -5,22 +5,30 @@
     volconv info [IN ...]                    header summary of NIfTI files; without files: the build
     volconv bench                            sample check against scipy.ndimage, then timings
 
-Exit codes: 0 success, 2 bad arguments (argparse's own), 1 failure. A failure prints one line
-"volconv: error: <file>: <problem>" and leaves no output file behind: the NIfTI is written atomically by
-vc.io.save, the preview PNG through a temporary file that is renamed into place.
+Exit codes: 0 success, 2 bad arguments (argparse's own), 1 failure, 130 / 143 interrupted (SIGINT / SIGTERM).
+A failure prints one line "volconv: error: <file>: <problem>" and leaves no output file behind: the NIfTI is
+written atomically by vc.io.save, the preview PNG through a temporary file that is renamed into place, and an
+interrupt or SIGTERM unwinds through the same clean-up. No traceback reaches the user: an error nothing
+foresaw is one line too, naming the file; VOLCONV_DEBUG=1 shows its traceback instead.
 
 Nothing here imports torch (only `--device cuda` would need it);
 matplotlib (--preview) and tqdm (progress bars) are imported only when used.
 """
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 
 import numpy as np
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+DEFAULT_EXTENSION = ".nii.gz"  # added to an OUT without one, as fslmaths does (FSLOUTPUTTYPE=NIFTI_GZ)
+# names of other volume formats: refused rather than extended (o.img -> o.img.nii.gz is surely not meant)
+OTHER_FORMATS = (".img", ".hdr", ".gz", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mnc", ".npy", ".npz")
 MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
 OUTPUT_DTYPES = ("float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
 # Kernel options: exactly one per filter/batch call. dest -> (flag, metavar, what it is)
@@ -44,6 +52,27 @@ class CommandError(Exception):
 
     def __init__(self, path, problem):
         super().__init__(f"{os.fspath(path)}: {problem}" if path is not None else problem)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`timeout`, a scheduler, a container stop, a closed terminal), raised in the main thread
+    so that it unwinds exactly as Ctrl-C does (temporary files removed on the way); exit 128 + the signal."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _debugging():
+    return os.environ.get("VOLCONV_DEBUG", "") not in ("", "0")
+
+
+def _unexpected(exc, path):
+    """The CommandError for an exception no check foresaw (a bug, or an input nobody thought of): one line that
+    names the file; VOLCONV_DEBUG=1 lets the traceback through instead (callers re-raise when _debugging())."""
+    problem = _blame(exc, path)[1]
+    return CommandError(path, f"unexpected {type(exc).__name__}: {problem} (VOLCONV_DEBUG=1 shows the "
+                              f"traceback; please report it)")
 
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -96,6 +125,23 @@ def size_type(default_unit="mm", positive=False, units=("mm", "vox")):
         return Size(values, unit, text)
 
     parse.__name__ = "size"  # argparse names the type in its messages
+    return parse
+
+
+def positive(kind):
+    """argparse type: a positive finite number of `kind` (float or int); --truncate inf or nan would make a
+    kernel of no size, bench --threads 0 no thread."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive finite "
+                                             f"{'integer' if kind is int else 'number'}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its messages
     return parse
 
 
@@ -264,6 +310,33 @@ def _check_output(path, force, what="output file"):
         raise CommandError(path, f"output directory {directory} {problem}")
 
 
+def _same_file(a, b):
+    """Whether two paths name one file: the same resolved path (symlinks, '..', relative to here), or, when both
+    exist, the same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one of them does not exist (yet): only the resolved paths could tell
+        return False
+
+
+def _check_distinct(inputs, outputs):
+    """Refuse, before any work and whatever --force says, an output that is the same file as an input or as
+    another output: [(argument, path)] pairs, paths None when not given. The one check of filter and batch."""
+    seen = [(name, path, False) for name, path in inputs if path is not None]
+    for name, path in outputs:
+        if path is None:
+            continue
+        for other, other_path, is_output in seen:
+            if _same_file(path, other_path):
+                where = "" if os.fspath(path) == os.fspath(other_path) else f" ({other_path})"
+                why = "two outputs cannot share a file" if is_output else "volconv does not write over a file " \
+                                                                          "it reads"
+                raise CommandError(path, f"{name} is the same file as {other}{where}; {why}")
+        seen.append((name, path, True))
+
+
 def _check_device(device):
     if device == "cuda":
         from . import _cuda
@@ -289,6 +362,10 @@ def _filter_file(args, choice, src, dst, reporter, on_progress=None):
                                      overwrite=args.force, workers=args.workers, progress=on_progress)
     except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
         raise CommandError(*_failure(e, src, dst, args.mask)) from e
+    except Exception as e:   # one bad file must not end a batch, nor show a traceback
+        if _debugging():
+            raise
+        raise _unexpected(e, src) from e
     _report_warnings(reporter, caught)
     elapsed = time.perf_counter() - start
     reporter.log(f"volconv: {src} -> {dst}: {_applied(choice, args, result)}, {elapsed:.2f} s")
@@ -331,6 +408,8 @@ def _filter(args):
     reporter = Reporter(args.quiet)
     src, dst = args.input, args.output
     try:
+        _check_distinct([("IN", src), ("--mask", args.mask), ("--kernel", args.kernel),
+                         ("--sigma-map", args.sigma_map)], [("OUT", dst), ("--preview", args.preview)])
         _check_device(args.device)
         choice = None if args.sigma_map is not None else KernelChoice(args)
         _check_output(dst, args.force)
@@ -381,8 +460,6 @@ class _Preview:
     is made before filtering (an unwritable place fails early) and renamed over the target once complete."""
 
     def __init__(self, path, force):
-        import tempfile
-
         self.path = os.fspath(path)
         _check_output(self.path, force, "preview file")
         try:
@@ -390,13 +467,13 @@ class _Preview:
         except ImportError:
             raise CommandError(self.path, "--preview needs matplotlib (pip install matplotlib)") from None
         directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp.png",
-                                            dir=directory)
+        from .io import _temporary, _umask
+
+        try:   # named .<PNG's name>.<pid>@<host>.<random>.tmp.png, whatever PNG's own extension
+            fd, self.tmp = _temporary(directory, os.path.basename(self.path) + ".png", ".png")
         except OSError as e:
             raise CommandError(self.path, f"cannot create a file in {directory}: {e.strerror}") from None
         os.close(fd)
-        from .io import _umask
 
         os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it private; a PNG is as readable as the NIfTI
 
@@ -458,14 +535,18 @@ def _display_range(data):
 # ------------------------------------------------------------------------------------------------ batch
 
 
-def _nifti_files(directory):
-    """The NIfTI files of a directory by name, sorted; hidden files (e.g. interrupted temporaries) skipped."""
+def _nifti_files(directory, recursive=False, skip=None):
+    """The NIfTI files of a directory as paths relative to it, sorted; hidden files and folders skipped
+    (interrupted temporaries, .git). With `recursive`, nested folders too (a BIDS layout), except the folder
+    `skip` (the output directory, which BIDS puts inside the input as derivatives/...)."""
     names = []
-    for entry in os.scandir(directory):
-        if entry.name.startswith(".") or not entry.name.lower().endswith(NIFTI_EXTENSIONS):
-            continue
-        if entry.is_file():
-            names.append(entry.name)
+    for folder, folders, files in os.walk(directory):
+        folders[:] = [f for f in folders if not f.startswith(".") and
+                      not (skip is not None and _same_file(os.path.join(folder, f), skip))] if recursive else []
+        for name in files:
+            path = os.path.join(folder, name)
+            if not name.startswith(".") and name.lower().endswith(NIFTI_EXTENSIONS) and os.path.isfile(path):
+                names.append(os.path.relpath(path, directory))
     return sorted(names)
 
 
@@ -478,26 +559,35 @@ def _batch(args):
         if not os.path.isdir(in_dir):
             raise CommandError(in_dir, "input directory does not exist" if not os.path.exists(in_dir)
                                else "not a directory")
-        names = _nifti_files(in_dir)
+        names = _nifti_files(in_dir, args.recursive, skip=out_dir)
         if not names:
-            raise CommandError(in_dir, "no .nii or .nii.gz files in this directory")
+            raise CommandError(in_dir, "no .nii or .nii.gz files in this directory" +
+                               ("" if args.recursive else " (--recursive looks into its folders)"))
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise CommandError(out_dir, "output directory is not a directory")
-        if os.path.isdir(out_dir) and os.path.samefile(in_dir, out_dir):
+        if _same_file(in_dir, out_dir):
             raise CommandError(out_dir, "the output directory is the input directory")
-        if not args.force:
-            for name in names:
-                if os.path.lexists(os.path.join(out_dir, name)):
-                    raise CommandError(os.path.join(out_dir, name), "output file exists; use --force to "
-                                                                    "overwrite it")
+        existing = [name for name in names if os.path.lexists(os.path.join(out_dir, name))]
+        if existing and not args.force and not args.skip_existing:
+            raise CommandError(os.path.join(out_dir, existing[0]), "output file exists; use --force to overwrite "
+                                                                   "it, or --skip-existing to keep it")
+        if args.skip_existing:   # resuming: every output there is whole (written atomically)
+            names = [name for name in names if name not in set(existing)]
+        for name in names:
+            _check_distinct([("input file", os.path.join(in_dir, name)), ("--mask", args.mask),
+                             ("--kernel", args.kernel)], [("output file", os.path.join(out_dir, name))])
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            for folder in sorted({os.path.dirname(os.path.join(out_dir, name)) for name in names} | {out_dir}):
+                os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            raise CommandError(out_dir, f"cannot create the output directory: {e.strerror}") from None
+            raise CommandError(e.filename or out_dir, f"cannot create the output directory: {e.strerror}"
+                               ) from None
     except CommandError as e:
         reporter.error(e)
         return 1
 
+    if args.skip_existing and existing:
+        reporter.log(f"volconv: skipped {len(existing)} existing output files in {out_dir}")
     if args.scheduler is not None:
         failed = _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter)
         if failed is None:
@@ -505,15 +595,15 @@ def _batch(args):
     else:
         failed = _batch_here(args, choice, in_dir, out_dir, names, reporter)
     if failed:
-        reporter.error(f"{in_dir}: {failed} of {len(names)} files failed")
+        reporter.error(f"{in_dir}: {len(failed)} of {len(names)} files failed: {', '.join(failed)}")
         return 1
     reporter.log(f"volconv: {len(names)} files filtered into {out_dir}")
     return 0
 
 
 def _batch_here(args, choice, in_dir, out_dir, names, reporter):
-    """The batch in this process, file after file; returns the number of files that failed."""
-    failed = 0
+    """The batch in this process, file after file, past the files that fail; returns those (names)."""
+    failed = []
     reporter.start_bar(total=len(names), unit="file")
     try:
         for i, name in enumerate(names):
@@ -523,7 +613,7 @@ def _batch_here(args, choice, in_dir, out_dir, names, reporter):
                 _filter_file(args, choice, src, dst, reporter, progress)
             except CommandError as e:
                 reporter.error(e)
-                failed += 1
+                failed.append(name)
             reporter.set_progress(i + 1)
     finally:
         reporter.close_bar()
@@ -532,8 +622,8 @@ def _batch_here(args, choice, in_dir, out_dir, names, reporter):
 
 def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
     """The batch as dask.distributed tasks, one per file (vc.dask), with --scheduler ADDRESS or 'local'.
-    Reports each file as it finishes, as the batch in this process does; returns the number of files that
-    failed, or None (error reported) when the cluster cannot be used at all. The workers see absolute paths
+    Reports each file as it finishes, as the batch in this process does; returns the files that failed (names),
+    or None (error reported) when the cluster cannot be used at all. The workers see absolute paths
     (their working directory is not ours); messages name the files as given."""
     from . import dask as vdask
 
@@ -561,7 +651,7 @@ def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
     except Exception as e:  # OSError (unreachable, timed out), ValueError (malformed address), ...
         reporter.error(CommandError(args.scheduler, f"cannot connect to the dask scheduler: {_blame(e, None)[1]}"))
         return None
-    failed = done = 0
+    failed, done = [], 0
     tasks = vdask._run_files(client, _filter_scheduled_file, pairs, options, choice)
     reporter.start_bar(total=len(names), unit="file")
     try:
@@ -571,7 +661,7 @@ def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
                 outcome = ("failed", src, f"on the dask cluster: {_blame(exc, None)[1]}")
             if outcome[0] == "failed":
                 reporter.error(given(f"{outcome[1]}: {outcome[2]}"))
-                failed += 1
+                failed.append(names[i])
             else:
                 _, caught, how, elapsed = outcome
                 for text in caught:
@@ -614,7 +704,7 @@ def _failure(e, src, dst, mask):
     if isinstance(e, MemoryError):
         return src, "not enough memory to filter it"
     culprit, problem = _blame(e, src, dst, mask)
-    if os.path.abspath(culprit) == os.path.dirname(os.path.abspath(dst)):
+    if isinstance(e, OSError) and os.path.abspath(culprit) == os.path.dirname(os.path.abspath(dst)):
         culprit, problem = dst, f"{problem}: {os.path.dirname(os.path.abspath(dst))}"  # name the output
     return culprit, problem
 
@@ -765,6 +855,12 @@ def _info(args):
             reporter.error("{}: {}".format(*_blame(e, path)))
             failed += 1
             continue
+        except Exception as e:   # a header nobody foresaw: one line, and on to the next file
+            if _debugging():
+                raise
+            reporter.error(_unexpected(e, path))
+            failed += 1
+            continue
         print(("\n" if i else "") + text)
     return 1 if failed else 0
 
@@ -820,7 +916,7 @@ def _add_filter_options(p, preview):
         else:
             kind = size_type(positive=dest in ("box", "ball"))
         group.add_argument(flag, dest=dest, metavar=metavar, type=kind, help=help_text)
-    k.add_argument("--truncate", type=float, metavar="T",
+    k.add_argument("--truncate", type=positive(float), metavar="T",
                    help="Gaussian radius in sigmas, as scipy.ndimage (default 4)")
     o = p.add_argument_group("filtering")
     o.add_argument("--mode", choices=MODES, default="reflect",
@@ -846,7 +942,11 @@ def _add_filter_options(p, preview):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="volconv", description="Fast 3D convolution for medical volumes.")
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="volconv", description="Fast 3D convolution for medical volumes.",
+                                epilog="VOLCONV_DEBUG=1 shows the traceback of an unexpected error.")
+    p.add_argument("--version", action="version", version=f"volconv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("filter", help="filter a NIfTI volume (3-D, or 4-D volume by volume)",
@@ -856,18 +956,26 @@ def build_parser():
                        epilog="Exit status: 0 success, 1 failure (one line naming the file; no output left "
                               "behind), 2 bad arguments.")
     s.add_argument("input", metavar="IN", help="input NIfTI file (.nii or .nii.gz)")
-    s.add_argument("output", metavar="OUT", help="output NIfTI file (.nii or .nii.gz); refused if it exists, "
-                                                 "unless --force")
+    s.add_argument("output", metavar="OUT", help="output NIfTI file (.nii or .nii.gz; without either, .nii.gz is "
+                                                 "added as fslmaths does); refused if it exists, unless --force, "
+                                                 "and if it is IN, --mask, --kernel or --sigma-map")
     _add_filter_options(s, preview=True)
     s.set_defaults(run=_filter, parser=s)
 
     s = sub.add_parser("batch", help="filter every .nii / .nii.gz of a directory into another",
                        description="Filter every .nii / .nii.gz file of IN_DIR into OUT_DIR (created if needed) "
                                    "under the same name, with one progress bar. A file that fails is reported "
-                                   "and skipped; the exit status is then 1.")
+                                   "and the batch goes on; the failed files are listed at the end and the exit "
+                                   "status is then 1. Hidden files and folders are skipped.")
     s.add_argument("input_dir", metavar="IN_DIR")
     s.add_argument("output_dir", metavar="OUT_DIR")
     _add_filter_options(s, preview=False)
+    s.add_argument("--recursive", "-r", action="store_true",
+                   help="also the files in IN_DIR's folders, at any depth (a BIDS layout), each written under the "
+                        "same relative path in OUT_DIR (which may lie inside IN_DIR: it is not read)")
+    s.add_argument("--skip-existing", action="store_true",
+                   help="leave the output files that exist as they are and filter the others: resumes an "
+                        "interrupted batch (outputs are written atomically, so an existing one is complete)")
     s.add_argument("--scheduler", metavar="ADDRESS",
                    help="run the files as tasks on a dask.distributed cluster: its scheduler's ADDRESS "
                         "(tcp://host:8786; the workers need volconv and the same paths), or 'local' for a "
@@ -882,7 +990,7 @@ def build_parser():
     s = sub.add_parser("bench", help="check a sample scan against scipy.ndimage, then time volconv against "
                                      "torch and scipy (ratios in one run)")
     s.add_argument("--quick", action="store_true", help="smaller volumes, fewer rounds")
-    s.add_argument("--threads", type=int, default=2, help="threads for every contender (default 2)")
+    s.add_argument("--threads", type=positive(int), default=2, help="threads for every contender (default 2)")
     s.add_argument("--sample", metavar="NIFTI", help="a NIfTI volume to filter and compare with scipy.ndimage")
     s.set_defaults(run=_bench)
     return p
@@ -890,11 +998,10 @@ def build_parser():
 
 def _check_filter_args(sub, args):
     """Combinations argparse cannot express (exit 2 like its own errors); `sub` is the subcommand's parser."""
-    if args.truncate is not None:
-        if not any(getattr(args, k) is not None for k in GAUSSIANS):
-            sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox, --sigma-map)")
-        if not args.truncate > 0:
-            sub.error(f"--truncate must be positive, got {args.truncate:g}")
+    if args.truncate is not None and not any(getattr(args, k) is not None for k in GAUSSIANS):
+        sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox, --sigma-map)")
+    if getattr(args, "skip_existing", False) and args.force:
+        sub.error("--skip-existing keeps existing outputs, --force replaces them: give one")
     if args.outside is not None and args.mask is None:
         sub.error("--outside needs --mask")
     if getattr(args, "sigma_map", None) is not None:
@@ -905,22 +1012,66 @@ def _check_filter_args(sub, args):
     args.outside = args.outside or "keep"
     out = getattr(args, "output", None)
     if out is not None and not out.lower().endswith(NIFTI_EXTENSIONS):
-        sub.error(f"{out}: the output file name must end in .nii or .nii.gz")
+        if out.lower().endswith(OTHER_FORMATS):
+            sub.error(f"{out}: the output file name must end in .nii or .nii.gz (or have no extension: "
+                      f"{DEFAULT_EXTENSION} is added)")
+        args.output = out + DEFAULT_EXTENSION
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGHUP raise Terminated (a KeyboardInterrupt) in the main thread while the command runs, so
+    that they clean up as Ctrl-C does. Signals someone chose to ignore (nohup) stay ignored; the previous
+    handlers come back afterwards (tests call main() in their own process)."""
+    def terminate(signum, frame):
+        raise Terminated(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():   # only it may set handlers
+        for name in ("SIGTERM", "SIGHUP"):
+            number = getattr(signal, name, None)
+            if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+                previous[number] = signal.signal(number, terminate)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _stdout_gone():
+    """The reader of stdout went away (`volconv info F | head`): say nothing more. Python's documentation's
+    recipe: point stdout at devnull, so that the interpreter's last flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):   # a stdout without a descriptor (a test's capture)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.command is None:
-        p.print_help()
-        return 2
-    if args.command in ("filter", "batch"):
-        _check_filter_args(args.parser, args)
+    args = None
     try:
-        return args.run(args)
+        with _signals_interrupt():
+            p = build_parser()
+            args = p.parse_args(argv)   # --help and argparse's errors (exit 2) leave through SystemExit
+            if args.command is None:
+                p.print_help()
+                return 2
+            if args.command in ("filter", "batch"):
+                _check_filter_args(args.parser, args)
+            return args.run(args)
+    except Terminated as e:
+        print("volconv: terminated", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("volconv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _stdout_gone()
+        return 1
+    except Exception as e:
+        if _debugging():
+            raise
+        Reporter(quiet=False).error(_unexpected(e, getattr(args, "input", getattr(args, "input_dir", None))))
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import contextlib
 import errno
 import gzip
 import os
+import re
+import socket
 import stat
 import tempfile
 import warnings
@@ -149,7 +151,7 @@ def load(path, *, dtype=np.float32, mmap=True):
         dtype = np.dtype(dtype)
         if dtype.kind not in "fiu":
             raise ValueError(f"load: dtype must be a real floating or integer numpy dtype, or None; got {dtype}")
-    with _source(path, mmap) as (img, finish), _reading(path):
+    with _source(path, mmap, real=dtype is not None) as (img, finish), _reading(path):
         data = _read_data(path, img, dtype)
         finish()
     vol = Volume(data, img.affine, img.header)
@@ -158,10 +160,11 @@ def load(path, *, dtype=np.float32, mmap=True):
 
 
 @contextlib.contextmanager
-def _source(path, mmap=True):
+def _source(path, mmap=True, real=True):
     """(image, finish): the nibabel image of a NIfTI file, its data not read yet, the file open in the block;
     finish() reads a gzip stream to its end, so that gzip checks its CRC and length (done on leaving the block
-    at the latest: call it before committing anything made from the data). Errors as `load` documents."""
+    at the latest: call it before committing anything made from the data). Errors as `load` documents; `real`
+    refuses data that are not real numbers (RGB, complex), which every filter would misread."""
     if os.path.isdir(path):
         raise NiftiError(f"{path}: is a directory, not a NIfTI file")
     with open(path, "rb") as f:  # FileNotFoundError / PermissionError name the file themselves
@@ -182,6 +185,8 @@ def _source(path, mmap=True):
                     f = None
                     img = img_class.from_file_map({"image": nib.FileHolder(filename=path)}, mmap=mmap)
                 _check_size(path, img, os.path.getsize(path))
+        if real:
+            _check_real(path, img.dataobj.dtype)
         finished = []
 
         def finish():
@@ -236,13 +241,18 @@ def _check_size(path, img, file_size):
                          f"ending at byte {needed}, the file has {file_size} bytes")
 
 
+def _check_real(path, stored):
+    """NiftiError unless the stored voxels are real numbers: numpy would take the real part of complex data
+    silently, and cannot convert RGB at all."""
+    if stored.kind not in "fiub":
+        what = "RGB" if stored.fields is not None else "complex" if stored.kind == "c" else str(stored)
+        raise NiftiError(f"{path}: {what} voxels ({8 * stored.itemsize} bits each); "
+                         f"expected real numbers (integer or float): convert them first, e.g. to a magnitude "
+                         f"or luminance image (vc.io.load(path, dtype=None) reads them as stored)")
+
+
 def _read_data(path, img, dtype):
     proxy = img.dataobj
-    stored = proxy.dtype
-    if stored.fields is not None or stored.kind == "c":
-        if dtype is not None:
-            raise NiftiError(f"{path}: {'RGB' if stored.fields else 'complex'} data ({stored}) cannot be read as "
-                             f"{dtype}; load it with dtype=None")
     if dtype is None or dtype.kind == "f":
         data = np.asarray(proxy, dtype=dtype)
     else:
@@ -389,8 +399,7 @@ class NiftiWriter:
         self.mode = stat.S_IMODE(os.stat(self.path).st_mode) if os.path.exists(self.path) else 0o666 & ~_umask()
         base = os.path.basename(self.path)
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{base[:-len(self.ext)]}.", suffix=f".tmp{self.ext}",
-                                            dir=self.directory)
+            fd, self.tmp = _temporary(self.directory, base, self.ext)
         except OSError as e:
             raise OSError(e.errno, f"cannot create a file in the output directory (for {base}): {e.strerror}",
                           self.directory) from e
@@ -471,6 +480,56 @@ class NiftiWriter:
 
 
 _GZIP_LEVEL = 1  # nibabel's own default: 3-4x faster than zlib's 6, output ~10% larger
+
+
+# A temporary output is hidden and says which process made it: .<name>.<pid>@<host>.<mkstemp's 8>.tmp<ext>
+_TEMPORARY = re.compile(r"\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[a-z0-9_]{8}\.tmp(\.nii|\.nii\.gz|\.png)$")
+_swept = set()   # directories whose stale temporaries this process has removed already
+
+
+def _temporary_tag(pid=None):
+    """'<pid>@<host>' for a temporary file's name (the host name reduced to letters, digits and '-')."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
+    return f"{os.getpid() if pid is None else pid}@{host}"
+
+
+def _temporary(directory, name, ext):
+    """(fd, path) of a new hidden temporary file in `directory` for the output `name` (ending in `ext`), named so
+    that a later run can recognise it. First removes, once per directory per process, the temporaries that
+    processes of this host left behind when they were killed outright (SIGKILL, power loss): the pid in their
+    name is no longer running. Another host's pid means nothing here, so its temporaries are left alone (and
+    every reader of a directory skips hidden files)."""
+    key = os.path.realpath(directory)
+    if key not in _swept and os.name == "posix":   # os.kill(pid, 0) only asks on POSIX (Windows would kill)
+        _swept.add(key)
+        _remove_stale_temporaries(directory, _temporary_tag().split("@", 1)[1])
+    return tempfile.mkstemp(prefix=f".{name[:-len(ext)]}.{_temporary_tag()}.", suffix=f".tmp{ext}",
+                            dir=directory)
+
+
+def _remove_stale_temporaries(directory, host):
+    try:
+        entries = [e.name for e in os.scandir(directory) if e.name.startswith(".")]
+    except OSError:
+        return
+    for entry in entries:
+        found = _TEMPORARY.search(entry)
+        if found is None or found["host"] != host or _running(int(found["pid"])):
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+        except OSError:
+            pass
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # EPERM: it runs, as another user
+        return True
+    return True
 
 
 def _open_temp(fd):
