@@ -551,7 +551,8 @@ def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
     # dask runs a file on every worker thread
     options = argparse.Namespace(mode=args.mode, cval=args.cval, normalize=args.normalize, outside=args.outside,
                                  mask=None if args.mask is None else os.path.abspath(args.mask), odt=args.odt,
-                                 force=args.force, workers=1 if args.workers is None else args.workers)
+                                 force=args.force, workers=1 if args.workers is None else args.workers,
+                                 nan=args.nan, max_memory=args.max_memory)
 
     def given(text):
         for path in sorted(as_given, key=len, reverse=True):
@@ -845,7 +846,9 @@ def _add_filter_options(p, preview):
                         "(fslmaths -fmean; --mode then plays no part)")
     o.add_argument("--outside", choices=("keep", "zero"), default=None,
                    help="voxels outside --mask: keep their input value (default) or set them to 0")
-    o.add_argument("--nan", choices=("propagate", "zero", "mask"), default=None,
+    from .io import NAN_RULES
+
+    o.add_argument("--nan", choices=NAN_RULES, default=None,
                    help="non-finite input voxels (NaN, Inf): spread through the kernel (propagate, default; a "
                         "warning says when they did), read as 0 (zero, as fslmaths -nan), or left out as if "
                         "outside the mask (mask; --outside then says what they become)")
@@ -914,8 +917,8 @@ def _check_filter_args(sub, args):
             sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox, --sigma-map)")
         if not args.truncate > 0:
             sub.error(f"--truncate must be positive, got {args.truncate:g}")
-    if args.outside is not None and args.mask is None:
-        sub.error("--outside needs --mask")
+    if args.outside is not None and args.mask is None and args.nan != "mask":
+        sub.error("--outside needs --mask (or --nan mask)")
     if getattr(args, "sigma_map", None) is not None:
         if args.command != "filter":
             sub.error("--sigma-map applies to `volconv filter` (one map for one volume's grid)")

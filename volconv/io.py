@@ -641,7 +641,7 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
             mask_planes = stack.enter_context(_Planes(os.fspath(mask)) if isinstance(mask, (str, os.PathLike))
                                               else _ArrayPlanes(mask))
             if mask_planes.shape[:3] != source.shape[:3] or mask_planes.nt != 1:
-                raise ValueError(f"mask has shape {mask_planes.shape} but {job.src} has spatial shape "
+                raise ValueError(f"mask has shape {mask_planes.img_shape} but {job.src} has spatial shape "
                                  f"{source.shape[:3]}")
         masked = mask is not None or normalize or nan == "mask"
         reach = filter_pads(kernel.shape, (0, 0, 0))[2]
@@ -653,18 +653,14 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
                 _slabs.PlaneReader(mask_planes.reader(0), planes_shape, np.float32, keep=sum(reach))
 
             def filter_slab(block, planes, halo):
-                lo, hi = halo
-                finite = np.isfinite(block)
-                counts[0] += block[..., lo:block.shape[2] - hi].size - np.count_nonzero(finite[..., lo:block.shape[2]
-                                                                                                  - hi])
+                counts[0] += _non_finite(block[..., halo[0]:block.shape[2] - halo[1]])   # the output's planes
                 inside = None if mask_reader is None else _slabs.gather(planes, mask_reader) != 0
                 if nan == "zero":
-                    block = np.where(finite, block, np.float32(0))
+                    block = np.where(np.isfinite(block), block, np.float32(0))
                 elif nan == "mask":
-                    inside = finite if inside is None else inside & finite
-                del finite
+                    inside = np.isfinite(block) if inside is None else inside & np.isfinite(block)
                 out = _filter_volume(block, kernel, mode, cval, inside, normalize, outside, workers, halo=halo)
-                counts[1] += out.size - np.count_nonzero(np.isfinite(out))
+                counts[1] += _non_finite(out)
                 return out
             return filter_slab
 
@@ -717,6 +713,10 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
 
         return job.run(source, reach, copies, None if mode == "constant" else scipy_mode(mode), for_volume, dtype,
                        workers, progress, return_volume)
+
+
+def _non_finite(a):
+    return a.size - np.count_nonzero(np.isfinite(a))
 
 
 def _largest(planes, path, budget):
@@ -840,7 +840,7 @@ class _ArrayPlanes:
     def __init__(self, array):
         a = np.asarray(array)
         self.array = a[..., 0] if a.ndim == 4 and a.shape[3] == 1 else a
-        self.shape, self.nt = self.array.shape, 1
+        self.img_shape, self.shape, self.nt = a.shape, self.array.shape, 1
 
     def __enter__(self):
         return self
