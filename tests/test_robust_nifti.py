@@ -131,6 +131,11 @@ def test_cli_nan_option(tmp_path):
     assert cli.main(["batch", str(tmp_path / "in"), str(tmp_path / "out"), "--box", "3vox", "--nan", "mask",
                      "--mask", str(tmp_path / "brain.nii.gz"), "--normalize", "-q"]) == 0
     assert np.isfinite(vc.io.load(tmp_path / "out" / "stat.nii.gz").data[brain]).all()
+    # --nan mask makes a mask of its own: --outside applies to it
+    assert cli.main(["filter", str(tmp_path / "in" / "stat.nii.gz"), str(tmp_path / "z.nii"), "--box", "3vox",
+                     "--nan", "mask", "--outside", "zero", "--normalize", "-q"]) == 0
+    out = vc.io.load(tmp_path / "z.nii").data
+    assert np.isfinite(out).all() and (out[~brain] == 0).all()
 
 
 # ---------------------------------------------------------------------- item 6: what was written comes back
