@@ -75,7 +75,8 @@ def test_nan_option(tmp_path, normalize):
 
     def masked(inside):   # the mask rule, reference: outside voxels contribute nothing, kept as they were
         num = ndi.correlate(np.where(inside, x, 0), box, mode="constant")
-        filtered = num / ndi.correlate(inside.astype(np.float32), box, mode="constant") if normalize else num
+        with np.errstate(invalid="ignore"):   # 0 / 0 where no inside voxel is near: kept as they were
+            filtered = num / ndi.correlate(inside.astype(np.float32), box, mode="constant") if normalize else num
         return np.where(inside, filtered, x)
 
     zero = np.where(finite, x, 0)
@@ -218,7 +219,9 @@ def big(tmp_path_factory):
 def test_peak_memory_for_every_option(big, tmp_path, option):
     src = str(big / "big.nii")
     out = str(tmp_path / ("o.nii.gz" if option == "gz" else "o.nii"))
-    args = ["filter", src, out, "--max-memory", "8MiB", "--workers", "2", "-q"]
+    # a sigma map's slab holds ~40 float32s per voxel: 32 MiB is what 8 MiB is to the others (a few planes)
+    budget = 4 * BUDGET if option == "sigma-map" else BUDGET
+    args = ["filter", src, out, "--max-memory", str(budget), "--workers", "2", "-q"]
     if option == "sigma-map":
         sigma = big_volume(tmp_path / "sigma.nii", SHAPE, seed=7)   # sigma 0..1 voxel: a small halo
         args += ["--sigma-map", str(sigma), "--truncate", "2"]
@@ -229,10 +232,10 @@ def test_peak_memory_for_every_option(big, tmp_path, option):
     if option == "mask":
         args += ["--mask", str(big / "mask.nii.gz"), "--normalize"]
     grown = peak_growth(args)
-    slab = BUDGET // _slabs.copies(False)   # the thickest output slab this budget allows
+    slab = budget // _slabs.copies(False)   # the thickest output slab this budget allows
     output = 4 * int(np.prod(SHAPE))
-    assert grown < BUDGET + slab + SLACK, (f"{option}: peak RSS grew by {grown / 2**20:.0f} MiB for a "
-                                           f"{output / 2**20:.0f} MiB output at an 8 MiB budget")
+    assert grown < budget + slab + SLACK, (f"{option}: peak RSS grew by {grown / 2**20:.0f} MiB for a "
+                                           f"{output / 2**20:.0f} MiB output at a {budget / 2**20:.0f} MiB budget")
 
 
 def test_gzip_writer_keeps_few_blocks_in_flight():

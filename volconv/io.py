@@ -697,9 +697,12 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
         largest = _largest(sigma, sigma_map, job.budget)
         radii = [int(truncate * largest / z + 0.5) for z in zooms]   # adaptive_filter's, for the whole map
         reach = (radii[2], radii[2])
-        # adaptive_filter's arrays per voxel: the input, its padded copy, the output, the map (float32 here,
-        # float64 there), the three fields of 1-D weights and the float64 work of the widest one
-        copies = 6 + sum(2 * r + 1 for r in radii) + 2 * (2 * max(radii) + 1)
+        # adaptive_filter's arrays, in float32s per voxel: the input, its padded copy, the output, the map
+        # (float32 here, float64 there), the fields of 1-D weights (one per distinct voxel size and radius:
+        # isotropic voxels share one) and the work of making the widest (float64 weights, their float32 copy and
+        # six float64 per-voxel arrays); measured in tests/test_robust_nifti.py
+        fields = {(z, r): 2 * r + 1 for z, r in zip(zooms, radii)}
+        copies = 6 + sum(fields.values()) + 3 * max(fields.values()) + 12
 
         def for_volume(t):
             reader = _slabs.PlaneReader(sigma.reader(0), source.shape[:2], np.float32, keep=sum(reach))
