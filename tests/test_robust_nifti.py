@@ -238,6 +238,19 @@ def test_peak_memory_for_every_option(big, tmp_path, option):
                                            f"{output / 2**20:.0f} MiB output at a {budget / 2**20:.0f} MiB budget")
 
 
+def test_a_corrupt_gzipped_mask_read_in_slabs_leaves_nothing(tmp_path, monkeypatch):
+    x = np.random.default_rng(12).random((10, 10, 30)).astype(np.float32)
+    src = write(tmp_path / "in.nii", x)
+    mask = write(tmp_path / "mask.nii.gz", (x > 0.5).astype(np.uint8))
+    raw = bytearray(mask.read_bytes())
+    raw[-6] ^= 0xFF   # the CRC: noticed only at the end of the stream, after every slab was written
+    mask.write_bytes(bytes(raw))
+    forced_slabs(monkeypatch, 4)
+    with pytest.raises(vc.io.NiftiError, match="corrupt or truncated gzip"):
+        vc.io.filter_nifti(src, tmp_path / "out.nii", vc.kernels.box(3), mask=mask, max_memory=1)
+    assert sorted(os.listdir(tmp_path)) == ["in.nii", "mask.nii.gz"]
+
+
 def test_gzip_writer_keeps_few_blocks_in_flight():
     import io
 

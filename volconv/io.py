@@ -668,7 +668,7 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
         # constants are the filter's own padding; normalising pads with zeros whatever the mode)
         pad_mode = None if mode == "constant" or normalize else scipy_mode(mode)
         result = job.run(source, reach, _slabs.copies(masked), pad_mode, for_volume, dtype, workers, progress,
-                         return_volume)
+                         return_volume, also_read=[mask_planes] if mask_planes is not None else [])
     if counts[1] > counts[0]:
         warnings.warn(f"{job.src}: NaN/Inf spread through the kernel: {counts[1]} non-finite output voxels from "
                       f"{counts[0]} in the input; nan='mask' leaves them out, nan='zero' reads them as 0 "
@@ -715,7 +715,7 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
             return filter_slab
 
         return job.run(source, reach, copies, None if mode == "constant" else scipy_mode(mode), for_volume, dtype,
-                       workers, progress, return_volume)
+                       workers, progress, return_volume, also_read=[sigma])
 
 
 def _non_finite(a):
@@ -747,9 +747,11 @@ class _FileJob:
             raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", self.dst)
         self.budget = _slabs.WORK_BYTES if max_memory is None else _slabs.memory_bytes(max_memory, "max_memory")
 
-    def run(self, source, reach, copies, pad_mode, for_volume, dtype, workers, progress, return_volume):
+    def run(self, source, reach, copies, pad_mode, for_volume, dtype, workers, progress, return_volume,
+            also_read=()):
         """Every volume t of `source` through for_volume(t) -> filter_slab(block, planes, halo) (see
-        _slabs.filter_volume), written to dst; the Volume filter_nifti returns."""
+        _slabs.filter_volume), written to dst; the Volume filter_nifti returns. also_read: the other files
+        the slabs read (a mask, a sigma map), checked to their end before the output is committed."""
         shape, nt = source.shape, source.nt
         compressed = self.dst.lower().endswith(".gz")
         # the gzip writer's blocks in flight come out of the budget (at most an eighth of it)
@@ -775,7 +777,8 @@ class _FileJob:
             for t in range(nt):
                 _slabs.filter_volume(source.reader(t), shape[:2], np.float32, shape[2], reach, slab, pad_mode,
                                      for_volume(t), write, lambda k1, t=t: advance(k1, t))
-            source.finish()   # a corrupt gzip stream fails here, before the output is committed
+            for planes in [source, *also_read]:
+                planes.finish()   # a corrupt gzip stream fails here, before the output is committed
         if not return_volume:
             return None
         if in_memory:
@@ -850,6 +853,9 @@ class _ArrayPlanes:
 
     def __exit__(self, *exc):
         return False
+
+    def finish(self):
+        pass
 
     def reader(self, t):
         def read_into(view, a):
