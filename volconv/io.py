@@ -686,8 +686,8 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
     job = _FileJob(src, dst, overwrite, max_memory)
     sigma_map = os.fspath(sigma_map)
     with _Planes(job.src) as source, _Planes(sigma_map) as sigma:
-        if sigma.shape != source.shape[:3]:
-            raise NiftiError(f"{sigma_map}: sigma map has shape {sigma.shape}; it must be 3-D on the volume's "
+        if sigma.shape != source.shape[:3] or sigma.nt != 1:
+            raise NiftiError(f"{sigma_map}: sigma map has shape {sigma.img_shape}; it must be 3-D on the volume's "
                              f"grid {source.shape[:3]}")
         if not np.allclose(sigma.affine, source.affine, atol=1e-3):
             raise NiftiError(f"{sigma_map}: sigma map is not on the grid of {job.src} (their affines differ)")
