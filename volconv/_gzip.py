@@ -18,6 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 BLOCK = 1 << 20   # bytes per compression task
 WINDOW = 1 << 15  # deflate's window: the dictionary a block inherits from the one before
+TASK = 2 * BLOCK  # memory of a block in flight: its data and (at most about as much) its deflated form
+
+
+def in_flight(threads):
+    """Bytes a ParallelGzipWriter with this many threads holds at most by default (its blocks in flight)."""
+    return 2 * threads * TASK
 
 
 class ParallelGzipWriter(io.IOBase):
@@ -25,7 +31,7 @@ class ParallelGzipWriter(io.IOBase):
     gzip header (the final file's name, without .gz); mtime is 0 (reproducible output). Supports write, tell,
     forward seek (zero fill, as gzip.GzipFile) and close (which does not close `raw`)."""
 
-    def __init__(self, raw, name="", level=1, threads=1):
+    def __init__(self, raw, name="", level=1, threads=1, max_in_flight=None):
         super().__init__()
         self.raw, self.level = raw, level
         self.crc, self.size = 0, 0
@@ -33,7 +39,9 @@ class ParallelGzipWriter(io.IOBase):
         self.dictionary = b""        # the last WINDOW bytes handed over
         self.tasks = deque()
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
-        self.max_tasks = 2 * threads  # bounded memory: at most this many blocks in flight
+        # bounded memory: at most this many blocks in flight (2 per thread keeps them busy), fewer when the
+        # caller's budget says so (each task holds a block and its deflated form)
+        self.max_tasks = 2 * threads if max_in_flight is None else max(1, min(2 * threads, max_in_flight // TASK))
         flags = 0x08 if name else 0
         xfl = 4 if level == 1 else 2 if level == 9 else 0
         raw.write(b"\x1f\x8b\x08" + bytes([flags]) + struct.pack("<I", 0) + bytes([xfl, 255]))

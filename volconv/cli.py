@@ -145,6 +145,15 @@ def positive(kind):
     return parse
 
 
+def _memory_size(text):
+    from ._slabs import memory_bytes
+
+    try:
+        return memory_bytes(text, "--max-memory")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def workers_type(text):
     try:
         value = int(text)
@@ -358,8 +367,9 @@ def _filter_file(args, choice, src, dst, reporter, on_progress=None):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = io.filter_nifti(src, dst, choice, mode=args.mode, cval=args.cval, mask=args.mask,
-                                     normalize=args.normalize, outside=args.outside, dtype=args.odt,
-                                     overwrite=args.force, workers=args.workers, progress=on_progress)
+                                     normalize=args.normalize, outside=args.outside, nan=args.nan, dtype=args.odt,
+                                     overwrite=args.force, workers=args.workers, progress=on_progress,
+                                     max_memory=args.max_memory, return_volume=_wants_volume(args))
     except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
         raise CommandError(*_failure(e, src, dst, args.mask)) from e
     except Exception as e:   # one bad file must not end a batch, nor show a traceback
@@ -368,40 +378,36 @@ def _filter_file(args, choice, src, dst, reporter, on_progress=None):
         raise _unexpected(e, src) from e
     _report_warnings(reporter, caught)
     elapsed = time.perf_counter() - start
-    reporter.log(f"volconv: {src} -> {dst}: {_applied(choice, args, result)}, {elapsed:.2f} s")
+    reporter.log(f"volconv: {src} -> {dst}: {_applied(choice, args, dst)}, {elapsed:.2f} s")
     return result
 
 
-def _adaptive_file(args, src, dst, reporter):
-    """`--sigma-map`: vc.adaptive_filter of every 3-D volume of src, written atomically to dst; the Volume."""
+def _adaptive_file(args, src, dst, reporter, on_progress=None):
+    """`--sigma-map`: vc.io.adaptive_filter_nifti (slabbed like filter_nifti); the Volume, or None when no
+    preview asks for it."""
     from . import io
-    from .ops.dynamic import adaptive_filter
 
     start = time.perf_counter()
+    truncate = 3.0 if args.truncate is None else args.truncate
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            vol, sigma = io.load(src), io.load(args.sigma_map)
-        if sigma.data.ndim != 3 or sigma.data.shape != vol.data.shape[:3]:
-            raise CommandError(args.sigma_map, f"sigma map has shape {sigma.data.shape}; it must be 3-D on the "
-                                               f"volume's grid {vol.data.shape[:3]}")
-        if not np.allclose(sigma.affine, vol.affine, atol=1e-3):
-            raise CommandError(args.sigma_map, f"sigma map is not on the grid of {src} (their affines differ)")
-        truncate = 3.0 if args.truncate is None else args.truncate
-
-        def run(volume):
-            return adaptive_filter(volume, sigma.data, vol.zooms, truncate, mode=args.mode, cval=args.cval,
-                                   workers=args.workers)
-        data = run(vol.data) if vol.data.ndim == 3 else \
-            np.stack([run(vol.data[..., t]) for t in range(vol.data.shape[3])], axis=-1)
-        result = io.Volume(data, vol.affine, vol.header)
-        io.save(result, dst, dtype=args.odt, overwrite=args.force, workers=args.workers)
+            result = io.adaptive_filter_nifti(src, dst, args.sigma_map, truncate, mode=args.mode, cval=args.cval,
+                                              dtype=args.odt, overwrite=args.force, workers=args.workers,
+                                              progress=on_progress, max_memory=args.max_memory,
+                                              return_volume=_wants_volume(args))
     except (MemoryError, OSError, ValueError) as e:   # NiftiError is a ValueError
         raise CommandError(*_failure(e, src, dst, args.sigma_map)) from e
     _report_warnings(reporter, caught)
     reporter.log(f"volconv: {src} -> {dst}: adaptive gaussian (sigma map {args.sigma_map}, truncate {truncate:g}), "
                  f"{time.perf_counter() - start:.2f} s")
     return result
+
+
+def _wants_volume(args):
+    """Whether the filtered volume must come back in memory: only for a preview (a volume filtered in slabs
+    would otherwise be read back, against the memory promise)."""
+    return bool(getattr(args, "preview", None))
 
 
 def _filter(args):
@@ -420,7 +426,7 @@ def _filter(args):
     try:
         reporter.start_bar(total=1, unit="plane")
         progress = (lambda done, total: _set_total(reporter, done, total)) if reporter.bar else None
-        result = _adaptive_file(args, src, dst, reporter) if choice is None else \
+        result = _adaptive_file(args, src, dst, reporter, progress) if choice is None else \
             _filter_file(args, choice, src, dst, reporter, progress)
         reporter.close_bar()
         if preview is not None:
@@ -635,7 +641,8 @@ def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
     # dask runs a file on every worker thread
     options = argparse.Namespace(mode=args.mode, cval=args.cval, normalize=args.normalize, outside=args.outside,
                                  mask=None if args.mask is None else os.path.abspath(args.mask), odt=args.odt,
-                                 force=args.force, workers=1 if args.workers is None else args.workers)
+                                 force=args.force, workers=1 if args.workers is None else args.workers,
+                                 nan=args.nan, max_memory=args.max_memory)
 
     def given(text):
         for path in sorted(as_given, key=len, reverse=True):
@@ -689,12 +696,13 @@ def _filter_scheduled_file(src, dst, options, choice):
     start = time.perf_counter()
     try:
         with _ThreadWarnings() as caught:
-            result = io.filter_nifti(src, dst, choice, mode=options.mode, cval=options.cval, mask=options.mask,
-                                     normalize=options.normalize, outside=options.outside, dtype=options.odt,
-                                     overwrite=options.force, workers=options.workers)
+            io.filter_nifti(src, dst, choice, mode=options.mode, cval=options.cval, mask=options.mask,
+                            normalize=options.normalize, outside=options.outside, nan=options.nan, dtype=options.odt,
+                            overwrite=options.force, workers=options.workers, max_memory=options.max_memory,
+                            return_volume=False)
     except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
         return ("failed",) + _failure(e, src, dst, options.mask)
-    return "done", [str(w.message) for w in caught], _applied(choice, options, result), time.perf_counter() - start
+    return "done", [str(w.message) for w in caught], _applied(choice, options, dst), time.perf_counter() - start
 
 
 def _failure(e, src, dst, mask):
@@ -709,13 +717,18 @@ def _failure(e, src, dst, mask):
     return culprit, problem
 
 
-def _applied(choice, options, result):
-    """What was done to a file, for the log line."""
+def _applied(choice, options, dst):
+    """What was done to a file, for the log line (the written file's header gives its shape)."""
+    import nibabel
+
     how = [choice.describe(), "normalized" if options.normalize else f"mode {options.mode}"]
     if options.mask is not None:
         how.append(f"mask {options.mask} ({options.outside} outside)")
-    if len(result.shape) == 4:
-        how.append(f"{result.shape[3]} volumes")
+    if options.nan != "propagate":
+        how.append(f"non-finite voxels: {options.nan}")
+    shape = nibabel.load(dst).shape
+    if len(shape) == 4:
+        how.append(f"{shape[3]} volumes")
     return ", ".join(how)
 
 
@@ -929,6 +942,15 @@ def _add_filter_options(p, preview):
                         "(fslmaths -fmean; --mode then plays no part)")
     o.add_argument("--outside", choices=("keep", "zero"), default=None,
                    help="voxels outside --mask: keep their input value (default) or set them to 0")
+    from .io import NAN_RULES
+
+    o.add_argument("--nan", choices=NAN_RULES, default=None,
+                   help="non-finite input voxels (NaN, Inf): spread through the kernel (propagate, default; a "
+                        "warning says when they did), read as 0 (zero, as fslmaths -nan), or left out as if "
+                        "outside the mask (mask; --outside then says what they become)")
+    o.add_argument("--max-memory", type=_memory_size, metavar="SIZE", default=None,
+                   help="working memory per file (512MiB, 1GB, 2G; default 512MiB): larger volumes are "
+                        "filtered in slabs")
     o.add_argument("--odt", choices=OUTPUT_DTYPES, default="float32",
                    help="output data type (default float32; integers are rounded and clipped)")
     o.add_argument("--workers", type=workers_type, metavar="N",
@@ -1002,14 +1024,15 @@ def _check_filter_args(sub, args):
         sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox, --sigma-map)")
     if getattr(args, "skip_existing", False) and args.force:
         sub.error("--skip-existing keeps existing outputs, --force replaces them: give one")
-    if args.outside is not None and args.mask is None:
-        sub.error("--outside needs --mask")
+    if args.outside is not None and args.mask is None and args.nan != "mask":
+        sub.error("--outside needs --mask (or --nan mask)")
     if getattr(args, "sigma_map", None) is not None:
         if args.command != "filter":
             sub.error("--sigma-map applies to `volconv filter` (one map for one volume's grid)")
-        if args.mask is not None or args.normalize:
-            sub.error("--sigma-map does not combine with --mask or --normalize")
+        if args.mask is not None or args.normalize or args.nan is not None:
+            sub.error("--sigma-map does not combine with --mask, --normalize or --nan")
     args.outside = args.outside or "keep"
+    args.nan = args.nan or "propagate"
     out = getattr(args, "output", None)
     if out is not None and not out.lower().endswith(NIFTI_EXTENSIONS):
         if out.lower().endswith(OTHER_FORMATS):

@@ -29,6 +29,7 @@ from nibabel.affines import voxel_sizes
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from . import _gzip, _slabs
 from ._gzip import ParallelGzipWriter
 from ._validate import filter_pads, scipy_mode, workers as resolve_workers
 
@@ -362,7 +363,7 @@ class NiftiWriter:
     write of the whole array; `filter_nifti` writes slab by slab). `like`: a Volume whose affine and header
     the output keeps; `shape`: the output's data shape."""
 
-    def __init__(self, path, like, shape, *, dtype=None, overwrite=True, workers=None):
+    def __init__(self, path, like, shape, *, dtype=None, overwrite=True, workers=None, gzip_bytes=None):
         path = os.fspath(path)
         self.ext = next((e for e in _NIFTI_EXTENSIONS if path.lower().endswith(e)), None)
         if self.ext is None:
@@ -383,6 +384,7 @@ class NiftiWriter:
         if not overwrite and os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", path)
         self.path, self.dtype, self.overwrite, self.workers = path, out_dtype, overwrite, workers
+        self.gzip_bytes = gzip_bytes   # the gzip threads' data in flight at most (bytes; None: their default)
         self.header = _output_header(like, tuple(shape), out_dtype)
         img_class = nib.Nifti2Image if isinstance(self.header, nib.Nifti2Header) else nib.Nifti1Image
         # nibabel fills the header as its own writer would (magic, forms from the affine); a zero-stride
@@ -407,7 +409,8 @@ class NiftiWriter:
             self.raw = _open_temp(fd)
             # our own gzip stream: its header names the final file, not the temporary one
             self.stream = ParallelGzipWriter(self.raw, name=base[:-3], level=_GZIP_LEVEL,
-                                             threads=resolve_workers(self.workers)) \
+                                             threads=resolve_workers(self.workers),
+                                             max_in_flight=self.gzip_bytes) \
                 if self.ext == ".nii.gz" else self.raw
             self.header.write_to(self.stream)
             self.stream.write(bytes(self.header.get_data_offset() - self.stream.tell()))
@@ -416,22 +419,27 @@ class NiftiWriter:
             self._abandon(e)
         return self
 
-    def write(self, block):
-        """The next voxels in file order: an array whose Fortran-order elements continue the data."""
+    def write(self, block, keep=False):
+        """The next voxels in file order: an array whose Fortran-order elements continue the data. keep: also
+        return them as written (in the output dtype, Fortran-ordered), e.g. to hand back in memory."""
         block = np.asarray(block)
         if block.dtype.kind not in "fiub":
             raise ValueError(f"{self.path}: cannot save {block.dtype} data; take the real part or the magnitude "
                              "first")
         planes = block.reshape(block.shape[:2] + (-1,), order="F") if block.ndim > 2 else \
             block.reshape((-1, 1), order="F")
+        written = np.empty(block.shape, self.dtype, order="F") if keep else None
         try:
             for k in range(planes.shape[-1]):  # plane by plane: never a converted copy of a whole volume
                 out, clipped, n_nan = _cast(planes[..., k], self.dtype)
                 self.clipped += clipped
                 self.n_nan += n_nan
                 self.stream.write(memoryview(np.ascontiguousarray(out.T)).cast("B"))
+                if keep:
+                    written.reshape(planes.shape, order="F")[..., k] = out
         except BaseException as e:
             self._abandon(e)
+        return written
 
     def __exit__(self, kind, value, tb):
         if kind is not None:
@@ -639,119 +647,279 @@ def _output_header(vol, shape, out_dtype):
 
 # ------------------------------------------------------------------------------------------- filtering files
 
+NAN_RULES = ("propagate", "zero", "mask")
+
 
 def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, normalize=False, outside="keep",
-                 dtype=None, overwrite=False, workers=None, progress=None, max_memory=None, return_volume=True):
+                 nan="propagate", dtype=None, overwrite=False, workers=None, progress=None, max_memory=None,
+                 return_volume=True):
     """Filter the NIfTI file `src` into `dst`, keeping its geometry and header (written as vc.io.save does:
     atomically, gzip on several threads).
 
     kernel: a vc.kernels object, an array (voxels), or a callable zooms -> kernel (so that a size in mm is
-    resolved against this file's voxel sizes). mode/cval: scipy.ndimage boundary handling. mask: a NIfTI
-    path or an array (non-zero = inside): voxels outside it do not contribute. normalize: divide by the
-    filtered mask (ones without a mask), which renormalises at the volume edge and at the mask border
-    (fslmaths -fmean; the boundary mode then plays no part). outside: "keep" or "zero" the voxels outside
-    the mask. 4-D volumes are filtered volume by volume over their three spatial axes. dtype: of the output
-    (float32 by default). progress: callable(done, total) as the work advances.
+    resolved against this file's voxel sizes); it may be larger than the volume (scipy.ndimage's rule, as
+    vc.correlate: a single slice or a small patch is filtered through the boundary mode). mode/cval:
+    scipy.ndimage boundary handling. mask: a NIfTI path or an array (non-zero = inside): voxels outside it do
+    not contribute at all (whatever their value, NaN included). normalize: divide by the filtered mask (ones
+    without a mask), which renormalises at the volume edge and at the mask border (fslmaths -fmean; the
+    boundary mode then plays no part). outside: "keep" or "zero" the voxels outside the mask. 4-D volumes are
+    filtered volume by volume over their three spatial axes. dtype: of the output (float32 by default).
+    progress: callable(done, total) as the work advances.
 
-    max_memory: bytes of working memory (default volconv._slabs.WORK_BYTES, 512 MiB). A volume whose float
-    copy is larger is filtered in slabs along its last spatial axis, each read with the planes the kernel
-    reaches beyond it (from the memory map of an uncompressed file, or as the gzip stream goes) and written
-    out before the next: peak memory stays near max_memory whatever the volume's size, and the result is the
+    nan: what non-finite input voxels (NaN, +-Inf) do. "propagate" (default): they spread through the kernel
+    as in vc.correlate and torch (a NiftiWarning says so when the output has more non-finite voxels than the
+    input); "zero": they are read as 0 (fslmaths -nan); "mask": they join the outside of the mask, so they
+    contribute nothing (with normalize the weights renormalise around them) and `outside` says what they
+    become.
+
+    max_memory: working memory, as bytes (int) or a size with a unit ("512MiB", "1GB", "2G"; default
+    volconv._slabs.WORK_BYTES, 512 MiB). A volume whose float copies do not fit is filtered in slabs along its
+    last spatial axis, each read with the planes the kernel reaches beyond it (from the memory map of an
+    uncompressed file, or as the gzip stream goes), the mask read with it, and written out before the next:
+    peak memory stays near max_memory plus one output slab whatever the volume's size, and the result is the
     one of the whole volume at once (bit for bit when the kernel runs directly, as separable and small dense
     kernels do; within FFT rounding for a large dense kernel the cost model sends to the FFT).
 
-    Returns the written Volume, or None when return_volume is False. A volume filtered in slabs is returned
-    memory-mapped from an uncompressed output, and read back (whole) from a compressed one."""
-    from . import _slabs
+    Returns the written Volume (its data as written: in the output dtype, integers rounded and clipped), or
+    None when return_volume is False. A volume filtered in slabs is returned memory-mapped from an
+    uncompressed output, and read back whole from a compressed one: pass return_volume=False to keep the
+    memory promise there."""
     from .kernels import Kernel, as_kernel
 
     if outside not in ("keep", "zero"):
         raise ValueError(f"outside must be 'keep' or 'zero', got {outside!r}")
-    src, dst = os.fspath(src), os.fspath(dst)
-    if not overwrite and os.path.exists(dst):
-        raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", dst)
-    budget = _slabs.WORK_BYTES if max_memory is None else int(max_memory)
-    with _source(src) as (img, finish):
-        affine, header = img.affine, img.header
-        _warn_geometry(src, affine, header)
-        shape = tuple(img.shape) + (1,) * (3 - len(img.shape))
-        if len(shape) > 4 and any(n != 1 for n in shape[4:]):
-            raise NiftiError(f"{src}: {len(shape)}-D data of shape {shape}; volconv reads 3-D and 4-D volumes")
-        shape = shape[:4]
+    if nan not in NAN_RULES:
+        raise ValueError(f"nan must be one of {', '.join(NAN_RULES)}, got {nan!r}")
+    job = _FileJob(src, dst, overwrite, max_memory)
+    with _Planes(job.src) as source, contextlib.ExitStack() as stack:
         if callable(kernel) and not isinstance(kernel, Kernel):
-            kernel = kernel(tuple(float(z) for z in voxel_sizes(affine)))
+            kernel = kernel(source.zooms)
         kernel = as_kernel(kernel)
-        for axis, (k, n) in enumerate(zip(kernel.shape, shape[:3])):
-            if k > n:
-                raise ValueError(f"{src}: the kernel {kernel.shape} is larger than the volume {shape[:3]} along "
-                                 f"axis {axis}")
-        inside = None
+        mask_planes = None
         if mask is not None:
-            inside = (load(mask).data if isinstance(mask, (str, os.PathLike)) else np.asarray(mask)) != 0
-            inside = inside[..., 0] if inside.ndim == 4 and inside.shape[3] == 1 else inside
-            if inside.shape != shape[:3]:
-                raise ValueError(f"mask has shape {inside.shape} but {src} has spatial shape {shape[:3]}")
-        nt = shape[3] if len(shape) == 4 else 1
-        itemsize = 4   # load's float32
-        copies = _slabs.copies(inside is not None or normalize)
-        in_memory = np.prod(shape[:3], dtype=np.int64) * itemsize * copies <= budget
+            mask_planes = stack.enter_context(_Planes(os.fspath(mask)) if isinstance(mask, (str, os.PathLike))
+                                              else _ArrayPlanes(mask))
+            if mask_planes.shape[:3] != source.shape[:3] or mask_planes.nt != 1:
+                raise ValueError(f"mask has shape {mask_planes.img_shape} but {job.src} has spatial shape "
+                                 f"{source.shape[:3]}")
+        masked = mask is not None or normalize or nan == "mask"
         reach = filter_pads(kernel.shape, (0, 0, 0))[2]
-        slab = shape[2] if in_memory else _slabs.thickness(shape, reach, itemsize, budget, copies)
+        counts = np.zeros(2, np.int64)   # non-finite voxels in the input and in the output
+        planes_shape = source.shape[:2]
+
+        def for_volume(t):
+            mask_reader = None if mask_planes is None else \
+                _slabs.PlaneReader(mask_planes.reader(0), planes_shape, np.float32, keep=sum(reach))
+
+            def filter_slab(block, planes, halo):
+                counts[0] += _non_finite(block[..., halo[0]:block.shape[2] - halo[1]])   # the output's planes
+                inside = None if mask_reader is None else _slabs.gather(planes, mask_reader) != 0
+                if nan == "zero":
+                    block = np.where(np.isfinite(block), block, np.float32(0))
+                elif nan == "mask":
+                    inside = np.isfinite(block) if inside is None else inside & np.isfinite(block)
+                out = _filter_volume(block, kernel, mode, cval, inside, normalize, outside, workers, halo=halo)
+                counts[1] += _non_finite(out)
+                return out
+            return filter_slab
+
         # the slabs' halos at the volume's ends: the boundary mode's padding, read from the volume (zeros and
         # constants are the filter's own padding; normalising pads with zeros whatever the mode)
         pad_mode = None if mode == "constant" or normalize else scipy_mode(mode)
+        result = job.run(source, reach, _slabs.copies(masked), pad_mode, for_volume, dtype, workers, progress,
+                         return_volume, also_read=[mask_planes] if mask_planes is not None else [])
+    if counts[1] > counts[0]:
+        warnings.warn(f"{job.src}: NaN/Inf spread through the kernel: {counts[1]} non-finite output voxels from "
+                      f"{counts[0]} in the input; nan='mask' leaves them out, nan='zero' reads them as 0 "
+                      f"(--nan mask|zero)", NiftiWarning, stacklevel=2)
+    return result
 
-        raw = _raw_float32(src, img)
-        plane_bytes = shape[0] * shape[1] * 4
 
-        def read_into(t):
-            def fill(view, a):   # view: (X, Y, m), Fortran-ordered, <- planes [a, a + m) of volume t
-                m = view.shape[2]
-                if raw is not None:   # the stored bytes are the values: read them straight into the block
-                    raw.seek(img.dataobj.offset + (t * shape[2] + a) * plane_bytes)
-                    if raw.readinto(memoryview(view.T).cast("B")) != m * plane_bytes:
-                        raise NiftiError(f"{src}: truncated data (the file ended inside volume {t})")
-                    return
-                sl = (slice(None), slice(None), slice(a, a + m)) + ((t,) if len(img.shape) == 4 else ())
-                with _reading(src):
-                    view[...] = np.asarray(_scaled(img.dataobj, sl, np.float32),
-                                           dtype=np.float32).reshape(view.shape, order="F")
-            return fill
+def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", cval=0.0, dtype=None,
+                          overwrite=False, workers=None, progress=None, max_memory=None, return_volume=True):
+    """vc.adaptive_filter (a Gaussian whose sigma, in mm, varies voxel by voxel) of the NIfTI file `src` into
+    `dst`, every 3-D volume of a 4-D file with the same map. sigma_map: a 3-D NIfTI file on src's grid (same
+    shape and affine). Slabbed with a halo under max_memory like filter_nifti (same arguments, same return)."""
+    from .ops.dynamic import adaptive_filter
 
-        def mask_into(view, a):
-            view[...] = inside[..., a:a + view.shape[2]]
+    job = _FileJob(src, dst, overwrite, max_memory)
+    sigma_map = os.fspath(sigma_map)
+    with _Planes(job.src) as source, _Planes(sigma_map) as sigma:
+        if sigma.shape != source.shape[:3] or sigma.nt != 1:
+            raise NiftiError(f"{sigma_map}: sigma map has shape {sigma.img_shape}; it must be 3-D on the volume's "
+                             f"grid {source.shape[:3]}")
+        if not np.allclose(sigma.affine, source.affine, atol=1e-3):
+            raise NiftiError(f"{sigma_map}: sigma map is not on the grid of {job.src} (their affines differ)")
+        if not truncate > 0 or not np.isfinite(truncate):
+            raise ValueError(f"truncate must be a positive finite number, got {truncate!r}")
+        zooms = np.array(source.zooms)
+        largest = _largest(sigma, sigma_map, job.budget)
+        radii = [int(truncate * largest / z + 0.5) for z in zooms]   # adaptive_filter's, for the whole map
+        reach = (radii[2], radii[2])
+        # adaptive_filter's arrays, in float32s per voxel: the input, its padded copy, the output, the map
+        # (float32 here, float64 there), the fields of 1-D weights (one per distinct voxel size and radius:
+        # isotropic voxels share one) and the work of making the widest (float64 weights, their float32 copy and
+        # six float64 per-voxel arrays); measured in tests/test_robust_nifti.py
+        fields = {(z, r): 2 * r + 1 for z, r in zip(zooms, radii)}
+        copies = 6 + sum(fields.values()) + 3 * max(fields.values()) + 12
 
-        def filter_slab(block, planes, halo):
-            part = None if inside is None else _slabs.gather(planes, _slabs.PlaneReader(mask_into, shape[:2], bool))
-            return _filter_volume(block, kernel, mode, cval, part, normalize, outside, workers, halo=halo)
+        def for_volume(t):
+            reader = _slabs.PlaneReader(sigma.reader(0), source.shape[:2], np.float32, keep=sum(reach))
+
+            def filter_slab(block, planes, halo):
+                s = _slabs.gather(planes, reader)
+                # C-ordered views of the Fortran blocks: adaptive_filter's (D, H, W) with the zooms reversed
+                out = adaptive_filter(block.T, s.T, zooms[::-1], truncate, mode=mode, cval=cval, workers=workers)
+                return out.T[..., halo[0]:out.shape[0] - halo[1]]
+            return filter_slab
+
+        return job.run(source, reach, copies, None if mode == "constant" else scipy_mode(mode), for_volume, dtype,
+                       workers, progress, return_volume, also_read=[sigma])
+
+
+def _non_finite(a):
+    return a.size - np.count_nonzero(np.isfinite(a))
+
+
+def _largest(planes, path, budget):
+    """The largest value of a sigma map read slab by slab within `budget` bytes (it sets the halo), refusing
+    negative or non-finite values with the file's name."""
+    largest = 0.0
+    step = max(1, budget // 2 // max(1, planes.shape[0] * planes.shape[1] * 4))
+    read = planes.reader(0)
+    for a in range(0, planes.shape[2], step):
+        block = np.empty(planes.shape[:2] + (min(step, planes.shape[2] - a),), np.float32, order="F")
+        read(block, a)
+        if not np.isfinite(block).all() or (block < 0).any():
+            raise NiftiError(f"{path}: the sigma map must be finite and >= 0 everywhere (sigma in mm)")
+        largest = max(largest, float(block.max(initial=0.0)))
+    return largest
+
+
+class _FileJob:
+    """A file filtered into another slab by slab (filter_nifti, adaptive_filter_nifti): the output checks, the
+    memory budget, and the run."""
+
+    def __init__(self, src, dst, overwrite, max_memory):
+        self.src, self.dst, self.overwrite = os.fspath(src), os.fspath(dst), overwrite
+        if not overwrite and os.path.exists(self.dst):
+            raise FileExistsError(errno.EEXIST, "output file exists (overwrite=False)", self.dst)
+        self.budget = _slabs.WORK_BYTES if max_memory is None else _slabs.memory_bytes(max_memory, "max_memory")
+
+    def run(self, source, reach, copies, pad_mode, for_volume, dtype, workers, progress, return_volume,
+            also_read=()):
+        """Every volume t of `source` through for_volume(t) -> filter_slab(block, planes, halo) (see
+        _slabs.filter_volume), written to dst; the Volume filter_nifti returns. also_read: the other files
+        the slabs read (a mask, a sigma map), checked to their end before the output is committed."""
+        shape, nt = source.shape, source.nt
+        compressed = self.dst.lower().endswith(".gz")
+        # the gzip writer's blocks in flight come out of the budget (at most an eighth of it)
+        gzip_bytes = min(self.budget // 8, _gzip.in_flight(resolve_workers(workers))) if compressed else 0
+        budget = self.budget - gzip_bytes
+        in_memory = np.prod(shape[:3], dtype=np.int64) * 4 * copies <= budget
+        slab = shape[2] if in_memory else _slabs.thickness(shape, reach, 4, budget, copies)
+        kept = []   # in memory, the volumes as written are also the returned Volume's data
+        keep = in_memory and return_volume
 
         def advance(k1, t):   # planes done, over all volumes
             if progress is not None:
                 progress(t * shape[2] + k1, nt * shape[2])
 
-        kept = []   # in memory, the filtered volumes are also the returned Volume's data
-
         def write(block):
-            out.write(block)
-            if in_memory and return_volume:
-                kept.append(block)
+            written = out.write(block, keep=keep)
+            if keep:
+                kept.append(written)
 
-        out_shape = shape if len(img.shape) == 4 else shape[:3]
-        with NiftiWriter(dst, _Geometry(affine, header), out_shape, dtype=dtype, overwrite=overwrite,
-                         workers=workers) as out, (raw or contextlib.nullcontext()):
+        out_shape = source.img_shape
+        with NiftiWriter(self.dst, source, out_shape, dtype=dtype, overwrite=self.overwrite, workers=workers,
+                         gzip_bytes=gzip_bytes or None) as out:
             for t in range(nt):
-                _slabs.filter_volume(read_into(t), shape[:2], np.float32, shape[2], reach, slab, pad_mode,
-                                     filter_slab, write, lambda k1, t=t: advance(k1, t))
-            finish()   # a corrupt gzip stream fails here, before the output is committed
-    if not return_volume:
-        return None
-    if in_memory:
-        data = kept[0][..., None] if len(kept) == 1 and len(out_shape) == 4 else \
-            kept[0] if len(kept) == 1 else np.stack(kept, axis=3)
-        return Volume(data, affine, header.copy())
-    with warnings.catch_warnings():   # the source's warnings were given already
-        warnings.simplefilter("ignore", NiftiWarning)
-        return load(dst, mmap="r") if dst.lower().endswith(".nii") else load(dst)
+                _slabs.filter_volume(source.reader(t), shape[:2], np.float32, shape[2], reach, slab, pad_mode,
+                                     for_volume(t), write, lambda k1, t=t: advance(k1, t))
+            for planes in [source, *also_read]:
+                planes.finish()   # a corrupt gzip stream fails here, before the output is committed
+        if not return_volume:
+            return None
+        if in_memory:
+            data = kept[0].reshape(out_shape, order="F") if len(kept) == 1 else np.stack(kept, axis=3)
+            return Volume(data, source.affine, source.header.copy())
+        with warnings.catch_warnings():   # the source's warnings were given already
+            warnings.simplefilter("ignore", NiftiWarning)
+            # as written: the output's own dtype, memory-mapped when it can be
+            return load(self.dst, dtype=None, mmap="r" if not compressed else False)
+
+
+class _Planes:
+    """A NIfTI file open for reading plane by plane (a context manager): shape (X, Y, Z), nt volumes, and
+    reader(t) -> read_into(view, a), which fills a Fortran-ordered (X, Y, m) float32 view with planes
+    [a, a + m) of volume t, scaled as load() scales (straight from the file when the stored bytes are the
+    values)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        with self._stack:
+            self.img, self.finish = self._stack.enter_context(_source(self.path))
+            self.affine, self.header = self.img.affine, self.img.header
+            _warn_geometry(self.path, self.affine, self.header)
+            shape = tuple(self.img.shape) + (1,) * (3 - len(self.img.shape))
+            if len(shape) > 4 and any(n != 1 for n in shape[4:]):
+                raise NiftiError(f"{self.path}: {len(shape)}-D data of shape {shape}; volconv reads 3-D and 4-D "
+                                 f"volumes")
+            self.img_shape = shape[:4] if len(self.img.shape) >= 4 else shape[:3]   # the output's data shape
+            self.shape, self.nt = shape[:3], shape[3] if len(shape) >= 4 else 1
+            self.zooms = tuple(float(z) for z in voxel_sizes(self.affine))
+            self.raw = _raw_float32(self.path, self.img)
+            if self.raw is not None:
+                self._stack.enter_context(self.raw)
+            self._stack = self._stack.pop_all()
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+    def reader(self, t):
+        img, path, shape = self.img, self.path, self.shape
+        plane_bytes = shape[0] * shape[1] * 4
+
+        def read_into(view, a):
+            m = view.shape[2]
+            if self.raw is not None:   # the stored bytes are the values: read them straight into the block
+                self.raw.seek(img.dataobj.offset + (t * shape[2] + a) * plane_bytes)
+                if self.raw.readinto(memoryview(view.T).cast("B")) != m * plane_bytes:
+                    raise NiftiError(f"{path}: truncated data (the file ended inside volume {t})")
+                return
+            index = (slice(None),) * min(len(img.shape), 2) + (slice(a, a + m),) * (len(img.shape) >= 3)
+            index += (t,) * (len(img.shape) >= 4) + (0,) * max(0, len(img.shape) - 4)
+            with _reading(path):
+                view[...] = np.asarray(_scaled(img.dataobj, index, np.float32),
+                                       dtype=np.float32).reshape(view.shape, order="F")
+        return read_into
+
+
+class _ArrayPlanes:
+    """An array mask given in memory, read like a _Planes (3-D, or 4-D with one volume)."""
+
+    def __init__(self, array):
+        a = np.asarray(array)
+        self.array = a[..., 0] if a.ndim == 4 and a.shape[3] == 1 else a
+        self.img_shape, self.shape, self.nt = a.shape, self.array.shape, 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def finish(self):
+        pass
+
+    def reader(self, t):
+        def read_into(view, a):
+            view[...] = self.array[..., a:a + view.shape[2]]
+        return read_into
 
 
 def _raw_float32(path, img):
@@ -763,13 +931,6 @@ def _raw_float32(path, img):
     native = proxy.dtype == np.dtype(np.float32) and proxy.dtype.isnative
     unscaled = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
     return open(path, "rb") if plain and native and unscaled and proxy.order == "F" else None
-
-
-class _Geometry:
-    """What NiftiWriter keeps of a source: its affine and header."""
-
-    def __init__(self, affine, header):
-        self.affine, self.header = affine, header
 
 
 def _scaled(proxy, slicer, dtype):
@@ -792,15 +953,21 @@ def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, h
 
     if inside is None and not normalize:
         return correlate(x, mode, cval)
-    weight = np.ones(x.shape, x.dtype, order="F") if inside is None else inside.astype(x.dtype, order="F")
+    weighted = x
+    if inside is not None:   # outside voxels are set to 0, not multiplied by 0: NaN * 0 would still be NaN
+        weighted = x.copy(order="F")
+        weighted[~inside] = 0
     if normalize:  # sum(k * w * x) / sum(k * w) over the voxels that exist and are inside
-        num = correlate(x * weight, "constant", 0.0)
+        num = correlate(weighted, "constant", 0.0)
+        del weighted
+        weight = np.ones(x.shape, x.dtype, order="F") if inside is None else inside.astype(x.dtype, order="F")
         den = correlate(weight, "constant", 0.0)
+        del weight
         # a weight sum this small is no voxel at all (a local rule: slabs and the whole volume agree)
         tiny = 1e-12 * float(np.abs(kernel.to_dense()).sum())
         filtered = np.divide(num, den, out=np.zeros_like(num), where=np.abs(den) > tiny)
     else:
-        filtered = correlate(x * weight, mode, cval)
+        filtered = correlate(weighted, mode, cval)
     if inside is not None:
         lo, hi = (0, 0) if halo is None else halo
         core = (Ellipsis, slice(lo, x.shape[2] - hi))
