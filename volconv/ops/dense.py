@@ -286,13 +286,15 @@ def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
 # distance to that axis' ends: a few classes per axis (the kernel's reach on each side, and the interior, where
 # every tap is inside). The second term is computed per class triple, in float64, from the weights, and added
 # on the border shell only: the interior gets nothing (no cancellation against a large c, no NaN or Inf from a
-# non-finite c), the border gets what scipy.ndimage computes (c * w[t] per tap, so NaN / Inf as scipy has them).
+# non-finite c), the border gets what scipy.ndimage computes (c * w[t] per non-zero tap, so NaN / Inf as scipy
+# has them). The share's weight gradient is in backward_weight.
 
 
 class DenseTaps:
-    """A dense weight (O, Cg, kd, kh, kw), or a function that builds it, for add_constant_share: contract(mD, mH, mW) -> (O, cD, cH, cW),
-    sum over taps of w[o, c, a, b, e] * mD[i, a] * mH[j, b] * mW[l, e] (input channels summed: every one is
-    padded with the constant); dense() the (O, kd, kh, kw) weights whose signs decide an infinite cval."""
+    """add_constant_share's view of a dense weight (O, Cg, kd, kh, kw), given or built on demand:
+    contract(mD, mH, mW) -> (O, cD, cH, cW), the sum over taps of w[o, c, a, b, e] * mD[i, a] * mH[j, b] * mW[l, e]
+    (input channels summed: each is padded with the constant); dense() the weights in float64, whose signs
+    decide an infinite cval."""
 
     def __init__(self, w):
         self.w = w
@@ -630,7 +632,11 @@ def correlate(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="
 
     mode: "reflect" (d c b a | a b c d), "constant" (cval outside), "nearest", "mirror" (d c b | a b c d) or
     "wrap"; origin: int or per-axis triple, shifts the kernel as in scipy. Integer volumes are computed and
-    returned as float (numpy's promotion with float32), not rounded back to the integer type."""
+    returned as float (numpy's promotion with float32), not rounded back to the integer type.
+    cval enters only the outputs whose window leaves the volume (any value, NaN and +-Inf included: elsewhere
+    the result is as exact as with cval=0). As in scipy, a zero weight is not part of the filter: NaN / Inf in
+    the volume or in cval spread only through non-zero weights (with algorithm="auto"; "direct" and "torch"
+    multiply zero weights like torch.conv3d, "fft" spreads a non-finite volume over the whole output)."""
     return _filter("correlate", volume, kernel, mode, cval, origin, algorithm, workers, flip=False)
 
 
