@@ -24,11 +24,11 @@ cdef enum:
 
 
 cdef inline void activate(floating *v, Py_ssize_t n, int act) noexcept nogil:
-    """act in place on n values: relu, gelu (erf form, torch's default) or silu."""
+    """act in place on n values: relu, gelu (erf form, torch's default) or silu; NaN stays NaN, as in torch."""
     cdef Py_ssize_t i
     if act == ACT_RELU:
         for i in range(n):
-            v[i] = v[i] if v[i] > 0 else 0
+            v[i] = 0 if v[i] < 0 else v[i]   # not `v > 0 ? v : 0`, which turns NaN into 0
     elif act == ACT_GELU:
         for i in range(n):
             if floating is float:

@@ -65,8 +65,8 @@ def conv_autograd(x, w, b, spec, algorithm, workers):
     algorithm, nthreads = dense.resolve_algorithm(algorithm), resolve_workers(workers)
     torch_reachable = spec.mode in dense.TORCH_PAD_MODES and spec.cval == 0
     if algorithm == "auto":
-        algorithm = dense.choose_algorithm(x.detach().numpy(), spec, nthreads, allow_torch=torch_reachable,
-                                           backward=True)
+        algorithm = dense.choose_algorithm(x.detach().numpy(), spec, nthreads, w=w.detach().numpy(),
+                                           allow_torch=torch_reachable, backward=True)
     if algorithm == "torch" and torch_reachable:
         out = dense.torch_conv3d_tensors(x, w, b, spec)
     else:

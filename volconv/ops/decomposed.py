@@ -58,21 +58,37 @@ def run_separable(x, kernel, spec, algorithm, nthreads):
     """A SeparableKernel (one 3-D kernel, applied to every channel of x), term by term. spec: the geometry of
     the whole 3-D kernel. "auto"/"direct" run every term in one fused pass; "fft"/"torch" run each 1-D pass
     as a depthwise convolution by that algorithm."""
-    if spec.mode == "constant" and spec.cval != 0:  # passes of zero padding, then the constant's share
-        dense_sum = float(np.sum(kernel.weights * np.prod([f.sum(axis=1) for f in kernel.factors], axis=0)))
-        out = run_separable(x - x.dtype.type(spec.cval), kernel, spec.with_cval(0.0), algorithm, nthreads)
-        return out + x.dtype.type(spec.cval * dense_sum)
     if algorithm in ("auto", "direct"):   # every term in one fused pass
         fd, fh, fw = kernel.factors
-        return separable_conv3d(x, (fd * kernel.weights[:, None])[:, None], fh[:, None], fw[:, None], spec,
-                                nthreads)
-    out = None
-    for weight, factors in kernel.terms():
-        y = _passes(x, factors, spec, algorithm, nthreads)
-        if weight != 1:
-            y *= x.dtype.type(weight)   # y is this term's own fresh array: scaled in place
-        out = y if out is None else np.add(out, y, out=out)
-    return out
+        out = separable_conv3d(x, (fd * kernel.weights[:, None])[:, None], fh[:, None], fw[:, None],
+                               spec.with_cval(0.0), nthreads)
+    else:
+        out = None
+        for weight, factors in kernel.terms():
+            y = _passes(x, factors, spec.with_cval(0.0), algorithm, nthreads)
+            if weight != 1:
+                y *= x.dtype.type(weight)   # y is this term's own fresh array: scaled in place
+            out = y if out is None else np.add(out, y, out=out)
+    # computed with zeros outside; a constant cval's share is added on the border (the 3-D kernel's, as
+    # scipy.ndimage.correlate with kernel.to_dense(): not a constant per 1-D pass)
+    return dense.add_constant_share(out, spec, SeparableTaps(kernel, x.shape[1]))
+
+
+class SeparableTaps:
+    """dense.add_constant_share's view of a SeparableKernel applied to each of C channels (depthwise): the
+    contractions by the factors, never the dense kernel (built only for an infinite cval's signs)."""
+
+    def __init__(self, kernel, channels):
+        self.kernel, self.channels = kernel, channels
+
+    def dense(self):
+        k = self.kernel.to_dense()
+        return np.broadcast_to(k, (self.channels, 1) + k.shape)
+
+    def contract(self, md, mh, mw):
+        fd, fh, fw = (np.asarray(f, np.float64) for f in self.kernel.factors)
+        v = np.einsum("t,it,jt,lt->ijl", self.kernel.weights, md @ fd.T, mh @ fh.T, mw @ fw.T)
+        return np.broadcast_to(v, (self.channels,) + v.shape)
 
 
 def _passes(x, factors, spec, algorithm, nthreads):

@@ -7,7 +7,10 @@ Every path goes through `run(x, w, b, spec, algorithm, nthreads)` on checked num
   torch   torch's own conv3d (oneDNN), when torch is installed; fastest for many-channel layers.
 "auto" picks the cheapest by the cost model in `choose_algorithm`. NaN and Inf propagate as in torch with the
 direct and torch algorithms (only the outputs whose window holds them); in an FFT they spread over the whole
-output, so "auto" never picks FFT for an input that is not finite.
+output, and the sparse algorithm skips zero weights (torch: 0 * NaN = NaN), so "auto" picks neither when the
+input or the weight is not finite (`all_finite`, the one test).
+mode="constant" with a cval: every algorithm computes with zeros outside, then `add_constant_share` adds the
+constant's share on the border only (never x - cval: no cancellation, and a NaN cval stays at the border).
 """
 import itertools
 import math
@@ -217,17 +220,32 @@ def algorithm_costs(spec, nthreads, *, allow_torch, nnz=None):
     return costs
 
 
-def choose_algorithm(x, spec, nthreads, *, allow_torch, backward=False, nnz=None):
+def all_finite(*arrays):
+    """Whether every value of these arrays or tensors (None skipped) is finite: the one test behind every
+    algorithm choice that must keep NaN / Inf where torch puts them."""
+    for a in arrays:
+        if a is None:
+            continue
+        if is_tensor(a):
+            if not bool(_dispatch_torch().isfinite(a.detach()).all()):
+                return False
+        elif not np.isfinite(a).all():
+            return False
+    return True
+
+
+def choose_algorithm(x, spec, nthreads, *, w=None, allow_torch, backward=False, nnz=None):
     """The cheapest algorithm by the cost model. backward: the call will be differentiated, so the cost is a
     training step's (forward + input gradient, about another forward, + weight gradient: the direct kernel's,
-    or for fft and torch about one more forward)."""
+    or for fft and torch about one more forward). Non-finite input or weight w: direct or torch only (an FFT
+    spreads NaN / Inf over the whole output; the sparse path skips zero weights, where torch has 0 * NaN = NaN)."""
     costs = algorithm_costs(spec, nthreads, allow_torch=allow_torch, nnz=nnz)
     if backward:  # torch: forward + backward ~ 3 forwards; fft: its weight gradient is another FFT convolution
         costs = {name: 3 * c if name in ("torch", "fft") else 2 * c + wgrad_cost(spec, nthreads)
                  for name, c in costs.items()}
     name = min(costs, key=costs.get)
-    if name == "fft" and not np.isfinite(x).all():  # an FFT would spread NaN/Inf over the whole output
-        costs.pop("fft")
+    if name in ("fft", "sparse") and not all_finite(x, w):
+        costs = {k: c for k, c in costs.items() if k not in ("fft", "sparse")}
         name = min(costs, key=costs.get)
     return name
 
@@ -253,16 +271,88 @@ def crop_negative_pads(x, spec):
 
 
 def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
-    """Convolution of checked, contiguous arrays of one float dtype. Negative pads crop first."""
+    """Convolution of checked, contiguous arrays of one float dtype. Negative pads crop first. Every algorithm
+    computes with zeros outside the volume; a constant cval's share is added after (add_constant_share)."""
     x, spec = crop_negative_pads(x, spec)
-    if spec.mode == "constant" and spec.cval != 0:
-        # corr(x, w) with constant c outside == corr(x - c, w) with zeros outside + c * sum(w)
-        extra = spec.cval * w.reshape(w.shape[0], -1).sum(axis=1)
-        b = extra.astype(x.dtype) if b is None else b + extra.astype(x.dtype)
-        x = x - x.dtype.type(spec.cval)
     if algorithm == "auto":
-        algorithm = choose_algorithm(x, spec, nthreads, allow_torch=allow_torch, nnz=np.count_nonzero(w))
-    return ALGORITHMS[algorithm](x, w, b, spec, threads_for(spec, nthreads))
+        algorithm = choose_algorithm(x, spec, nthreads, w=w, allow_torch=allow_torch, nnz=np.count_nonzero(w))
+    out = ALGORITHMS[algorithm](x, w, b, spec.with_cval(0.0), threads_for(spec, nthreads))
+    return add_constant_share(out, spec, DenseTaps(w))
+
+
+# --------------------------------------------------------------------------------- constant boundary (cval)
+# mode="constant" with cval c: out = corr(x with zeros outside, w) + sum of c * w[t] over the taps t whose
+# voxel lies outside the volume. Which taps fall outside depends, along each axis, only on the output position's
+# distance to that axis' ends: a few classes per axis (the kernel's reach on each side, and the interior, where
+# every tap is inside). The second term is computed per class triple, in float64, from the weights, and added
+# on the border shell only: the interior gets nothing (no cancellation against a large c, no NaN or Inf from a
+# non-finite c), the border gets what scipy.ndimage computes (c * w[t] per non-zero tap, so NaN / Inf as scipy
+# has them). The share's weight gradient is in backward_weight.
+
+
+class DenseTaps:
+    """add_constant_share's view of a dense weight (O, Cg, kd, kh, kw), given or built on demand:
+    contract(mD, mH, mW) -> (O, cD, cH, cW), the sum over taps of w[o, c, a, b, e] * mD[i, a] * mH[j, b] * mW[l, e]
+    (input channels summed: each is padded with the constant); dense() the weights in float64, whose signs
+    decide an infinite cval."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def dense(self):
+        return np.asarray(self.w() if callable(self.w) else self.w, np.float64)
+
+    def contract(self, md, mh, mw):
+        return np.einsum("ocabe,ia,jb,le->oijl", self.dense(), md, mh, mw, optimize=True)
+
+
+def _axis_classes(n, n_out, k, d, s, lo):
+    """Along one axis: (inside (classes, k) 0/1 float64: which taps of a class land inside the volume, class of
+    every output position, the slice of output positions whose taps are all inside)."""
+    src = np.arange(n_out)[:, None] * s + np.arange(k)[None, :] * d - lo
+    classes, index = np.unique((src >= 0) & (src < n), axis=0, return_inverse=True)
+    interior = np.flatnonzero(classes[index].all(axis=1))
+    inner = slice(int(interior[0]), int(interior[-1]) + 1) if interior.size else slice(0, 0)
+    return classes.astype(np.float64), index.reshape(-1), inner
+
+
+def constant_share(spec, taps):
+    """(share (O, cD, cH, cW) in float64, class index per output position per axis, interior slice per axis):
+    the constant's contribution by class triple, exactly 0 where every tap is inside."""
+    axes = [_axis_classes(n, n_out, k, d, s, lo) for n, n_out, k, d, s, (lo, _) in
+            zip(spec.x_shape[2:], spec.out_shape[2:], spec.kernel_size, spec.dilation, spec.stride, spec.pads)]
+    (iD, _, _), (iH, _, _), (iW, _, _) = axes
+    ones = [np.ones_like(m) for m in (iD, iH, iW)]
+
+    def outside(contract):   # sum over the taps outside: outside D, or inside D and outside H, or inside both and W
+        return contract(1 - iD, ones[1], ones[2]) + contract(iD, 1 - iH, ones[2]) + contract(iD, iH, 1 - iW)
+
+    border = ~(iD.all(axis=1)[:, None, None] & iH.all(axis=1)[None, :, None] & iW.all(axis=1)[None, None, :])
+    c = spec.cval
+    with np.errstate(invalid="ignore", over="ignore"):
+        if math.isfinite(c):
+            share = c * outside(taps.contract)
+        else:   # c * w[t] over the outside taps of non-zero weight (scipy's footprint: a zero weight is no tap):
+            w = taps.dense()   # NaN for a NaN c or for weights of both signs, else c times their sign
+            pos, neg = (outside(DenseTaps(m.astype(np.float64)).contract) for m in (w > 0, w < 0))
+            share = np.where((pos > 0) & (neg > 0) | (math.isnan(c) & ((pos > 0) | (neg > 0))), np.nan,
+                             np.where(pos > 0, c, np.where(neg > 0, -c, 0.0)))
+    return np.where(border, share, 0.0), [a[1] for a in axes], [a[2] for a in axes]
+
+
+def add_constant_share(out, spec, taps):
+    """out (computed with zeros outside) += the constant cval's share, on the border shell only."""
+    if spec.mode != "constant" or spec.cval == 0 or out.size == 0:
+        return out
+    share, index, inner = constant_share(spec, taps)
+    parts = [(slice(0, s.start), slice(s.start, s.stop), slice(s.stop, n)) if s.stop > s.start else (slice(0, n),)
+             for s, n in zip(inner, out.shape[2:])]
+    for block in itertools.product(*parts):
+        if all(b == s for b, s in zip(block, inner)) or any(b.stop <= b.start for b in block):
+            continue   # the interior block (nothing to add) or an empty one
+        i, j, k = (idx[b] for idx, b in zip(index, block))
+        out[(slice(None), slice(None)) + block] += share[:, i[:, None, None], j[None, :, None], k[None, None, :]]
+    return out
 
 
 def threads_for(spec, nthreads):
@@ -332,11 +422,12 @@ def backward_input(grad, w, spec, algorithm, nthreads):
 def backward_weight(x, grad, spec, nthreads, algorithm="direct"):
     """d loss / d weight: correlation of the (padded) input with the output gradient; by the FFT for the
     layers whose forward runs it (large kernels), else by the weight-gradient kernel. A constant cval outside
-    is the forward's bias cval * sum(w): its weight gradient is cval * sum(grad)."""
+    is input the weights see: the input is padded with it (a copy, in this rare case) and correlated as given."""
     nthreads = threads_for(spec, nthreads)
     if spec.mode == "constant" and spec.cval != 0:
-        gw = backward_weight(x - x.dtype.type(spec.cval), grad, spec.with_cval(0.0), nthreads, algorithm)
-        return gw + spec.cval * grad.sum(axis=(0, 2, 3, 4)).reshape(-1, 1, 1, 1, 1)
+        x, spec = crop_negative_pads(x, spec)
+        x = np.pad(x, ((0, 0), (0, 0)) + tuple(spec.pads), constant_values=spec.cval)
+        return backward_weight(x, grad, spec.padded(), nthreads, algorithm)
     if algorithm == "fft":
         return _backward_weight_fft(x, grad, spec, nthreads)
     rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)
@@ -530,6 +621,8 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
                                        resolve_workers(workers))
     else:
         k = caller.cast(k, "kernel")
+        if algorithm == "auto" and not np.all(k) and not all_finite(v):
+            algorithm = "sparse"   # scipy's footprint: a zero weight is no tap, so NaN / Inf under it do not spread
         out = run(v[None, None], k[None, None], None, spec, resolve_algorithm(algorithm), resolve_workers(workers))
     return caller.result(out[0, 0].T if fortran else out[0, 0])
 
@@ -539,7 +632,11 @@ def correlate(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="
 
     mode: "reflect" (d c b a | a b c d), "constant" (cval outside), "nearest", "mirror" (d c b | a b c d) or
     "wrap"; origin: int or per-axis triple, shifts the kernel as in scipy. Integer volumes are computed and
-    returned as float (numpy's promotion with float32), not rounded back to the integer type."""
+    returned as float (numpy's promotion with float32), not rounded back to the integer type.
+    cval enters only the outputs whose window leaves the volume (any value, NaN and +-Inf included: elsewhere
+    the result is as exact as with cval=0). As in scipy, a zero weight is not part of the filter: NaN / Inf in
+    the volume or in cval spread only through non-zero weights (with algorithm="auto"; "direct" and "torch"
+    multiply zero weights like torch.conv3d, "fft" spreads a non-finite volume over the whole output)."""
     return _filter("correlate", volume, kernel, mode, cval, origin, algorithm, workers, flip=False)
 
 

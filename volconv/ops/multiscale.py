@@ -104,9 +104,11 @@ def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat"
             raise ValueError(f"groups={groups} must divide weights[{i}]'s {o} output channels")
     bias_list = [None] * len(weights) if biases is None else list(biases)
     if algorithm == "auto":
-        # traced by torch.compile / export: the merged kernel (the cost model reads arrays the tracer cannot)
-        algorithm = "merged" if compiling() else _choose(tuple(input.shape), weights, dil, groups, combine,
-                                                         resolve_workers(workers))
+        # traced by torch.compile / export: the merged kernel (the cost model reads arrays the tracer cannot).
+        # Non-finite input: the branches, as torch runs them (a dilated branch never reads the voxels between its
+        # taps, where the merged kernel holds zeros, and 0 * NaN = NaN)
+        algorithm = "merged" if compiling() else "branches" if not dense.all_finite(input) else \
+            _choose(tuple(input.shape), weights, dil, groups, combine, resolve_workers(workers))
     if algorithm == "branches":
         return _branches(input, weights, dil, groups, combine, bias_list, workers)
     w, b = merge(weights, dil, biases, combine, groups)

@@ -175,7 +175,7 @@ def check_biases(bs, specs):
 def run(x, ws, bs, act, specs, algorithm, nthreads):
     """The chain on checked, contiguous arrays of one float dtype."""
     if algorithm == "auto":
-        algorithm = choose_algorithm(x, specs, nthreads)
+        algorithm = choose_algorithm(x, ws, specs, nthreads)
     if algorithm == "fused":
         return fused(x, ws, bs, act, specs, nthreads)
     if algorithm == "composed":
@@ -192,10 +192,10 @@ def run(x, ws, bs, act, specs, algorithm, nthreads):
     return y
 
 
-def choose_algorithm(x, specs, nthreads):
+def choose_algorithm(x, ws, specs, nthreads):
     """"fused" when its one pass costs less than the stages by their best algorithms plus the intermediates'
     trips through memory (written, read back, and the fresh pages they take)."""
-    if not np.isfinite(x).all():
+    if not dense.all_finite(x, *ws):
         return "fused"   # no FFT: it would spread NaN/Inf
     fused_cost = dense.streaming_cost(ConvSpec(specs[0].x_shape, (specs[-1].w_shape[0],) + specs[0].w_shape[1:],
                                                stride=(1, 1, 1), pads=specs[0].pads, dilation=(1, 1, 1),
@@ -269,7 +269,7 @@ def backward(x, ws, bs, act, specs, grad, needs_input_grad, nthreads):
             inputs.append(activate(pres[s].copy(), act))
         g = np.ascontiguousarray(grad[:, :, regions[L][0]:regions[L][1]])
         for s in range(L - 1, -1, -1):
-            alg = dense.choose_algorithm(inputs[s], sub[s], nthreads, allow_torch=False, backward=True)
+            alg = dense.choose_algorithm(inputs[s], sub[s], nthreads, w=ws[s], allow_torch=False, backward=True)
             gws[s] += dense.backward_weight(inputs[s], g, sub[s], nthreads, "fft" if alg == "fft" else "direct")
             gbs[s] += g.sum(axis=(0, 2, 3, 4))
             if s == 0 and not needs_input_grad:

@@ -123,13 +123,11 @@ class SparseKernel(Kernel):
 
 def run_sparse(x, indices, values, b, spec, nthreads):
     """The sparse direct kernel on checked, contiguous arrays (x: compute dtype; indices (nnz, 5) sorted by
-    output channel, values in x's dtype). Negative pads crop first; a constant cval is the bias trick."""
+    output channel, values in x's dtype). Negative pads crop first; the kernel computes with zeros outside and a
+    constant cval's share is added after, on the border (dense.add_constant_share)."""
     x, spec = dense.crop_negative_pads(x, spec)
     O = spec.w_shape[0]
     bias = np.zeros(O, x.dtype) if b is None else np.asarray(b, x.dtype)
-    if spec.mode == "constant" and spec.cval != 0:   # corr(x, w) with c outside = corr(x - c, w) + c * sum(w)
-        bias = bias + (spec.cval * np.bincount(indices[:, 0], weights=values, minlength=O)).astype(x.dtype)
-        x, spec = x - x.dtype.type(spec.cval), spec.with_cval(0.0)
     row_map, map_d, map_h, toff = dense._row_layout(x.shape, spec)
     tap_ptr = np.searchsorted(indices[:, 0], np.arange(O + 1)).astype(np.intp)
     c, a, bb, e = (np.ascontiguousarray(indices[:, i], dtype=np.intp) for i in range(1, 5))
@@ -145,7 +143,13 @@ def run_sparse(x, indices, values, b, spec, nthreads):
     _cpu.direct.sparse_conv3d_direct(x, row_map, spec.pads[2][0], spec.stride[2] == 1, tap_ptr, c, a, bb,
                                      np.ascontiguousarray(toff[e]), np.ascontiguousarray(values, x.dtype),
                                      bias, out, map_d, map_h, Cg, kd, sd, sh, dd, dh, nchunk, nthreads)
-    return out
+    return dense.add_constant_share(out, spec, dense.DenseTaps(lambda: _dense_weight(indices, values, spec.w_shape)))
+
+
+def _dense_weight(indices, values, shape):
+    w = np.zeros(shape)
+    np.add.at(w, tuple(np.asarray(indices).T), values)
+    return w
 
 
 def sparse_cost(spec, nnz, nthreads):
