@@ -50,7 +50,8 @@ def _after_fork_in_child():
     _fork_child = True
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):   # POSIX (Windows has no fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def threads(requested=None):
