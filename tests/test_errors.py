@@ -196,11 +196,11 @@ def test_cuda_tensor_without_plugin(op):
         call()
 
 
-def test_direct_refuses_a_ring_larger_than_its_limit(monkeypatch):
-    """The padded-plane rings are allocated inside the parallel region (which cannot raise): a layer that
-    would need more than RING_LIMIT is refused beforehand, saying what to do instead."""
+def test_direct_refuses_rings_larger_than_the_memory_available(monkeypatch):
+    """The padded-plane rings are allocated inside the parallel region: a layer whose rings would not fit in
+    the memory available is refused beforehand, saying what to do instead."""
     from volconv.ops import dense
-    monkeypatch.setattr(dense, "RING_LIMIT", 1000)
+    monkeypatch.setattr(dense, "ring_bytes", lambda spec, itemsize: 2**60)
     x = np.ones((1, 4, 6, 7, 8), np.float32)
     w = np.ones((4, 4, 3, 3, 3), np.float32)
     with pytest.raises(MemoryError, match="algorithm='fft'"):

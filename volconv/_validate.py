@@ -11,10 +11,11 @@ import numpy as np
 SCIPY_MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
 _SCIPY_ALIASES = {"grid-mirror": "reflect", "grid-constant": "constant", "grid-wrap": "wrap"}
 TORCH_PADDING_MODES = {"zeros": "constant", "reflect": "mirror", "replicate": "nearest", "circular": "wrap"}
+INT_MAX = 2**31 - 1   # the compiled kernels take strides, dilations and paddings as C ints
 
 
-def triple(value, name, *, minimum=None):
-    """An int or a sequence of 3 ints -> tuple of 3 ints, each >= minimum."""
+def triple(value, name, *, minimum=None, maximum=None):
+    """An int or a sequence of 3 ints -> tuple of 3 ints, each >= minimum and <= maximum."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         out = (int(value),) * 3
     else:
@@ -27,6 +28,8 @@ def triple(value, name, *, minimum=None):
         out = tuple(int(v) for v in out)
     if minimum is not None and min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
+    if maximum is not None and max(out) > maximum:
+        raise ValueError(f"{name} must be <= {maximum} on every axis, got {value!r}")
     return out
 
 
@@ -59,7 +62,7 @@ def conv_padding(padding, kernel_size, dilation, stride):
                 pads.append((total // 2, total - total // 2))  # torch puts the odd extra at the end
             return tuple(pads)
         raise ValueError(f"padding must be an int, a triple, 'same' or 'valid', got {padding!r}")
-    p = triple(padding, "padding")
+    p = triple(padding, "padding", maximum=INT_MAX)
     if min(p) < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
     return tuple((v, v) for v in p)
@@ -67,20 +70,21 @@ def conv_padding(padding, kernel_size, dilation, stride):
 
 def workers(value):
     """scipy.fft's meaning: None -> every thread OpenMP allows (respects threadpoolctl and OMP_NUM_THREADS);
-    n > 0 -> n threads; n < 0 -> counts back from the core count (-1 = all cores)."""
-    from ._cpu import max_threads
+    n > 0 -> n threads; n < 0 -> counts back from the core count (-1 = all cores). In a fork child, 1
+    (_cpu.threads: GNU OpenMP is not fork-safe)."""
+    from ._cpu import threads
 
     if value is None:
-        return max_threads()
+        return threads()
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value == 0:
         raise ValueError(f"workers must be None or a non-zero int, got {value!r}")
     if value > 0:
-        return int(value)
+        return threads(int(value))
     cores = os.cpu_count() or 1
     n = cores + 1 + int(value)
     if n < 1:
         raise ValueError(f"workers={value} asks for fewer than one thread on {cores} cores")
-    return n
+    return threads(n)
 
 
 def filter_origins(origins, shape, *, flip, name="origin", given=None):

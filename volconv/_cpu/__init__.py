@@ -32,5 +32,36 @@ def _load():
 
 
 SIMD, direct = _load()
-max_threads = direct.max_threads
 HAVE_OPENMP = direct.have_openmp()
+
+# Fork safety. GNU libgomp keeps its thread pool between parallel regions and has no fork handler: in a child
+# forked after the pool started, the first parallel region with more than one thread waits forever for the
+# parent's threads (multiprocessing's "fork" start method, the default on Linux before Python 3.14; torch
+# DataLoader workers). The pool may have been started by volconv or by any library sharing the process's one
+# libgomp.so.1 (torch's own copy has that name too, and the dynamic linker loads only one), so a fork child
+# runs volconv on one thread, as torch's DataLoader workers run torch. "spawn" and "forkserver" children start
+# a fresh interpreter and keep every thread. `threads` applies the rule where every thread count is resolved
+# (_validate.workers).
+_fork_child = False
+
+
+def _after_fork_in_child():
+    global _fork_child
+    _fork_child = True
+
+
+if hasattr(os, "register_at_fork"):   # POSIX (Windows has no fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def threads(requested=None):
+    """The threads a kernel runs with: `requested` (None: every thread OpenMP allows, which honours
+    OMP_NUM_THREADS and threadpoolctl), or 1 in a fork child (see above)."""
+    if _fork_child:
+        return 1
+    return direct.max_threads() if requested is None else requested
+
+
+def max_threads():
+    """Threads volconv uses when not told (1 in a fork child)."""
+    return threads()

@@ -39,6 +39,14 @@ ctypedef fused floating:
     double
 
 
+cdef object no_memory(str kernel, int nthreads):
+    """The error of a kernel whose per-thread work buffers could not be allocated. They are allocated inside
+    the parallel region, which cannot raise: a thread without its buffers sets the shared flag and skips its
+    work units, and the kernel raises this once the region has ended."""
+    return MemoryError(f"volconv's {kernel} kernel could not allocate its work buffers for {nthreads} "
+                       "thread(s): not enough memory (fewer workers, or a smaller input, need less)")
+
+
 def vector_bytes():
     return vc_vector_bytes()
 
@@ -142,6 +150,9 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
     cdef Py_ssize_t *htap
     cdef const floating *xplane
     cdef const floating *wplane
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
     if nunit == 0 or Do == 0 or Ho == 0:
         return
     with nogil, parallel(num_threads=nthreads):
@@ -152,7 +163,13 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
         wb = <const floating **>malloc(Cg * kd * (kh + 1) * sizeof(floating *))
         hrow = <Py_ssize_t *>malloc(kh * sizeof(Py_ssize_t))
         htap = <Py_ssize_t *>malloc(kh * sizeof(Py_ssize_t))
+        ok = ring != NULL and tags != NULL and rows != NULL and wts != NULL and wb != NULL and hrow != NULL \
+            and htap != NULL
+        if not ok:
+            fail[0] = 1
         for u in prange(nunit, schedule="static"):
+            if not ok:
+                continue
             k = u % nchunk
             g = (u // nchunk) % G
             n = u // (nchunk * G)
@@ -227,6 +244,8 @@ def conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1] row_m
         free(wb)
         free(hrow)
         free(htap)
+    if failed:
+        raise no_memory("direct", nthreads)
 
 
 def wgrad_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, ::1] grad,
@@ -254,13 +273,21 @@ def wgrad_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, :
     cdef floating *vacc
     cdef const floating **grows
     cdef const floating **xrows
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
     if ntask == 0:
         return
     with nogil, parallel(num_threads=nthreads):
         vacc = <floating *>malloc(nacc * sizeof(floating))
         grows = <const floating **>malloc(8 * sizeof(floating *))
         xrows = <const floating **>malloc(8 * sizeof(floating *))
+        ok = vacc != NULL and grows != NULL and xrows != NULL
+        if not ok:
+            fail[0] = 1
         for t in prange(ntask, schedule="dynamic"):
+            if not ok:
+                continue
             ob = t % nOB
             g = (t // nOB) % G
             k = t // (nOB * G)
@@ -301,3 +328,5 @@ def wgrad_direct(const floating[:, :, :, :, ::1] x, const floating[:, :, :, :, :
         free(vacc)
         free(grows)
         free(xrows)
+    if failed:
+        raise no_memory("weight-gradient", nthreads)

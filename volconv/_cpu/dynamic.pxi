@@ -38,10 +38,18 @@ def dynamic_forward(const floating[:, :, :, :, ::1] xr, const floating[:, :, :, 
     cdef Py_ssize_t u, n, o, ob, od, oh, j, ta, tb, te, xd, xh, nt
     cdef Py_ssize_t *koff
     cdef Py_ssize_t *xoff
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
     with nogil, parallel(num_threads=nthreads):
         koff = <Py_ssize_t *>malloc(T * sizeof(Py_ssize_t))
         xoff = <Py_ssize_t *>malloc(T * sizeof(Py_ssize_t))
+        ok = koff != NULL and xoff != NULL
+        if not ok:
+            fail[0] = 1
         for u in prange(N * Do * nob, schedule="static"):
+            if not ok:
+                continue
             ob = u % nob
             od = (u // nob) % Do
             n = u // (nob * Do)
@@ -63,6 +71,8 @@ def dynamic_forward(const floating[:, :, :, :, ::1] xr, const floating[:, :, :, 
                                  xoff, nt, Wo, j > ptr[o])
         free(koff)
         free(xoff)
+    if failed:
+        raise no_memory("dynamic", nthreads)
 
 
 def dynamic_grad_kernels(const floating[:, :, :, :, ::1] xr, const floating[:, :, :, :, ::1] g,
@@ -76,12 +86,20 @@ def dynamic_grad_kernels(const floating[:, :, :, :, ::1] xr, const floating[:, :
     cdef Py_ssize_t maxpairs = 1, u, n, s, od, oh, j, t, xd, xh, np_
     cdef Py_ssize_t *goff
     cdef Py_ssize_t *xoff
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
     for s in range(S):
         maxpairs = max(maxpairs, sptr[s + 1] - sptr[s])
     with nogil, parallel(num_threads=nthreads):
         goff = <Py_ssize_t *>malloc(maxpairs * sizeof(Py_ssize_t))
         xoff = <Py_ssize_t *>malloc(maxpairs * sizeof(Py_ssize_t))
+        ok = goff != NULL and xoff != NULL
+        if not ok:
+            fail[0] = 1
         for u in prange(N * S * Do, schedule="static"):
+            if not ok:
+                continue
             od = u % Do
             s = (u // Do) % S
             n = u // (Do * S)
@@ -99,6 +117,8 @@ def dynamic_grad_kernels(const floating[:, :, :, :, ::1] xr, const floating[:, :
                              np_ if xd >= 0 and xh >= 0 else 0, Wo, 0)
         free(goff)
         free(xoff)
+    if failed:
+        raise no_memory("dynamic kernel-gradient", nthreads)
 
 
 def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :, :, :, ::1] g,
@@ -122,6 +142,9 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
     cdef Py_ssize_t *goff
     cdef Py_ssize_t *dlist   # (od, ta) reaching plane xd
     cdef Py_ssize_t *hlist   # (oh, tb) reaching row xh
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
     for c in range(C):
         maxpairs = max(maxpairs, cptr[c + 1] - cptr[c])
     with nogil, parallel(num_threads=nthreads):
@@ -129,7 +152,12 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
         goff = <Py_ssize_t *>malloc((maxpairs * kd * kh + 1) * sizeof(Py_ssize_t))
         dlist = <Py_ssize_t *>malloc((2 * kd + 1) * sizeof(Py_ssize_t))
         hlist = <Py_ssize_t *>malloc((2 * kh + 1) * sizeof(Py_ssize_t))
+        ok = koff != NULL and goff != NULL and dlist != NULL and hlist != NULL
+        if not ok:
+            fail[0] = 1
         for u in prange(N * D, schedule="static"):
+            if not ok:
+                continue
             xd = u % D
             n = u // D
             nd = 0
@@ -171,6 +199,8 @@ def dynamic_grad_input(const floating[:, :, :, :, :, ::1] K, const floating[:, :
         free(goff)
         free(dlist)
         free(hlist)
+    if failed:
+        raise no_memory("dynamic input-gradient", nthreads)
 
 
 def adaptive_gaussian(const floating[:, :, ::1] xp, const floating[:, :, :, ::1] gd,
@@ -188,13 +218,25 @@ def adaptive_gaussian(const floating[:, :, ::1] xp, const floating[:, :, :, ::1]
     cdef Py_ssize_t zero = 0
     cdef floating *tmp
     cdef floating *acc
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
+    if woff == NULL or xoff == NULL:
+        free(woff)
+        free(xoff)
+        raise no_memory("adaptive", 1)
     for e in range(kw):
         woff[e] = e * plane
         xoff[e] = e
     with nogil, parallel(num_threads=nthreads):
         tmp = <floating *>malloc(W * sizeof(floating))
         acc = <floating *>malloc(W * sizeof(floating))
+        ok = tmp != NULL and acc != NULL
+        if not ok:
+            fail[0] = 1
         for u in prange(Ds * H, schedule="static"):
+            if not ok:
+                continue
             od = u // H
             oh = u % H
             for a in range(kd):
@@ -206,3 +248,5 @@ def adaptive_gaussian(const floating[:, :, ::1] xp, const floating[:, :, :, ::1]
         free(acc)
     free(woff)
     free(xoff)
+    if failed:
+        raise no_memory("adaptive", nthreads)

@@ -65,6 +65,13 @@ def nested_conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[::1] 
     cdef const floating *wbase
     cdef const floating **rows
     cdef const floating **wts
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
+    if ds == NULL or roff == NULL:
+        free(ds)
+        free(roff)
+        raise MemoryError("volconv's nested kernel could not allocate its stage tables")
     for s in range(L):
         cin, kd, kh, kw = meta[s, 0] // G, meta[s, 2], meta[s, 3], meta[s, 4]
         ds[s] = (W + kw - 1 + VL - 1) // VL * VL
@@ -73,15 +80,25 @@ def nested_conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[::1] 
         maxrows = max(maxrows, cin * kd * (kh + 1))   # kh + 1: two output rows at a time
         maxkw = max(maxkw, kw)
     toff = <Py_ssize_t *>malloc(maxkw * sizeof(Py_ssize_t))
+    if toff == NULL:
+        free(ds)
+        free(roff)
+        raise MemoryError("volconv's nested kernel could not allocate its tap table")
     for j in range(maxkw):
         toff[j] = j   # tap e at column e (W stride 1)
     with nogil, parallel(num_threads=nthreads):
         rings = <floating *>aligned_alloc(64, ((total + VL) * sizeof(floating) + 63) // 64 * 64)  # + VL: read ahead
-        memset(rings, 0, (total + VL) * sizeof(floating))   # the W padding columns stay zero for good
         rows = <const floating **>malloc(maxrows * sizeof(floating *))
         wts = <const floating **>malloc(maxrows * sizeof(floating *))
         wb = <const floating **>malloc(maxrows * sizeof(floating *))
+        ok = rings != NULL and rows != NULL and wts != NULL and wb != NULL
+        if ok:
+            memset(rings, 0, (total + VL) * sizeof(floating))   # the W padding columns stay zero for good
+        else:
+            fail[0] = 1
         for u in prange(nunit, schedule="static"):
+            if not ok:
+                continue
             k = u % nchunk
             g = (u // nchunk) % G
             n = u // (nchunk * G)
@@ -174,3 +191,5 @@ def nested_conv3d_direct(const floating[:, :, :, :, ::1] x, const floating[::1] 
     free(ds)
     free(roff)
     free(toff)
+    if failed:
+        raise no_memory("nested", nthreads)

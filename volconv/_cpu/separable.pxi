@@ -57,6 +57,9 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
     cdef Py_ssize_t *tags
     cdef const floating **rows
     cdef const floating **wts
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
     if nunit == 0 or Do == 0 or Ho == 0 or Wo == 0:
         return
     with nogil, parallel(num_threads=nthreads):
@@ -64,17 +67,24 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
         tap_h = <int *>malloc(nmax * P * sizeof(int))   # fir_rows' tap tables, rebuilt when np changes
         tap_d = <int *>malloc(nmax * P * sizeof(int))
         tabs = <int *>malloc(4 * sizeof(int))
-        tabs[0] = tabs[2] = -1
         zeros = <floating *>aligned_alloc(64, dsw * sizeof(floating))   # dsw: a multiple of 16 floats
         hbuf = <floating *>aligned_alloc(64, P * dsw * sizeof(floating))
         tmp = <floating *>aligned_alloc(64, dsw * sizeof(floating))
         tags = <Py_ssize_t *>malloc(T * S * sizeof(Py_ssize_t))
         rows = <const floating **>malloc(nmax * sizeof(floating *))
         wts = <const floating **>malloc(sizeof(floating *))
-        for j in range(dsw):  # past the padded row (read by the W pass's last vectors): finite
-            zeros[j] = 0
-            tmp[j] = 0
+        ok = ring != NULL and tap_h != NULL and tap_d != NULL and tabs != NULL and zeros != NULL \
+            and hbuf != NULL and tmp != NULL and tags != NULL and rows != NULL and wts != NULL
+        if ok:
+            tabs[0] = tabs[2] = -1
+            for j in range(dsw):  # past the padded row (read by the W pass's last vectors): finite
+                zeros[j] = 0
+                tmp[j] = 0
+        else:
+            fail[0] = 1
         for u in prange(nunit, schedule="dynamic"):
+            if not ok:
+                continue
             k = u % nchunk
             t = (u // nchunk) % ntile
             c = (u // (nchunk * ntile)) % C
@@ -144,3 +154,5 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
         free(tags)
         free(rows)
         free(wts)
+    if failed:
+        raise no_memory("separable", nthreads)

@@ -29,6 +29,9 @@ def sparse_conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1
     cdef Py_ssize_t *tags
     cdef const floating **rows
     cdef const floating **wts
+    cdef int failed = 0   # set by a thread whose buffers could not be allocated (see no_memory)
+    cdef int *fail = &failed
+    cdef bint ok
     toff0[0] = 0
     Og = O // G
     for o in range(O):
@@ -41,7 +44,12 @@ def sparse_conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1
         tags = <Py_ssize_t *>malloc(Cg * S * sizeof(Py_ssize_t))
         rows = <const floating **>malloc(nmax * sizeof(floating *))
         wts = <const floating **>malloc(nmax * sizeof(floating *))
+        ok = ring != NULL and tags != NULL and rows != NULL and wts != NULL
+        if not ok:
+            fail[0] = 1
         for u in prange(nunit, schedule="static"):
+            if not ok:
+                continue
             k = u % nchunk
             g = (u // nchunk) % G
             n = u // (nchunk * G)
@@ -69,3 +77,5 @@ def sparse_conv3d_direct(const floating[:, :, :, :, ::1] x, const Py_ssize_t[::1
         free(tags)
         free(rows)
         free(wts)
+    if failed:
+        raise no_memory("sparse", nthreads)

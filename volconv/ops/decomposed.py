@@ -23,19 +23,22 @@ def separable_conv3d(x, fd, fh, fw, spec, nthreads):
     N, C = x.shape[:2]
     fd, fh, fw = (np.asarray(f, x.dtype).reshape((1,) * (3 - np.ndim(f)) + np.shape(f)) for f in (fd, fh, fw))
     T = max(fd.shape[0], fh.shape[0], fw.shape[0])
+    Do, Ho, Wo = spec.out_shape[2:]
+    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
+    ring_rows = T * ((_cpu.direct.fir_rows_max() - 1) * spec.stride[0] + (fd.shape[2] - 1) * spec.dilation[0] + 1)
+    row_bytes = -(-Wo // vl) * vl * x.dtype.itemsize
+    hb = int(max(1, min(Ho, RING_BYTES // (ring_rows * row_bytes))))
+    ntile, nchunk = _split(N * C, Ho, Do, hb, nthreads)
+    hb = -(-Ho // ntile)
+    work = (2.0 * T * sum(f.shape[2] for f in (fd, fh, fw)) + 8.0) * np.prod(spec.out_shape, dtype=np.float64)
+    nthreads = int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
+    # the ring: RING_BYTES, or more for a kernel whose D extent alone does not fit in it
+    dense.check_memory(spec, x.dtype.itemsize, ring_rows * hb * row_bytes * nthreads)
     fd, fh, fw = (np.ascontiguousarray(np.broadcast_to(f, (T, C, f.shape[2]))).reshape(T * C, -1)
                   for f in (fd, fh, fw))
     row_map, map_d, map_h, toff = dense._row_layout(x.shape, spec)
     out = np.empty(spec.out_shape, dtype=x.dtype)
-    Do, Ho, Wo = spec.out_shape[2:]
-    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
-    ring_rows = T * ((_cpu.direct.fir_rows_max() - 1) * spec.stride[0] + (fd.shape[1] - 1) * spec.dilation[0] + 1)
-    hb = int(max(1, min(Ho, RING_BYTES // (ring_rows * -(-Wo // vl) * vl * x.dtype.itemsize))))
-    ntile, nchunk = _split(N * C, Ho, Do, hb, nthreads)
-    hb = -(-Ho // ntile)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    work = (2.0 * T * sum(f.shape[1] for f in (fd, fh, fw)) + 8.0) * np.prod(spec.out_shape, dtype=np.float64)
-    nthreads = int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
     _cpu.direct.separable_conv3d(x, fd, fh, fw, map_d, map_h, row_map, spec.pads[2][0], spec.stride[2] == 1,
                                  toff, spec.stride[2] == spec.dilation[2] == 1, sd, sh, dd, dh, out, hb, nchunk,
                                  nthreads)

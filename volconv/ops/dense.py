@@ -18,12 +18,12 @@ import sys
 
 import numpy as np
 
-from .. import _cpu, _cuda
+from .. import _cpu, _cuda, _memory
 from . import decomposed, sparse
 from .._dispatch import Caller, compiling, is_tensor, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
 from ..kernels import Kernel, SeparableKernel
-from .._validate import (ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index,
+from .._validate import (INT_MAX, ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index,
                          scipy_mode, torch_padding_mode, triple, workers as resolve_workers)
 
 # ----------------------------------------------------------------------------------------------- algorithms
@@ -40,8 +40,9 @@ def _row_layout(x_shape, spec):
     map_h = pad_index(H, hlo, hhi, spec.mode).astype(np.intp)
     map_w = pad_index(W, wlo, whi, spec.mode)
     phase_len = -(-map_w.size // sw)
-    # row position ph * phase_len + j holds padded column j * sw + ph (-1 past the end: never read)
-    cols = np.arange(phase_len)[None, :] * sw + np.arange(sw)[:, None]
+    # row position ph * phase_len + j holds padded column j * sw + ph (-1 past the end: never read); a stride
+    # longer than the padded row has a phase per column only (the others would hold nothing)
+    cols = np.arange(phase_len)[None, :] * sw + np.arange(min(sw, map_w.size))[:, None]
     row_map = np.where(cols < map_w.size, map_w[np.minimum(cols, map_w.size - 1)], -1).ravel().astype(np.intp)
     taps = np.arange(kw) * dw
     toff = ((taps % sw) * phase_len + taps // sw).astype(np.intp)
@@ -50,8 +51,10 @@ def _row_layout(x_shape, spec):
 
 def _direct_operands(x, spec, nthreads):
     """x's rows laid out by _row_layout in one padded copy (the weight-gradient kernel reads it whole)."""
+    copy = spec.pads[2] != (0, 0) or spec.stride[2] != 1
+    check_memory(spec, x.dtype.itemsize, math.prod(x.shape[:4]) * row_length(spec) * x.dtype.itemsize * copy)
     row_map, map_d, map_h, toff = _row_layout(x.shape, spec)
-    if spec.pads[2] == (0, 0) and spec.stride[2] == 1:
+    if not copy:
         return x, map_d, map_h, toff
     rows = np.empty(x.shape[:4] + row_map.shape, dtype=x.dtype)
     _cpu.direct.pad_rows(x, row_map, spec.pads[2][0], spec.stride[2] == 1, rows, nthreads)
@@ -64,21 +67,42 @@ def _channel_block(spec):
     return 8 if Og % 8 == 0 else 4 if Og % 4 == 0 else 1
 
 
-RING_LIMIT = 4 * 2**30   # bytes of padded-plane rings, all threads together
+# bytes per position of a padded axis while its index maps are built (pad_index, _row_layout: int64 maps and
+# numpy's temporaries)
+MAP_BYTES = 64
 
 
-def check_ring(x, spec, row_map, nthreads):
-    """Refuse, with a clear MemoryError, a layer whose padded-plane rings (one per thread: every input
-    channel of a group, (kd - 1) * dd + 1 planes each) would exceed RING_LIMIT: the kernel allocates them inside
-    the parallel region, where it cannot raise."""
-    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
-    Cg, kd = spec.w_shape[1], spec.kernel_size[0]
-    ring = (Cg * ((kd - 1) * spec.dilation[0] + 1) * x.shape[3] * (-(-row_map.size // vl) * vl) + vl) \
-        * x.dtype.itemsize * nthreads
-    if ring > RING_LIMIT:
-        raise MemoryError(f"the direct algorithm would need {ring / 2**30:.1f} GiB of padded planes for this "
-                          f"layer ({Cg} input channels per group, kernel depth {kd}); use algorithm='fft' "
-                          "or 'torch', or fewer workers")
+def row_length(spec):
+    """Length of the direct kernels' padded input rows (_row_layout): the padded W axis in stride phases."""
+    padded, sw = spec.x_shape[4] + sum(spec.pads[2]), spec.stride[2]
+    return min(sw, padded) * -(-padded // sw)
+
+
+def ring_bytes(spec, itemsize):
+    """One thread's ring of padded planes in the direct kernels (direct, sparse, nested): every input channel
+    of a group, (kd - 1) * dd + 1 planes of H rows, each row vector-aligned."""
+    vl = _cpu.direct.vector_bytes() // itemsize
+    planes = spec.w_shape[1] * ((spec.kernel_size[0] - 1) * spec.dilation[0] + 1)
+    return (planes * spec.x_shape[3] * -(-row_length(spec) // vl) * vl + vl) * itemsize
+
+
+def check_memory(spec, itemsize, work=0, hint=""):
+    """Refuse, before anything is allocated, a convolution that would not fit in the memory this process can
+    still allocate (_memory.require): its output, the index maps of its padded axes, and `work`, the bytes
+    of the algorithm's own buffers (the direct kernels' rings, a padded copy). Every op family calls it
+    first, so that absurd padding, strides or sizes fail at once, naming them."""
+    padded = sum(n + lo + hi for n, (lo, hi) in zip(spec.x_shape[2:], spec.pads))
+    need = math.prod(spec.out_shape) * itemsize + MAP_BYTES * padded + work
+    _memory.require(need, f"a convolution of input {spec.x_shape} with padding {spec.pads}, stride {spec.stride} "
+                          f"and dilation {spec.dilation} into an output of shape {spec.out_shape}", hint)
+
+
+def check_rings(spec, itemsize, nthreads, rings=None, instead="algorithm='fft' or 'torch'"):
+    """check_memory with the direct kernels' rings of nthreads threads (rings: one thread's, when not
+    ring_bytes(spec)), which the kernels allocate inside their parallel region; instead: what else to use."""
+    total = (ring_bytes(spec, itemsize) if rings is None else rings) * nthreads
+    check_memory(spec, itemsize, total, f" ({_memory.size(total)} of it the rings of padded planes of {nthreads} "
+                                        f"thread(s)); use {instead}, or fewer workers")
 
 
 def plane_chunks(spec, nthreads):
@@ -88,6 +112,7 @@ def plane_chunks(spec, nthreads):
 
 
 def direct_conv3d(x, w, b, spec, nthreads):
+    check_rings(spec, x.dtype.itemsize, nthreads)
     row_map, map_d, map_h, toff = _row_layout(x.shape, spec)
     O, G, ob = w.shape[0], spec.groups, _channel_block(spec)
     Og = O // G
@@ -96,7 +121,6 @@ def direct_conv3d(x, w, b, spec, nthreads):
     bias = np.zeros(O, x.dtype) if b is None else b
     out = np.empty(spec.out_shape, dtype=x.dtype)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    check_ring(x, spec, row_map, nthreads)
     nchunk = plane_chunks(spec, nthreads)
     unit_stride, unit_taps = spec.stride[2] == 1, spec.stride[2] == spec.dilation[2] == 1
     _cpu.direct.conv3d_direct(x, row_map, spec.pads[2][0], unit_stride, unit_taps, wpack, bias,
@@ -273,6 +297,7 @@ def crop_negative_pads(x, spec):
 def run(x, w, b, spec, algorithm, nthreads, *, allow_torch=True):
     """Convolution of checked, contiguous arrays of one float dtype. Negative pads crop first. Every algorithm
     computes with zeros outside the volume; a constant cval's share is added after (add_constant_share)."""
+    check_memory(spec, x.dtype.itemsize)
     x, spec = crop_negative_pads(x, spec)
     if algorithm == "auto":
         algorithm = choose_algorithm(x, spec, nthreads, w=w, allow_torch=allow_torch, nnz=np.count_nonzero(w))
@@ -545,8 +570,8 @@ def _as_separable(kernel):
 
 def conv_spec(x_shape, w_shape, b, stride, padding, dilation, groups, padding_mode):
     """Checks of conv3d's arguments -> ConvSpec."""
-    stride = triple(stride, "stride", minimum=1)
-    dilation = triple(dilation, "dilation", minimum=1)
+    stride = triple(stride, "stride", minimum=1, maximum=INT_MAX)
+    dilation = triple(dilation, "dilation", minimum=1, maximum=INT_MAX)
     mode = torch_padding_mode(padding_mode)
     if len(w_shape) != 5:
         raise ValueError(f"weight must be 5-D (out_channels, in_channels/groups, kd, kh, kw), got shape "

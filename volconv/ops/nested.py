@@ -224,14 +224,11 @@ def fused(x, ws, bs, act, specs, nthreads):
         woff, boff = woff + w.size, boff + O
     wflat = np.concatenate(packs).astype(x.dtype, copy=False)
     bflat = np.concatenate([np.zeros(s.w_shape[0], x.dtype) if b is None else b for b, s in zip(bs, specs)])
-    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
-    N, D, H, W = x.shape[0], *x.shape[2:]
+    N, D = x.shape[0], x.shape[2]
     work = sum(s.flops() for s in specs) + 8.0 * sum(np.prod(s.out_shape, dtype=np.float64) for s in specs)
     nthreads = int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
-    ring = sum(m[0] // G * m[2] * H * -(-(W + m[4] - 1) // vl) * vl for m in meta) * x.dtype.itemsize * nthreads
-    if ring > dense.RING_LIMIT:
-        raise MemoryError(f"the fused chain would need {ring / 2**30:.1f} GiB of plane rings; use "
-                          "algorithm='stages'")
+    rings = sum(dense.ring_bytes(s, x.dtype.itemsize) for s in specs)   # one per stage, in every thread
+    dense.check_rings(specs[-1], x.dtype.itemsize, nthreads, rings, instead="algorithm='stages'")
     # units (n, group, chunk of planes): a chunk after the first recomputes the later stages' reach, so
     # no more chunks than the threads need
     nchunk = int(min(D, max(1, -(-nthreads // (N * G)))))

@@ -125,6 +125,7 @@ def run_sparse(x, indices, values, b, spec, nthreads):
     """The sparse direct kernel on checked, contiguous arrays (x: compute dtype; indices (nnz, 5) sorted by
     output channel, values in x's dtype). Negative pads crop first; the kernel computes with zeros outside and a
     constant cval's share is added after, on the border (dense.add_constant_share)."""
+    dense.check_rings(spec, x.dtype.itemsize, nthreads)
     x, spec = dense.crop_negative_pads(x, spec)
     O = spec.w_shape[0]
     bias = np.zeros(O, x.dtype) if b is None else np.asarray(b, x.dtype)
@@ -134,7 +135,6 @@ def run_sparse(x, indices, values, b, spec, nthreads):
     out = np.empty(spec.out_shape, dtype=x.dtype)
     Cg, kd = spec.w_shape[1], spec.kernel_size[0]
     N, G = x.shape[0], spec.groups
-    dense.check_ring(x, spec, row_map, nthreads)
     work = 2.0 * values.size * N * np.prod(spec.out_shape[2:], dtype=np.float64) / max(O // G, 1) + \
         8.0 * np.prod(spec.out_shape, dtype=np.float64)
     nthreads = int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
