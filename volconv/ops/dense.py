@@ -17,10 +17,10 @@ import numpy as np
 
 from .. import _cpu, _cuda
 from . import decomposed, sparse
-from .._dispatch import Caller, compiling, is_tensor, wants_autograd
+from .._dispatch import Caller, compiling, is_tensor, torch_batching, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
 from ..kernels import Kernel, SeparableKernel
-from .._validate import (ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index,
+from .._validate import (ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index, real_number,
                          scipy_mode, torch_padding_mode, triple, workers as resolve_workers)
 
 # ----------------------------------------------------------------------------------------------- algorithms
@@ -375,6 +375,7 @@ def _backward_weight_fft(x, grad, spec, nthreads):
 # ---------------------------------------------------------------------------------------------- public API
 
 
+@torch_batching()
 def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
            algorithm="auto", workers=None):
     """3D convolution with the semantics of ``torch.nn.functional.conv3d`` (cross-correlation, NCDHW).
@@ -494,6 +495,8 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
         raise ValueError(f"kernel must not be empty, got shape {k.shape}")
     mode = scipy_mode(mode)
     origins = triple(origin, "origin")
+    if v.size == 0:   # nothing to filter: an empty result, as scipy.ndimage gives
+        return caller.result(np.empty(v.shape, caller.dtype))
     # NIfTI data arrive in Fortran order: filter the transposed volume with the transposed kernel (no copy)
     fortran = v.flags.f_contiguous and not v.flags.c_contiguous
     halo = ((0, 0),) * 3 if halo is None else tuple(tuple(h) for h in halo)
@@ -508,7 +511,7 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
         k = k[::-1, ::-1, ::-1]
     pads = tuple((lo - hlo, hi - hhi) for (lo, hi), (hlo, hhi) in zip(filter_pads(k.shape, origins), halo))
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
-                    groups=1, mode=mode, cval=float(cval))
+                    groups=1, mode=mode, cval=real_number(cval, "cval"))
     if wants_autograd(volume, kernel):
         from ..nn._functions import conv_autograd, tensor
 
