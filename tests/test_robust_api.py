@@ -273,12 +273,12 @@ def test_truncate_errors_name_truncate(truncate):
         vc.adaptive_filter(np.ones((5, 5, 5)), np.ones((5, 5, 5)), truncate=truncate)
 
 
-@pytest.mark.parametrize("build, named", [
-    (lambda: vc.kernels.gaussian(1e7), r"sigma 1e\+07 voxels .* kernel of 8e\+07 voxels"),
-    (lambda: vc.kernels.gaussian(None, (1, 1, 1), fwhm=1e9), r"sigma .* kernel of .* voxels"),
+@pytest.mark.parametrize("build, named", [   # sizes whose arrays numpy cannot even start to allocate on main
+    (lambda: vc.kernels.gaussian(1e10), r"sigma 1e\+10 voxels .* kernel of 8e\+10 voxels"),
+    (lambda: vc.kernels.gaussian(None, (1, 1, 1), fwhm=1e12), r"sigma .* kernel of .* voxels"),
     (lambda: vc.kernels.box(1e6, (1.0, 1.0, 1.0)), r"size=1000000.0 makes a kernel of \(1000001,"),
-    (lambda: vc.kernels.ball(500), r"radius=500 makes a kernel of \(1001, 1001, 1001\)"),
-    (lambda: vc.adaptive_filter(np.ones((4, 4, 4)), np.full((4, 4, 4), 1e6)), r"sigma_map's largest sigma"),
+    (lambda: vc.kernels.ball(1e5), r"radius=100000.0 makes a kernel of \(200001, 200001, 200001\)"),
+    (lambda: vc.adaptive_filter(np.ones((4, 4, 4)), np.full((4, 4, 4), 1e9)), r"sigma_map's largest sigma"),
 ])
 def test_absurd_kernels_refused_at_once_naming_the_argument(build, named):
     start = time.perf_counter()
@@ -287,9 +287,20 @@ def test_absurd_kernels_refused_at_once_naming_the_argument(build, named):
     assert time.perf_counter() - start < 1.0
 
 
-def test_load_takes_a_bytes_path():
+def test_dense_kernels_refused_by_their_taps(monkeypatch):
+    monkeypatch.setattr(vc.kernels, "MAX_DENSE_TAPS", 1000)
+    with pytest.raises(ValueError, match=r"radius=10 makes a kernel of \(21, 21, 21\) voxels \(at most 1000 taps\)"):
+        vc.kernels.ball(10)
+    assert vc.kernels.ball(4).shape == (9, 9, 9)
+
+
+def test_load_takes_a_bytes_path(tmp_path):
+    """As nibabel and os.listdir(bytes) give paths: os.fsdecode-able bytes, plain and gzipped."""
     vol = vc.io.load(os.fsencode(SAMPLE))
     np.testing.assert_array_equal(vol.data, vc.io.load(SAMPLE).data)
+    plain = str(tmp_path / "plain.nii")
+    vc.io.save(vol, plain)
+    np.testing.assert_array_equal(vc.io.load(os.fsencode(plain)).data, vol.data)
 
 
 # ------------------------------------------------------------------------------------------------ item 17
