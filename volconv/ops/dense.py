@@ -380,14 +380,17 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
            algorithm="auto", workers=None):
     """3D convolution with the semantics of ``torch.nn.functional.conv3d`` (cross-correlation, NCDHW).
 
-    input: (N, C, D, H, W) numpy array or torch tensor; weight: (O, C // groups, kd, kh, kw); bias: (O,).
+    input: (N, C, D, H, W) numpy array or torch tensor, or unbatched (C, D, H, W) as in torch (so for every op
+    and layer: _dispatch.torch_batching; an empty batch N = 0 gives an empty result); weight:
+    (O, C // groups, kd, kh, kw); bias: (O,).
     padding: int, triple, "same" or "valid"; padding_mode: "zeros", "reflect", "replicate" or "circular" (as
     torch.nn.Conv3d: the input is padded in that mode, then convolved without padding).
     algorithm: "auto" (cost model), "direct", "fft", "sparse" (the weight's non-zeros only: ops/sparse.py;
     "auto" chooses it for a mostly-zero weight when it is the cheapest) or "torch" (torch's own kernel; "auto"
     may choose it for channel-mixing layers when torch is already imported). workers: threads (None: all OpenMP
     allows; -1: all cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the
-    caller's type, dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
+    caller's type, dtype and device; differentiable on torch tensors (backward by volconv's own kernels; with
+    create_graph=True, by torch's differentiable conv3d, so gradient penalties work). NaN and Inf
     propagate as in torch (algorithm="fft" spreads them over the whole output). CUDA tensors run on the GPU by
     the CUDA plugin (volconv/_cuda.py; `algorithm` and `workers` do not apply there)."""
     if _cuda.is_cuda(input):
