@@ -19,8 +19,9 @@ from .. import _cpu, _cuda
 from . import decomposed, sparse
 from .._dispatch import Caller, compiling, is_tensor, torch_batching, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
+from .._validate import real_number
 from ..kernels import Kernel, SeparableKernel
-from .._validate import (ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index, real_number,
+from .._validate import (ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index,
                          scipy_mode, torch_padding_mode, triple, workers as resolve_workers)
 
 # ----------------------------------------------------------------------------------------------- algorithms
