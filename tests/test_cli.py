@@ -162,7 +162,7 @@ def ball_reference(data, radius_vox):
 
 
 @pytest.mark.parametrize("option, size, reference", [
-    ("--box", "3mm", lambda d: (box_reference(d, (3, 2, 1)), (3, 2, 1))),   # round(3 / (1, 2, 2.5)), >= 1
+    ("--box", "3mm", lambda d: (box_reference(d, (3, 1, 1)), (3, 1, 1))),   # 2 floor(3 / (1, 2, 2.5) / 2) + 1
     ("--box", "3,3,3vox", lambda d: (box_reference(d, (3, 3, 3)), (3, 3, 3))),
     ("--ball", "4mm", lambda d: ball_reference(d, (4.0, 2.0, 1.6))),
     ("--ball", "2vox", lambda d: ball_reference(d, (2.0, 2.0, 2.0))),

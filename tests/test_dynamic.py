@@ -165,7 +165,7 @@ def test_errors():
     with pytest.raises(ValueError, match="kernels must be"):
         vc.dynamic_conv3d(x, np.zeros((1, 27, 5, 5, 5)), 3, padding=1)
     with pytest.raises(ValueError, match="input must be 5-D"):
-        vc.dynamic_conv3d(x[0], np.zeros((1, 1, 27, 5, 5, 5)), 3, padding=1)
+        vc.dynamic_conv3d(x[0, 0], np.zeros((1, 1, 27, 5, 5, 5)), 3, padding=1)
     with pytest.raises(TypeError, match="kernels has dtype float32 but input has dtype float64"):
         vc.dynamic_conv3d(x, np.zeros((1, 1, 27, 5, 5, 5), np.float32), 3, padding=1)
     with pytest.raises(ValueError, match="larger than the padded input"):

@@ -22,7 +22,7 @@ def _names(argument, dtype_name):
 # (id, callable, exception type(s), regex the message must match)
 CONV3D_CASES = [
     # dimensionality
-    ("input-4d", lambda: vc.conv3d(np.ones((2, 6, 6, 6), np.float32), w5()), ValueError, r"\binput\b"),
+    ("input-3d", lambda: vc.conv3d(np.ones((6, 6, 6), np.float32), w5()), ValueError, r"\binput\b"),
     ("input-6d", lambda: vc.conv3d(np.ones((1, 1, 2, 6, 6, 6), np.float32), w5()), ValueError, r"\binput\b"),
     ("weight-4d", lambda: vc.conv3d(x5(), np.ones((3, 2, 3, 3), np.float32)), ValueError, r"\bweight\b"),
     ("weight-3d", lambda: vc.conv3d(x5(), np.ones((3, 3, 3), np.float32)), ValueError, r"\bweight\b"),

@@ -59,7 +59,7 @@ def test_log_constant_mode_is_the_dense_kernel(volume):
 
 def test_box_and_ball_geometry():
     b = K.box((3.0, 4.0, 2.5), ZOOMS)
-    assert b.shape == (3, 2, 3) and abs(b.to_dense().sum() - 1) < 1e-12
+    assert b.shape == (3, 3, 3) and abs(b.to_dense().sum() - 1) < 1e-12   # mm sizes: odd, centred (fslmaths)
     assert K.box(3, normalize=False).to_dense().sum() == 27
     ball = K.ball(2.0)
     assert ball.shape == (5, 5, 5)

@@ -244,7 +244,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"biases\[1\] must have shape \(4,\)"):
         vc.nested_conv3d(x, [w, w], [None, np.zeros(3)])
     with pytest.raises(ValueError, match="input must be 5-D"):
-        vc.nested_conv3d(x[0], [w])
+        vc.nested_conv3d(x[0, 0], [w])
     with pytest.raises(TypeError, match=r"weights\[0\] has dtype float32 but input has dtype float64"):
         vc.nested_conv3d(x, [w.astype(np.float32)])
     with pytest.raises(ValueError, match="combine='sum' needs the same number of output channels"):

@@ -277,7 +277,7 @@ def test_channel_attention_errors():
     with pytest.raises(ValueError, match="input.*8 channels.*\\(1, 4, 3, 3, 3\\)"):
         m(torch.zeros(1, 4, 3, 3, 3))
     with pytest.raises(ValueError, match="input.*5-D"):
-        m(torch.zeros(8, 3, 3, 3))
+        m(torch.zeros(3, 3, 3))   # (C, D, H, W) is taken, as torch does
 
 
 # ------------------------------------------------------------------------------------------------- Res2Block3d
@@ -347,4 +347,4 @@ def test_res2block_errors_and_workers():
     with pytest.raises(ValueError, match="input.*8 channels"):
         block(torch.zeros(1, 6, 4, 4, 4))
     with pytest.raises(ValueError, match="input.*5-D"):
-        block(torch.zeros(8, 4, 4, 4))
+        block(torch.zeros(8, 4, 4))   # (C, D, H, W) is taken, as torch does

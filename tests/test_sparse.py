@@ -116,7 +116,7 @@ def test_sparse_conv3d_errors():
     with pytest.raises(TypeError, match="SparseKernel"):
         vc.sparse_conv3d(x, np.zeros((2, 4, 1, 1, 1)))
     with pytest.raises(ValueError, match="5-D"):
-        vc.sparse_conv3d(x[0], k)
+        vc.sparse_conv3d(x[0, 0], k)   # (C, D, H, W) is taken, as torch does
     with pytest.raises(ValueError, match="larger than the padded input|kernel"):
         vc.sparse_conv3d(x[:, :3, :2], SparseKernel([[0, 0, 2, 0, 0]], [1.0], (2, 3, 3, 1, 1)))
     for bad in (dict(density=0), dict(density=1.5), dict(threshold=-1)):

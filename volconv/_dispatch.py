@@ -1,13 +1,15 @@
 """One dispatch point for every op: numpy arrays and torch tensors in, numpy arrays out to the kernels, and the
 result handed back in the caller's type, dtype and device. torch is never imported here: a tensor can only
 come from a program that already imported it."""
+import functools
+import inspect
 import numbers
 import sys
 
 import numpy as np
 
 from . import _cuda
-from ._validate import float_dtype
+from ._validate import float_dtype, native
 
 
 def _torch():
@@ -62,7 +64,8 @@ class Caller:
             if is_tensor(a) and a.device.type != "cpu":
                 raise ValueError(f"{n} is on device {a.device}; volconv runs on cpu and cuda")
         self.arrays = [None if a is None else self._numpy(a, n) for a, n in zip(arrays, names)]
-        self.caller_dtype = self.arrays[names.index(first_name)].dtype
+        # a big-endian array (as NIfTI files store) is the same numbers: computed and returned in native order
+        self.caller_dtype = native(self.arrays[names.index(first_name)].dtype)
         self.dtype = float_dtype(self.caller_dtype, first_name, promote_ints=promote_ints)
 
     @staticmethod
@@ -89,7 +92,7 @@ class Caller:
         rule for input and weight)."""
         if a is None:
             return None
-        if same_dtype and a.dtype != self.caller_dtype:
+        if same_dtype and native(a.dtype) != self.caller_dtype:
             raise TypeError(f"{name} has dtype {a.dtype} but input has dtype {self.caller_dtype}; "
                             "they must match (as in torch)")
         float_dtype(a.dtype, name, promote_ints=True)  # refuses complex / object / strings
@@ -105,3 +108,59 @@ class Caller:
         if self.caller_dtype.kind == "f" and out.dtype != self.caller_dtype:
             return out.astype(self.caller_dtype)
         return out
+
+
+def torch_batching(*also):
+    """Decorator of every op and layer forward whose argument `input` is (N, C, D, H, W): torch's conventions
+    for it, in one place. `also`: further arguments carrying the same batch axis (dynamic_conv3d's kernels).
+    - an unbatched (C, D, H, W) input runs as a batch of one and comes back without the batch axis;
+    - an empty batch (N = 0) runs the op on one item of zeros and returns its first 0 items: the result's
+      shape, dtype, device and autograd graph are the op's own (no per-op shape code; the cost of one item),
+      and the input's gradient is empty;
+    - a volume with an empty axis (D, H or W = 0) is refused, as torch refuses it."""
+    def decorate(fn):
+        names = list(inspect.signature(fn).parameters)   # read once, not per call
+        where = {name: names.index(name) for name in ("input",) + also}
+
+        def get(args, kwargs, name):
+            i = where[name]
+            return args[i] if i < len(args) else kwargs.get(name)
+
+        def mapped(args, kwargs, change):
+            args, kwargs = list(args), dict(kwargs)
+            for name, i in where.items():
+                value = get(args, kwargs, name)
+                if value is not None:
+                    if i < len(args):
+                        args[i] = change(value)
+                    else:
+                        kwargs[name] = change(value)
+            return args, kwargs
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            x = get(args, kwargs, "input")
+            shape = tuple(getattr(x, "shape", ()))
+            if hasattr(x, "shape") and len(shape) not in (4, 5):
+                raise ValueError(f"input must be 5-D (N, C, D, H, W) or 4-D (C, D, H, W) without the batch axis, "
+                                 f"got shape {shape}")
+            if len(shape) == 4:
+                args, kwargs = mapped(args, kwargs, lambda a: a[None])
+                return fn(*args, **kwargs)[0]
+            if len(shape) == 5 and 0 in shape[2:]:
+                raise ValueError(f"input has an empty volume, shape {shape}: D, H and W must be >= 1 (only the "
+                                 "batch axis may be empty, as in torch)")
+            if len(shape) == 5 and shape[0] == 0:
+                args, kwargs = mapped(args, kwargs, _with_zero_item)
+                return fn(*args, **kwargs)[:0]
+            return fn(*args, **kwargs)
+        return run
+    return decorate
+
+
+def _with_zero_item(a):
+    """a (0, ...) with one item of zeros appended (joined to a's autograd graph when a is a tensor)."""
+    if is_tensor(a):
+        return _torch().cat([a, a.new_zeros((1,) + tuple(a.shape[1:]))])
+    a = np.asarray(a)
+    return np.zeros((1,) + a.shape[1:], a.dtype)

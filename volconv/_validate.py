@@ -108,8 +108,9 @@ def filter_pads(shape, origins):
 
 def float_dtype(dtype, name, *, promote_ints):
     """float32/float64 -> itself; float16 -> float32 (computed there, cast back by the caller);
-    ints and bools -> the smallest float that holds them when promote_ints, else TypeError."""
-    dtype = np.dtype(dtype)
+    ints and bools -> the smallest float that holds them when promote_ints, else TypeError. Byte order is a
+    storage detail (NIfTI files are often big-endian): the answer is always the native-order type."""
+    dtype = native(dtype)
     if dtype in (np.float32, np.float64):
         return dtype
     if dtype == np.float16:
@@ -120,6 +121,21 @@ def float_dtype(dtype, name, *, promote_ints):
         raise TypeError(f"{name} has complex dtype {dtype}; volconv supports real float32 and float64")
     raise TypeError(f"{name} has dtype {dtype}; volconv supports float32 and float64"
                     + (" (and integer volumes, promoted)" if promote_ints else ""))
+
+
+def native(dtype):
+    """dtype in the machine's byte order (np.dtype('>f4') -> float32), as scipy and torch compute."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
+def real_number(value, name):
+    """A real number (int, float, numpy scalar or 0-d array; NaN and Inf allowed) -> float; else TypeError
+    naming the argument (float("abc") and float(None) say neither which argument nor what it wants)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray)) or \
+            (isinstance(value, np.ndarray) and (value.ndim or value.dtype.kind not in "iuf")):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def pad_index(n, lo, hi, mode):

@@ -76,7 +76,7 @@ def filter(array, kernel, *, mode="reflect", cval=0.0, origin=0, convolve=False,
     da = _require_dask()
     import numpy as np
 
-    from ._validate import filter_origins, filter_pads, scipy_mode, triple
+    from ._validate import filter_origins, filter_pads, real_number, scipy_mode, triple
     from ._validate import workers as resolve_workers
     from .kernels import Kernel
     from .ops.dense import correlate
@@ -108,7 +108,7 @@ def filter(array, kernel, *, mode="reflect", cval=0.0, origin=0, convolve=False,
                              dtype=dtype, meta=np.empty((0, 0, 0), dtype),
                              token=f"volconv-{'convolve' if convolve else 'correlate'}",
                              kernel=kernel, op="convolve" if convolve else "correlate", mode=mode,
-                             cval=float(cval), origin=origins, algorithm=algorithm, workers=workers)
+                             cval=real_number(cval, "cval"), origin=origins, algorithm=algorithm, workers=workers)
     return out.rechunk(array.chunks) if out.chunks != array.chunks else out
 
 

@@ -45,6 +45,11 @@ _SHAPES = "a conv weight (Cout, Cin, kd, kh, kw) or a 3-D kernel (kd, kh, kw)"
 # ------------------------------------------------------------------------------------------------ kernel objects
 
 
+class ToleranceNotMet(ValueError):
+    """No decomposition within the rank limits reaches the requested relative error (vc.nn.convert keeps such a
+    layer as it was unless strict=True)."""
+
+
 class CPKernel(Kernel):
     """A CP (PARAFAC) kernel: sum over r of weights[r] * outer(factors[0][:, r], ..., factors[-1][:, r]).
 
@@ -191,7 +196,7 @@ def cp(weight, rank, *, max_rank=64, n_iter_max=200, init="svd", random_state=0,
     rank: a positive int, or a float in (0, 1): a target relative error. Then the smallest rank up to max_rank
     whose decomposition meets it is returned: ranks 1, 2, 3, 4, 6, 8, 12, 16, 24, ... are tried from the first
     one the singular values allow, and the gap below the first passing one is bisected (ALS stops as soon as
-    the target is met). ValueError when no rank up to max_rank meets it.
+    the target is met). ToleranceNotMet (a ValueError) when no rank up to max_rank meets it.
     n_iter_max, init ("svd" or "random"), random_state, tol: tensorly's CP-ALS (tol: the change of its relative
     error at which ALS stops). Refused before any work when rank * size * 8 bytes exceeds MAX_CP_BYTES.
     Returns a CPKernel with its measured relative_error."""
@@ -381,9 +386,9 @@ def _smallest_cp(w, target, largest, max_rank, als, give_up):
     bound = _cp_error_bounds(w, largest)
     capped = f" (ranks above {largest} exceed the {MAX_CP_BYTES / 2**30:g} GiB cap)" if largest < max_rank else ""
     if bound[largest] > target:
-        raise ValueError(f"no CP rank up to {largest} can reach relative error {target:g}: the singular values of "
-                         f"the weight's matricizations bound rank {largest}'s error below by "
-                         f"{bound[largest]:.3g}{capped}")
+        raise ToleranceNotMet(f"no CP rank up to {largest} can reach relative error {target:g}: the singular "
+                              f"values of the weight's matricizations bound rank {largest}'s error below by "
+                              f"{bound[largest]:.3g}{capped}")
     first = 1 + int(np.argmax(bound[1:] <= target))   # the bound decreases with the rank: ranks below fail
     tried = {}
 
@@ -399,8 +404,8 @@ def _smallest_cp(w, target, largest, max_rank, als, give_up):
         failing = r
     if passing is None:
         best = min(tried.values(), key=lambda k: k.relative_error)
-        raise ValueError(f"no CP rank up to {largest} reached relative error {target:g}: the best was "
-                         f"{best.relative_error:.3g} at rank {best.rank}{capped}")
+        raise ToleranceNotMet(f"no CP rank up to {largest} reached relative error {target:g}: the best was "
+                              f"{best.relative_error:.3g} at rank {best.rank}{capped}")
     while passing - failing > 1:
         mid = (failing + passing) // 2
         if passes(mid):
@@ -606,4 +611,5 @@ def _tucker_ranks(shape, ranks):
     return modes, tuple(int(r) for r in ranks)
 
 
-__all__ = ["CPKernel", "TuckerKernel", "Candidate", "cp", "tucker", "separable", "suggest", "MAX_CP_BYTES"]
+__all__ = ["CPKernel", "TuckerKernel", "Candidate", "cp", "tucker", "separable", "suggest", "MAX_CP_BYTES",
+           "ToleranceNotMet"]

@@ -123,7 +123,7 @@ def load(path, *, dtype=np.float32, mmap=True):
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, bytes or os.PathLike
     dtype : numpy dtype or None
         Type of ``Volume.data`` (default float32; scl_slope/scl_inter are applied in it). An integer dtype is
         accepted only when every stored value is a whole number in its range (no silent rounding). None gives
@@ -147,7 +147,7 @@ def load(path, *, dtype=np.float32, mmap=True):
         pixdim disagrees with the affine's voxel sizes, or xyzt_units give a spatial unit other than mm
         (meters, microns) or none at all.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)   # str, bytes (as os.listdir(bytes) gives) or os.PathLike, as nibabel takes
     if dtype is not None:
         dtype = np.dtype(dtype)
         if dtype.kind not in "fiu":

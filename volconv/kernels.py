@@ -116,11 +116,50 @@ def _voxels(size, zooms, name):
 
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+# NIfTI stores voxel sizes as float32: 2.0 can come back as 2.0000000530 (a relative 3e-8). A size within this
+# relative tolerance of a voxel boundary counts as on it, so float noise never drops a row of voxels.
+ZOOM_TOLERANCE = 1e-6
+# The longest kernel axis built (voxels): far beyond any scan's axis, and refused before anything is allocated
+# (gaussian(1e7) would otherwise build an 80-million-tap kernel and fail seconds later in an iterator).
+MAX_KERNEL_SIZE = 2**16 - 1
+MAX_DENSE_TAPS = 2**26   # taps of a kernel built as a 3-D array (ball): 512 MiB in float64
+
+
+def check_truncate(truncate):
+    """truncate (sigmas kept either side of the centre) -> float, finite and positive."""
+    try:
+        value = float(truncate)
+    except (TypeError, ValueError):
+        raise TypeError(f"truncate must be a number of sigmas, got {truncate!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"truncate must be a finite number of sigmas > 0, got {truncate!r}")
+    return value
+
+
+def gaussian_radius(sigma, truncate, name="sigma"):
+    """scipy.ndimage's Gaussian radius int(truncate * sigma + 0.5), refused (naming `name` and the size) when
+    the kernel would be absurdly long."""
+    truncate = check_truncate(truncate)
+    radius = truncate * sigma + 0.5
+    if 2 * int(min(radius, 2.0 * MAX_KERNEL_SIZE)) + 1 > MAX_KERNEL_SIZE:
+        raise ValueError(f"{name} {sigma:g} voxels with truncate {truncate:g} makes a kernel of "
+                         f"{2 * radius:.3g} voxels per axis (at most {MAX_KERNEL_SIZE}); is {name} in the unit you "
+                         "meant (mm with zooms, voxels without)?")
+    return int(radius)
+
+
+def check_size(shape, name, value, *, dense=False):
+    """Refuse, before building it, a kernel whose axes would exceed MAX_KERNEL_SIZE voxels (or, built as a 3-D
+    array, MAX_DENSE_TAPS taps), naming the argument and the size."""
+    if max(shape) > MAX_KERNEL_SIZE or (dense and math.prod(shape) > MAX_DENSE_TAPS):
+        limit = f"{MAX_DENSE_TAPS} taps" if dense else f"{MAX_KERNEL_SIZE} per axis"
+        raise ValueError(f"{name}={value!r} makes a kernel of {tuple(int(n) for n in shape)} voxels (at most "
+                         f"{limit}); is {name} in the unit you meant (mm with zooms, voxels without)?")
 
 
 def _gaussian_1d(sigma, order, truncate):
     """scipy.ndimage's 1-D Gaussian (derivative) kernel for correlation: the same radius and numbers."""
-    radius = int(truncate * sigma + 0.5)
+    radius = gaussian_radius(sigma, truncate)
     if sigma == 0:
         return np.ones(1) if order == 0 else np.zeros(1)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
@@ -160,21 +199,33 @@ def log(sigma=None, zooms=None, truncate=4.0, *, fwhm=None):
 
 
 def box(size, zooms=None, *, normalize=True):
-    """A box of `size` (mm with zooms, else voxels) per axis: round(size / zoom) voxels, at least 1. Normalised
-    to sum 1 (a mean filter) unless normalize=False. Separable (rank 1)."""
-    n = [max(1, int(round(v))) for v in _voxels(size, zooms, "size")]
+    """A box of `size` per axis. In mm (zooms given), as fslmaths -kernel box: the voxels whose centres lie
+    within size / 2 of the centre voxel's, 2 * floor(size / zoom / 2) + 1 of them, so always an odd number
+    centred on the voxel (5 mm on 2 mm voxels: 3 voxels, 6 mm: 3, 6.1 mm... 7.9 mm: 3, 8 mm: 5; less than one
+    zoom: 1). In voxels (zooms None): round(size) voxels, at least 1, as scipy's uniform_filter (an even size
+    puts the extra voxel before the centre). Normalised to sum 1 (a mean filter) unless normalize=False.
+    Separable (rank 1)."""
+    voxels = _voxels(size, zooms, "size")
+    if zooms is None:
+        n = [max(1, int(round(v))) for v in voxels]
+    else:
+        n = [2 * int(math.floor(v / 2 * (1 + ZOOM_TOLERANCE))) + 1 for v in voxels]
+    check_size(n, "size", size)
     return SeparableKernel([np.full(k, 1.0 / k if normalize else 1.0) for k in n])
 
 
 def ball(radius, zooms=None, *, normalize=True):
     """The voxels whose centres lie within `radius` (mm with zooms, else voxels) of the centre (an ellipsoid in
-    voxels when the zooms differ), like fslmaths -kernel sphere. Normalised to sum 1 unless normalize=False."""
+    voxels when the zooms differ), like fslmaths -kernel sphere; a voxel within a relative 1e-6 of the radius
+    counts as inside (zooms read from NIfTI carry float32 noise). Normalised to sum 1 unless normalize=False."""
     rad = _voxels(radius, zooms, "radius")
     if min(rad) <= 0:
         raise ValueError(f"radius must be positive, got {radius!r}")
-    half = [int(math.floor(r)) for r in rad]
+    half = [int(math.floor(r * (1 + ZOOM_TOLERANCE))) for r in rad]
+    check_size([2 * h + 1 for h in half], "radius", radius, dense=True)
     grids = np.meshgrid(*[np.arange(-h, h + 1) / r for h, r in zip(half, rad)], indexing="ij")
-    inside = (sum(g ** 2 for g in grids) <= 1.0 + 1e-12).astype(np.float64)
+    # the distance in radii, squared: within the tolerance (relative, either side of 1) counts as on the sphere
+    inside = (sum(g ** 2 for g in grids) <= 1.0 + 2 * ZOOM_TOLERANCE).astype(np.float64)
     return DenseKernel(inside / inside.sum() if normalize else inside)
 
 

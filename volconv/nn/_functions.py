@@ -1,13 +1,81 @@
 """torch.autograd Functions over volconv's kernels. Forward and backward both run volconv code (ops/dense.py):
 the input gradient is a transposed convolution, the weight gradient a correlation of input and output
-gradient, so training uses the same kernels as inference."""
+gradient, so training uses the same kernels as inference.
+
+Double backward (create_graph=True: gradient penalties, Hessian-vector products) needs a gradient that is itself
+differentiable. volconv's backward kernels are not (they are numpy code), so with create_graph=True every
+Function here takes its gradients from its op written in torch's differentiable operations instead (`reference`
+below: the same numbers to rounding, at torch's speed); the ordinary backward keeps volconv's kernels."""
+import functools
+
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from .._dispatch import Caller, compiling
-from .._validate import workers as resolve_workers
+from .._validate import pad_index, workers as resolve_workers
 from ..ops import dense
+
+
+# ------------------------------------------------------------------------------------------- double backward
+
+
+def padded(x, spec):
+    """x padded (negative pads: cropped) by spec.pads in spec's boundary mode, by differentiable indexing."""
+    for axis, (n, (lo, hi)) in enumerate(zip(x.shape[2:], spec.pads), start=2):
+        idx = torch.from_numpy(pad_index(n, lo, hi, spec.mode))
+        x = x.index_select(axis, idx.clamp(min=0))
+        if spec.mode == "constant":
+            outside = (idx < 0).reshape([-1 if a == axis else 1 for a in range(x.dim())])
+            x = x.masked_fill(outside, spec.cval)
+    return x
+
+
+def reference_conv(x, w, b, spec):
+    """The convolution of a ConvSpec by torch's conv3d (differentiable to any order)."""
+    return torch.nn.functional.conv3d(padded(x, spec), w, b, stride=spec.stride, dilation=spec.dilation,
+                                      groups=spec.groups)
+
+
+def reference_grads(needs, grad, forward, args):
+    """The gradients (None where not needed) of forward(*args) against grad, as differentiable tensors."""
+    wanted = [i for i, (a, need) in enumerate(zip(args, needs)) if need and a is not None]
+    with torch.enable_grad():
+        out = forward(*args)
+    grads = torch.autograd.grad(out, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    result = [None] * len(needs)
+    for i, g in zip(wanted, grads):
+        result[i] = torch.zeros_like(args[i]) if g is None else g
+    return tuple(result)
+
+
+def twice_differentiable(reference):
+    """Decorator of an autograd Function's backward (volconv's kernels, differentiable once): with
+    create_graph=True the gradients of `reference(ctx)` = (forward in torch operations, its arguments as the
+    Function's forward took them, None for non-tensors) instead, which can be differentiated again."""
+    def decorate(backward):
+        once = once_differentiable(backward)
+
+        @functools.wraps(backward)
+        def run(ctx, grad):
+            if not torch.is_grad_enabled():   # the ordinary backward (create_graph=False)
+                return once(ctx, grad)
+            forward, args = reference(ctx)
+            return reference_grads(ctx.needs_input_grad, grad, forward, args)
+        return run
+    return decorate
+
+
+def no_double_backward(op, instead):
+    """A reference for an op that cannot give a differentiable gradient: refuses create_graph=True clearly."""
+    def reference(ctx):
+        raise RuntimeError(f"volconv's {op} does not support double backward (create_graph=True); {instead}")
+    return reference
+
+
+def _conv_reference(ctx):
+    x, w, b = ctx.saved_tensors
+    return lambda x, w, b, *_: reference_conv(x, w, b, ctx.spec), (x, w, b, None, None, None)
 
 
 class Conv3dFunction(torch.autograd.Function):
@@ -15,15 +83,15 @@ class Conv3dFunction(torch.autograd.Function):
     def forward(ctx, x, w, b, spec, algorithm, nthreads):
         ctx.spec, ctx.algorithm, ctx.nthreads = spec, algorithm, nthreads
         ctx.has_bias = b is not None
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, w, b)
         out = dense.run(x.numpy(), w.numpy(), None if b is None else b.numpy(), spec, algorithm, nthreads,
                         allow_torch=False)
         return torch.from_numpy(out)
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_conv_reference)
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
+        x, w, _ = ctx.saved_tensors
         gx, gw, gb = conv_backward(ctx, grad, x.numpy(), w.numpy(), ctx.algorithm)
         return gx, None if gw is None else torch.from_numpy(gw), gb, None, None, None
 
@@ -87,6 +155,15 @@ def conv3d_autograd(input, weight, bias, stride, padding, dilation, groups, padd
     return out.to(input.dtype)
 
 
+def _sparse_reference(ctx):
+    x, values, b = ctx.saved_tensors
+    idx = tuple(torch.as_tensor(np.asarray(ctx.indices)).T)
+
+    def forward(x, values, b, *_):
+        return reference_conv(x, values.new_zeros(ctx.shape).index_put(idx, values), b, ctx.spec)
+    return forward, (x, values, b, None, None, None, None)
+
+
 class SparseConv3dFunction(torch.autograd.Function):
     """Forward by the sparse kernel; backward through the dense weight the values fill (volconv's transposed
     convolution for the input, its weight-gradient kernel gathered at the pattern for the values): exact, but
@@ -98,14 +175,14 @@ class SparseConv3dFunction(torch.autograd.Function):
 
         ctx.indices, ctx.shape, ctx.spec, ctx.nthreads = indices, shape, spec, nthreads
         ctx.has_bias = b is not None
-        ctx.save_for_backward(x, values)
+        ctx.save_for_backward(x, values, b)
         out = run_sparse(x.numpy(), indices, values.numpy(), None if b is None else b.numpy(), spec, nthreads)
         return torch.from_numpy(out)
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_sparse_reference)
     def backward(ctx, grad):
-        x, values = ctx.saved_tensors
+        x, values, _ = ctx.saved_tensors
         gx, gw, gb = conv_backward(ctx, grad, x.numpy(), sparse_dense_weight(values.numpy(), ctx.indices, ctx.shape),
                                    "auto")
         gv = None if gw is None else torch.from_numpy(np.ascontiguousarray(gw[tuple(ctx.indices.T)]))
@@ -147,6 +224,12 @@ def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilati
     return out.to(input.dtype)
 
 
+def _separable_reference(ctx):
+    def forward(z, fd, fh, fw, *_):   # the depthwise weight of the rank-1 components
+        return reference_conv(z, torch.einsum("ra,rb,re->rabe", fd, fh, fw)[:, None], None, ctx.spec)
+    return forward, tuple(ctx.saved_tensors) + (None, None)
+
+
 class SeparableFunction(torch.autograd.Function):
     """Depthwise convolution with rank-1 kernels (component r: the outer product of fd[r], fh[r], fw[r]), by
     the fused separable kernel forward and backward: the input gradient is a separable pass with the reversed
@@ -162,7 +245,7 @@ class SeparableFunction(torch.autograd.Function):
         return torch.from_numpy(separable_conv3d(z.numpy(), fd.numpy(), fh.numpy(), fw.numpy(), spec, nthreads))
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_separable_reference)
     def backward(ctx, grad):
         z, *factors = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -190,6 +273,13 @@ def separable_grads(z, g, fd, fh, fw, spec, nthreads, need_input, need_factors):
     return gz, gd, gh, gw
 
 
+def _project_reference(ctx):
+    def forward(x, w, b):
+        out = torch.einsum("oc,nc...->no...", w, x)
+        return out if b is None else out + b.reshape((1, -1) + (1,) * (x.dim() - 2))
+    return forward, tuple(ctx.saved_tensors)
+
+
 class ProjectFunction(torch.autograd.Function):
     """Channel projection out[n, o] = sum_c w[o, c] x[n, c] (+ b[o]): a 1x1x1 convolution as one matrix
     product per batch item, written into numpy-allocated tensors (torch's own allocations of volumes >= 32 MB
@@ -197,14 +287,14 @@ class ProjectFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, w, b)
         ctx.has_bias = b is not None
         return _project(w, x, b)
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_project_reference)
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
+        x, w, _ = ctx.saved_tensors
         g = grad.contiguous()
         gx = _project(w.T, g) if ctx.needs_input_grad[0] else None
         gw = gb = None
@@ -273,6 +363,22 @@ def factored_autograd(input, bias, stride, padding, dilation, padding_mode, work
     return ProjectFunction.apply(u, as_t(out_f), b).to(input.dtype)
 
 
+TORCH_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
+
+
+def _nested_reference(ctx):
+    act, specs = ctx.config[:2]
+    L = len(specs)
+
+    def forward(_, x, *params):
+        for i, (w, b, spec) in enumerate(zip(params[:L], params[L:], specs)):
+            x = reference_conv(x, w, b, spec)
+            if act is not None and i + 1 < L:
+                x = TORCH_ACTIVATIONS[act](x)
+        return x
+    return forward, (None,) + tuple(ctx.saved_tensors)
+
+
 class NestedFunction(torch.autograd.Function):
     """vc.nested_conv3d with autograd: forward by the chosen algorithm (nothing stored but the input and the
     parameters), backward by ops/nested.backward (the intermediates recomputed slab by slab)."""
@@ -290,7 +396,7 @@ class NestedFunction(torch.autograd.Function):
         return torch.from_numpy(nested.run(x.numpy(), ws, bs, act, specs, algorithm, nthreads))
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_nested_reference)
     def backward(ctx, grad):
         from ..ops import nested
 
@@ -336,6 +442,23 @@ def nested_autograd(input, weights, biases, activation, groups, algorithm, worke
     return out.to(input.dtype)
 
 
+def dynamic_reference(x, K, layout):
+    """vc.dynamic_conv3d in torch operations: the patches of every tap (N, C, T, Do, Ho, Wo), weighted by the
+    kernel field and summed (memory: T inputs; for double backward only)."""
+    spec = layout.spec
+    xp = padded(x, spec)
+    Do, Ho, Wo = layout.out_shape[2:]
+    (sd, sh, sw), (dd, dh, dw) = spec.stride, spec.dilation
+    patches = torch.stack([xp[:, :, a * dd:a * dd + (Do - 1) * sd + 1:sd, b * dh:b * dh + (Ho - 1) * sh + 1:sh,
+                              e * dw:e * dw + (Wo - 1) * sw + 1:sw]
+                           for a in range(layout.kernel_size[0]) for b in range(layout.kernel_size[1])
+                           for e in range(layout.kernel_size[2])], dim=2)
+    if layout.full:   # K (N, O, C, T, ...)
+        return torch.einsum("noct...,nct...->no...", K, patches)
+    groups = K.shape[1]   # K (N, G, T, ...): channel c uses its group's kernel
+    return (K.repeat_interleave(x.shape[1] // groups, dim=1) * patches).sum(dim=2)
+
+
 class DynamicConv3dFunction(torch.autograd.Function):
     """vc.dynamic_conv3d with autograd: both gradients by volconv's per-voxel kernels."""
 
@@ -348,7 +471,8 @@ class DynamicConv3dFunction(torch.autograd.Function):
         return torch.from_numpy(dynamic.forward(x.numpy(), K.numpy(), layout, nthreads))
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(lambda ctx: (lambda x, K, *_: dynamic_reference(x, K, ctx.layout),
+                                       tuple(ctx.saved_tensors) + (None, None)))
     def backward(ctx, grad):
         from ..ops import dynamic
 

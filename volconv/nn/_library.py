@@ -4,7 +4,8 @@ so a model using volconv layers compiles and exports without graph breaks.
 
 Eager calls keep volconv's autograd Functions (nn/_functions.py); while torch.compile or torch.export traces
 (`compiling()`), the functional ops route here. Both run the same numpy-level kernels; these ops run on CPU
-tensors of float32 / float64.
+tensors of float32 / float64. With create_graph=True (double backward) each registered backward takes its
+gradients from the op written in torch operations, as the Functions do (nn/_functions.py's reference_grads).
 """
 from typing import List, Optional, Tuple
 
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from .._validate import ConvSpec
 from ..ops import dense
+from ._functions import dynamic_reference, reference_conv, reference_grads
 
 NS = "volconv"
 
@@ -92,13 +94,17 @@ def _(grad, x, w, stride, pads, dilation, groups, mode, cval, need_input, need_w
 
 def _conv3d_setup(ctx, inputs, output):
     x, w, b, *ctx.args = inputs
-    ctx.save_for_backward(x, w)
+    ctx.save_for_backward(x, w, b)
     ctx.has_bias = b is not None
 
 
 def _conv3d_grad(ctx, grad):
-    x, w = ctx.saved_tensors
+    x, w, b = ctx.saved_tensors
     stride, pads, dilation, groups, mode, cval, _, nthreads = ctx.args
+    if torch.is_grad_enabled():   # create_graph=True
+        spec = _spec(x.shape, w.shape, stride, pads, dilation, groups, mode, cval)
+        return reference_grads(ctx.needs_input_grad, grad, lambda x, w, b, *_: reference_conv(x, w, b, spec),
+                               (x, w, b) + (None,) * 8)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     gx, gw = conv3d_backward(grad, x, w, stride, pads, dilation, groups, mode, cval, need_x, need_w, nthreads)
     gb = grad.sum(dim=(0, 2, 3, 4)) if ctx.has_bias and need_b else None
@@ -151,13 +157,19 @@ def _(grad, x, values, indices, shape, stride, pads, dilation, groups, mode, nee
 
 def _sparse_setup(ctx, inputs, output):
     x, values, b, indices, *ctx.args = inputs
-    ctx.save_for_backward(x, values, indices)
+    ctx.save_for_backward(x, values, indices, b)
     ctx.has_bias = b is not None
 
 
 def _sparse_grad(ctx, grad):
-    x, values, indices = ctx.saved_tensors
+    x, values, indices, b = ctx.saved_tensors
     shape, stride, pads, dilation, groups, mode, nthreads = ctx.args
+    if torch.is_grad_enabled():   # create_graph=True
+        spec = _spec(x.shape, shape, stride, pads, dilation, groups, mode)
+
+        def forward(x, values, b, *_):
+            return reference_conv(x, values.new_zeros(tuple(shape)).index_put(tuple(indices.T), values), b, spec)
+        return reference_grads(ctx.needs_input_grad, grad, forward, (x, values, b) + (None,) * 8)
     need_x, need_v, need_b = ctx.needs_input_grad[:3]
     gx, gv = sparse_conv3d_backward(grad, x, values, indices, shape, stride, pads, dilation, groups, mode, need_x,
                                     need_v, nthreads)
@@ -215,6 +227,13 @@ def _separable_setup(ctx, inputs, output):
 def _separable_grad(ctx, grad):
     z, fd, fh, fw = ctx.saved_tensors
     stride, pads, dilation, mode, nthreads = ctx.args
+    if torch.is_grad_enabled():   # create_graph=True
+        C = z.shape[1]
+        spec = _spec(z.shape, (C, 1, fd.shape[1], fh.shape[1], fw.shape[1]), stride, pads, dilation, C, mode)
+
+        def forward(z, fd, fh, fw, *_):
+            return reference_conv(z, torch.einsum("ra,rb,re->rabe", fd, fh, fw)[:, None], None, spec)
+        return reference_grads(ctx.needs_input_grad, grad, forward, (z, fd, fh, fw) + (None,) * 5)
     need = ctx.needs_input_grad[:4]
     grads = separable_conv3d_backward(grad, z, fd, fh, fw, stride, pads, dilation, mode, need[0], any(need[1:]),
                                       nthreads)
@@ -290,6 +309,9 @@ def _nested_setup(ctx, inputs, output):
 def _nested_grad(ctx, grad):
     x, *saved = ctx.saved_tensors
     weights, biases = list(saved[:ctx.stages]), list(saved[ctx.stages:])
+    if torch.is_grad_enabled():   # create_graph=True: nested_reference takes the weights and biases as lists
+        raise RuntimeError("volconv's nested_conv3d does not support double backward (create_graph=True) while "
+                           "torch.compile or torch.export trace it; run the model eagerly for that")
     gx, gws, gbs = nested_conv3d_backward(grad, x, weights, biases, ctx.activation, ctx.groups,
                                           ctx.needs_input_grad[0], ctx.nthreads)
     gbs = [g if has else b.new_empty(0) for g, b, has in zip(gbs, biases, ctx.has_bias)]
@@ -350,6 +372,10 @@ def _dynamic_setup(ctx, inputs, output):
 def _dynamic_grad(ctx, grad):
     x, kernels = ctx.saved_tensors
     kernel_size, stride, padding, dilation, nthreads = ctx.args
+    if torch.is_grad_enabled():   # create_graph=True
+        layout = _layout(x.shape, kernels.shape, kernel_size, stride, padding, dilation)
+        return reference_grads(ctx.needs_input_grad, grad, lambda x, K, *_: dynamic_reference(x, K, layout),
+                               (x, kernels) + (None,) * 5)
     need = ctx.needs_input_grad[:2]
     gx, gK = dynamic_conv3d_backward(grad, x, kernels, kernel_size, stride, padding, dilation, need[0], need[1],
                                      nthreads)

@@ -4,6 +4,7 @@ import numbers
 
 import torch
 
+from .._dispatch import torch_batching
 from .._validate import triple
 from .conv import Conv3d
 
@@ -37,6 +38,7 @@ class ChannelAttention3d(torch.nn.Module):
         self.fc1 = torch.nn.Linear(self.channels, self.hidden, **factory)
         self.fc2 = torch.nn.Linear(self.hidden, self.channels, **factory)
 
+    @torch_batching()
     def forward(self, input):
         _check_input(input, self.channels, type(self).__name__)
         gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(input.mean(dim=(2, 3, 4))))))
@@ -81,6 +83,7 @@ class Res2Block3d(torch.nn.Module):
         self.attention = ChannelAttention3d(self.channels, reduction, device=device, dtype=dtype) \
             if attention else None
 
+    @torch_batching()
     def forward(self, input):
         _check_input(input, self.channels, type(self).__name__)
         groups = torch.split(torch.relu(self.conv_in(input)), self.width, dim=1)

@@ -22,7 +22,7 @@ MIN_GAIN = 1.3
 @dataclass
 class LayerReport:
     name: str
-    representation: str          # "dense", "cp", "tucker" or "sparse"
+    representation: str          # "dense", "cp", "tucker", "sparse" or "kept" (the original layer, note says why)
     params: dict                 # rank / ranks / density
     relative_error: float        # ||W - W'|| / ||W||
     parameters_before: int
@@ -57,7 +57,7 @@ class ConversionReport:
 
 
 def convert(model, to="auto", *, rank=None, tolerance=None, density=None, inplace=False, example=None,
-            workers=None):
+            workers=None, strict=False):
     """Replace every torch.nn.Conv3d in `model` (stride, padding, dilation, groups, bias and padding_mode kept)
     by a volconv layer; returns (model, ConversionReport).
 
@@ -66,6 +66,9 @@ def convert(model, to="auto", *, rank=None, tolerance=None, density=None, inplac
     or `tolerance`: the fewest largest entries within it), "auto" (per layer the cheapest representation within
     `tolerance` that vc.decompose.suggest finds, kept dense unless it runs clearly faster). Layers a
     representation cannot take (grouped convolutions for CP / Tucker, 1x1x1 kernels) become vc.nn.Conv3d.
+    A layer that no CP rank (up to 64) or Tucker ranks bring within `tolerance` is kept as it was (the original
+    torch.nn.Conv3d; its report row says "kept" and why) so that one hard layer does not stop the model's
+    conversion; strict=True raises vc.decompose.ToleranceNotMet (a ValueError) instead.
     example: an input for the model; then each layer's input shape is recorded and its speed-up measured.
     inplace=False converts a deep copy. The result saves and loads with state_dict and pickle."""
     if to not in TARGETS:
@@ -84,7 +87,7 @@ def convert(model, to="auto", *, rank=None, tolerance=None, density=None, inplac
     shapes = _input_shapes(model, example) if example is not None else {}
     report = ConversionReport()
     for name, parent, attr, conv in _conv3d_modules(model):
-        new, row = _convert_one(name, conv, to, rank, tolerance, density, workers)
+        new, row = _convert_one(name, conv, to, rank, tolerance, density, workers, strict)
         if name in shapes:
             row.measured_speedup = _speedup(conv, new, shapes[name])
         setattr(parent, attr, new)
@@ -102,8 +105,8 @@ def _conv3d_modules(model):
     return found
 
 
-def _convert_one(name, conv, to, rank, tolerance, density, workers):
-    from ..decompose import suggest, tucker
+def _convert_one(name, conv, to, rank, tolerance, density, workers, strict):
+    from ..decompose import ToleranceNotMet, suggest, tucker
 
     w = conv.weight.detach()
     before = w.numel() + (conv.bias.numel() if conv.bias is not None else 0)
@@ -115,6 +118,12 @@ def _convert_one(name, conv, to, rank, tolerance, density, workers):
     def dense(note):
         new = Conv3d.from_conv(conv, workers=workers)
         return new, row("dense", {}, 0.0, new, 1.0, note)
+
+    def kept(reason):
+        """The layer as it was, unless strict (then the reason is raised)."""
+        if strict:
+            raise ToleranceNotMet(f"layer {name!r}: {reason}")
+        return conv, row("kept", {}, 0.0, conv, 1.0, f"kept as it was: {reason}")
 
     def sparse(dens):
         new = SparseConv3d.from_conv(conv, density=dens, workers=workers)
@@ -132,7 +141,10 @@ def _convert_one(name, conv, to, rank, tolerance, density, workers):
                 return sparse(best.params["density"])
         return dense("groups > 1" if conv.groups != 1 else "1x1x1")
     if to == "cp":
-        new = CPConv3d.from_conv(conv, rank if rank is not None else tolerance, workers=workers)
+        try:
+            new = CPConv3d.from_conv(conv, rank if rank is not None else tolerance, workers=workers)
+        except ToleranceNotMet as e:
+            return kept(str(e))
         return new, row("cp", {"rank": new.rank}, new.relative_error, new, _factored_speedup(conv, new))
     if to == "tucker":
         if rank is not None:
@@ -142,7 +154,7 @@ def _convert_one(name, conv, to, rank, tolerance, density, workers):
         else:
             found = [c for c in suggest(w.cpu(), tolerance) if c.kind == "tucker"]
             if not found:
-                return dense(f"no Tucker ranks within {tolerance}")
+                return kept(f"no Tucker ranks reach relative error {tolerance:g}")
             new = TuckerConv3d.from_kernel(conv, found[0].kernel, workers=workers)
         return new, row("tucker", {"ranks": new.ranks}, new.relative_error, new, _factored_speedup(conv, new))
     best = _best(suggest(w.cpu(), tolerance))   # "auto"

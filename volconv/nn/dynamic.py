@@ -3,12 +3,12 @@ small network), applied by vc.dynamic_conv3d; with `tile=`, kernel field and app
 (D slabs with the halos both need), backward recomputing each tile's field, so the whole kernel field never
 exists at once."""
 import torch
-from torch.autograd.function import once_differentiable
 
-from .._dispatch import compiling
+from .._dispatch import compiling, torch_batching
 from .._validate import triple, workers as resolve_workers
 from ..ops.dense import conv3d
 from ..ops.dynamic import dynamic_conv3d
+from ._functions import no_double_backward, twice_differentiable
 from .conv import Conv3d
 
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}
@@ -73,6 +73,7 @@ class DynamicConv3d(torch.nn.Module):
                              f"input of spatial shape {tuple(spatial)}, got {tuple(kernels.shape)}")
         return kernels.reshape(lead + (self.taps,) + tuple(spatial))
 
+    @torch_batching()
     def forward(self, input):
         if input.dim() != 5 or input.shape[1] != self.in_channels:
             raise ValueError(f"input must be 5-D (N, {self.in_channels}, D, H, W), got shape {tuple(input.shape)}")
@@ -140,7 +141,8 @@ class _TiledDynamic(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(no_double_backward("DynamicConv3d with tile=", "use tile=None, whose backward supports "
+                                                                       "it"))
     def backward(ctx, grad):
         from ..ops import dynamic
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .._dispatch import wants_autograd
+from .._dispatch import torch_batching, wants_autograd
 from .._validate import triple
 from ..ops.decomposed import _factored
 from ._functions import factored_autograd
@@ -31,6 +31,7 @@ class _Factored(torch.nn.Module):
     def _factor(self, rows, cols, std):
         return torch.nn.Parameter(torch.randn(rows, cols, **self._factory) * std)
 
+    @torch_batching()
     def _run(self, input, in_f, out_f, spatial, core):
         args = (self.stride, self.padding, self.dilation, self.padding_mode, self.workers)
         if wants_autograd(input, self.bias, in_f, out_f, core, *(spatial or ())):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import torch
 
-from .._dispatch import compiling
+from .._dispatch import compiling, torch_batching
 from .._validate import triple
 from ..ops.sparse import SparseKernel
 from ._functions import sparse_autograd
@@ -74,6 +74,7 @@ class SparseConv3d(torch.nn.Module):
         w = torch.zeros(self.weight_shape, dtype=self.values.dtype, device=self.values.device)
         return w.index_put((*self.indices.T,), self.values, accumulate=True)
 
+    @torch_batching()
     def forward(self, input):
         indices = self.indices if compiling() else self.indices.cpu().numpy()   # traced: a tensor for the operator
         return sparse_autograd(input, indices, self.values, self.weight_shape, self.bias,

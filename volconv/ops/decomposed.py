@@ -8,7 +8,7 @@ volume is written. Boundary modes extend each axis on its own, so the passes are
 import numpy as np
 
 from .. import _cpu
-from .._dispatch import Caller, wants_autograd
+from .._dispatch import Caller, torch_batching, wants_autograd
 from .._validate import ConvSpec, workers as resolve_workers
 from . import dense
 
@@ -112,6 +112,7 @@ def _passes(x, factors, spec, algorithm, nthreads):
 # ------------------------------------------------------------------------------------- CP and Tucker weights
 
 
+@torch_batching()
 def cp_conv3d(input, cp, bias=None, stride=1, padding=0, dilation=1, *, padding_mode="zeros", workers=None):
     """3D convolution (torch.nn.functional.conv3d semantics) with a CP weight (vc.decompose.cp, vc.CPKernel):
     W[o, c, a, b, e] = sum_r weights[r] A[o, r] B[c, r] D[a, r] H[b, r] E[e, r], executed factor by factor and
@@ -128,6 +129,7 @@ def cp_conv3d(input, cp, bias=None, stride=1, padding=0, dilation=1, *, padding_
                      in_f, out_f, (fd, fh, fw), None, (out_f.shape[0], in_f.shape[0]) + cp.shape[-3:])
 
 
+@torch_batching()
 def tucker_conv3d(input, tk, bias=None, stride=1, padding=0, dilation=1, *, padding_mode="zeros", workers=None):
     """3D convolution with a Tucker weight (vc.decompose.tucker, vc.TuckerKernel): W = core x_0 U_out x_1 U_in
     x_2 U_d x_3 U_h x_4 U_w (a mode whose factor is None is kept in the core). Executed as: the input channels

@@ -20,8 +20,9 @@ import numpy as np
 
 from .. import _cpu, _cuda, _memory
 from . import decomposed, sparse
-from .._dispatch import Caller, compiling, is_tensor, wants_autograd
+from .._dispatch import Caller, compiling, is_tensor, torch_batching, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
+from .._validate import real_number
 from ..kernels import Kernel, SeparableKernel
 from .._validate import (INT_MAX, ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index,
                          scipy_mode, torch_padding_mode, triple, workers as resolve_workers)
@@ -491,18 +492,22 @@ def _backward_weight_fft(x, grad, spec, nthreads):
 # ---------------------------------------------------------------------------------------------- public API
 
 
+@torch_batching()
 def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
            algorithm="auto", workers=None):
     """3D convolution with the semantics of ``torch.nn.functional.conv3d`` (cross-correlation, NCDHW).
 
-    input: (N, C, D, H, W) numpy array or torch tensor; weight: (O, C // groups, kd, kh, kw); bias: (O,).
+    input: (N, C, D, H, W) numpy array or torch tensor, or unbatched (C, D, H, W) as in torch (so for every op
+    and layer: _dispatch.torch_batching; an empty batch N = 0 gives an empty result); weight:
+    (O, C // groups, kd, kh, kw); bias: (O,).
     padding: int, triple, "same" or "valid"; padding_mode: "zeros", "reflect", "replicate" or "circular" (as
     torch.nn.Conv3d: the input is padded in that mode, then convolved without padding).
     algorithm: "auto" (cost model), "direct", "fft", "sparse" (the weight's non-zeros only: ops/sparse.py;
     "auto" chooses it for a mostly-zero weight when it is the cheapest) or "torch" (torch's own kernel; "auto"
     may choose it for channel-mixing layers when torch is already imported). workers: threads (None: all OpenMP
     allows; -1: all cores). float32 and float64; torch float16/bfloat16 are computed in float32. Returns the
-    caller's type, dtype and device; differentiable on torch tensors (backward by volconv's own kernels). NaN and Inf
+    caller's type, dtype and device; differentiable on torch tensors (backward by volconv's own kernels; with
+    create_graph=True, by torch's differentiable conv3d, so gradient penalties work). NaN and Inf
     propagate as in torch (algorithm="fft" spreads them over the whole output). CUDA tensors run on the GPU by
     the CUDA plugin (volconv/_cuda.py; `algorithm` and `workers` do not apply there)."""
     if _cuda.is_cuda(input):
@@ -610,6 +615,8 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
         raise ValueError(f"kernel must not be empty, got shape {k.shape}")
     mode = scipy_mode(mode)
     origins = triple(origin, "origin")
+    if v.size == 0:   # nothing to filter: an empty result, as scipy.ndimage gives
+        return caller.result(np.empty(v.shape, caller.dtype))
     # NIfTI data arrive in Fortran order: filter the transposed volume with the transposed kernel (no copy)
     fortran = v.flags.f_contiguous and not v.flags.c_contiguous
     halo = ((0, 0),) * 3 if halo is None else tuple(tuple(h) for h in halo)
@@ -624,7 +631,7 @@ def _filter(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip,
         k = k[::-1, ::-1, ::-1]
     pads = tuple((lo - hlo, hi - hhi) for (lo, hi), (hlo, hhi) in zip(filter_pads(k.shape, origins), halo))
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
-                    groups=1, mode=mode, cval=float(cval))
+                    groups=1, mode=mode, cval=real_number(cval, "cval"))
     if wants_autograd(volume, kernel):
         from ..nn._functions import conv_autograd, tensor
 

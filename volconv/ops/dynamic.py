@@ -14,8 +14,9 @@ gather (each thread owns the rows it writes: deterministic, no atomics).
 import numpy as np
 
 from .. import _cpu
-from .._dispatch import Caller, compiling, is_tensor, wants_autograd
-from .._validate import triple, workers as resolve_workers
+from .._dispatch import Caller, compiling, is_tensor, torch_batching, wants_autograd
+from ..kernels import check_truncate, gaussian_radius
+from .._validate import real_number, triple, workers as resolve_workers
 from . import dense
 
 
@@ -113,6 +114,7 @@ def backward(x, K, grad, layout, needs, nthreads):
     return gx, gK
 
 
+@torch_batching("kernels")
 def dynamic_conv3d(input, kernels, kernel_size, stride=1, padding=0, dilation=1, *, workers=None):
     """Per-voxel kernels (see the module's doc): kernels (N, G, T, Do, Ho, Wo) (channel groups, involution
     style) or (N, Cout, Cin, T, Do, Ho, Wo) (a full kernel per voxel); numpy or torch, float32/float64,
@@ -159,12 +161,13 @@ def adaptive_filter(volume, sigma_map, zooms=None, truncate=3.0, *, mode="reflec
     z = np.ones(3) if zooms is None else np.asarray(zooms, np.float64).ravel()
     if z.shape != (3,) or not (z > 0).all():
         raise ValueError(f"zooms must be 3 positive voxel sizes (mm), got {zooms!r}")
-    if not truncate > 0:
-        raise ValueError(f"truncate must be positive, got {truncate!r}")
+    truncate = check_truncate(truncate)
     if mode not in NUMPY_PAD:
         raise ValueError(f"mode must be one of {', '.join(NUMPY_PAD)}, got {mode!r}")
-    radii = [int(truncate * sig.max() / za + 0.5) for za in z]
-    pad = dict(constant_values=cval) if mode == "constant" else {}
+    pad = dict(constant_values=real_number(cval, "cval")) if mode == "constant" else {}
+    if x.size == 0:   # nothing to filter: an empty result, as scipy.ndimage gives
+        return caller.result(x.copy())
+    radii = [gaussian_radius(sig.max() / za, truncate, "sigma_map's largest sigma") for za in z]
     xp = np.ascontiguousarray(np.pad(x, [(r, r) for r in radii], mode=NUMPY_PAD[mode], **pad))
     out = np.empty_like(x)
     nthreads = resolve_workers(workers)

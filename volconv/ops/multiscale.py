@@ -10,7 +10,7 @@ only, one read of each input tile) or densely; "branches" runs each branch on it
 """
 import numpy as np
 
-from .._dispatch import _torch, compiling
+from .._dispatch import _torch, compiling, torch_batching
 from .._validate import ConvSpec, triple, workers as resolve_workers
 from . import dense
 from .nested import same_pads
@@ -89,6 +89,7 @@ def _group_order(outs, groups):
                            for g in range(groups) for s, o in zip(starts, outs)])
 
 
+@torch_batching()
 def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat", biases=None, *,
                       algorithm="auto", workers=None):
     """Parallel branches on one input: weights[i] (O_i, C/groups, k_i...) with dilations[i], each with 'same'

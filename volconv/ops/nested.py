@@ -17,7 +17,7 @@ slab's worth of intermediates, whatever the volume.
 import numpy as np
 
 from .. import _cpu
-from .._dispatch import Caller, wants_autograd
+from .._dispatch import Caller, torch_batching, wants_autograd
 from .._validate import ConvSpec, workers as resolve_workers
 from . import dense
 
@@ -130,6 +130,7 @@ def _compose_two(w1, w2, groups):
 # ---------------------------------------------------------------------------------------------------- running
 
 
+@torch_batching()
 def nested_conv3d(input, weights, biases=None, activation=None, groups=1, *, algorithm="auto", workers=None):
     """A chain of 'same' convolutions, weights[0] first (usually the largest kernel), with `activation`
     ("relu", "gelu", "silu" or None) between stages and `groups` applying to every stage; the sequential

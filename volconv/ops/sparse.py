@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 
 from .. import _cpu
-from .._dispatch import Caller, is_tensor, wants_autograd
+from .._dispatch import Caller, is_tensor, torch_batching, wants_autograd
 from .._validate import workers as resolve_workers
 from ..kernels import Kernel
 from . import dense
@@ -158,6 +158,7 @@ def sparse_cost(spec, nnz, nthreads):
     return dense.streaming_cost(spec) + flops / (SPARSE_GFLOPS * 1e9 * nthreads)
 
 
+@torch_batching()
 def sparse_conv3d(input, kernel, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
                   workers=None):
     """3D convolution (torch.nn.functional.conv3d semantics) with a sparse weight: a vc.SparseKernel of shape
