@@ -549,7 +549,7 @@ def test_info_fields(tmp_path, capsys):
     for field in (str(SAMPLE), "NIfTI-1, gzip", "shape        33 x 41 x 25", "zooms        2 x 2 x 2 mm",
                   "int16, big-endian (on disk)", "orientation  LAS", "scaling      none",
                   "sform        code 2 (aligned)", "qform        code 2 (aligned)", "units        mm, sec",
-                  f"memory       {33 * 41 * 25 * 4 / 1024:.1f} KiB as float32"):
+                  f"memory       {33 * 41 * 25 * 4 / 1024:.3g} KiB as float32"):
         assert field in sample, field
     for field in ("shape        3 x 4 x 5", "zooms        1 x 2 x 2.5 mm", "int16", "orientation  LAS",
                   "scaling      slope 0.5, intercept 10", "sform        code 4 (mni)",

@@ -91,7 +91,7 @@ def size(nbytes):
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
         if nbytes >= scale:
             return f"{nbytes / scale:.3g} {unit}"
-    return f"{nbytes / 2**10:.3g} KiB"
+    return f"{nbytes / 2**10:.3g} KiB" if nbytes >= 2**10 else f"{nbytes} bytes"
 
 
 def require(nbytes, what, hint=""):

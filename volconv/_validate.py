@@ -119,6 +119,9 @@ def float_dtype(dtype, name, *, promote_ints):
         return np.promote_types(dtype, np.float32)
     if dtype.kind == "c":
         raise TypeError(f"{name} has complex dtype {dtype}; volconv supports real float32 and float64")
+    if dtype.kind in "biu":  # torch's CPU conv3d computes integers exactly; a silent cast would not
+        raise TypeError(f"{name} has integer dtype {dtype}; volconv computes in float32 or float64: cast it "
+                        "first (tensor.float(), array.astype(np.float32))")
     raise TypeError(f"{name} has dtype {dtype}; volconv supports float32 and float64"
                     + (" (and integer volumes, promoted)" if promote_ints else ""))
 

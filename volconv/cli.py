@@ -36,7 +36,8 @@ KERNEL_OPTIONS = {
     "gaussian": ("--gaussian", "SIGMA", "Gaussian of standard deviation SIGMA (scipy.ndimage.gaussian_filter)"),
     "fwhm": ("--fwhm", "FWHM", "Gaussian given by its full width at half maximum (FWHM = 2.3548 sigma)"),
     "sigma_vox": ("--sigma-vox", "SIGMA", "Gaussian with SIGMA in voxels (a bare number means voxels here)"),
-    "box": ("--box", "SIZE", "mean over a box of SIZE (round(SIZE / voxel size) voxels, at least 1)"),
+    "box": ("--box", "SIZE", "mean over a box of SIZE: in mm, the voxels whose centres lie within SIZE/2 of the centre "
+                           "(fslmaths -kernel box: odd, centred); in voxels, round(SIZE)"),
     "ball": ("--ball", "RADIUS", "mean over the voxels within RADIUS of the centre (fslmaths -kernel sphere)"),
     "kernel": ("--kernel", "FILE", "a kernel stored as .npy or NIfTI (its values, in voxels; correlated, "
                                    "not flipped)"),
@@ -810,6 +811,7 @@ def _file_info(path):
     import nibabel as nib
     import numpy as np
     from nibabel.affines import voxel_sizes
+    from ._memory import size
 
     img, gzipped = _read_header(path)
     header, proxy = img.header, img.dataobj
@@ -843,16 +845,9 @@ def _file_info(path):
         f"  sform        code {int(header['sform_code'])} ({codes[int(header['sform_code'])]})",
         f"  qform        code {int(header['qform_code'])} ({codes[int(header['qform_code'])]})",
         f"  units        {space}, {time_unit}",
-        f"  memory       {_fmt_bytes(voxels * 4)} as float32",
+        f"  memory       {size(voxels * 4)} as float32",
     ]
     return "\n".join(lines)
-
-
-def _fmt_bytes(n):
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def _info(args):
