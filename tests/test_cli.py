@@ -317,7 +317,7 @@ def test_preview(tmp_path, capsys):
 
 
 def test_preview_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
-    def broken(self, src, result):
+    def broken(self, src, dst):
         raise cli.CommandError(self.path, "simulated failure")
 
     monkeypatch.setattr(cli._Preview, "write", broken)

@@ -119,7 +119,9 @@ def test_sigterm_mid_write_exits_143_and_leaves_nothing(tmp_path, name):
     write(src, np.random.default_rng(0).random((160, 160, 120), dtype=np.float32))   # ~12 MB
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = command("filter", src, out_dir / name, "--gaussian", "3vox", "--workers", "1",
+    # --max-memory 1MiB: slabs of a few planes streamed into the temporary, so writing lasts long enough (a whole
+    # volume written at once can finish between two polls, and the run would end before the signal)
+    proc = command("filter", src, out_dir / name, "--gaussian", "3vox", "--workers", "1", "--max-memory", "1MiB",
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

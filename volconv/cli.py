@@ -29,6 +29,7 @@ NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 DEFAULT_EXTENSION = ".nii.gz"  # added to an OUT without one, as fslmaths does (FSLOUTPUTTYPE=NIFTI_GZ)
 # names of other volume formats: refused rather than extended (o.img -> o.img.nii.gz is surely not meant)
 OTHER_FORMATS = (".img", ".hdr", ".gz", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mnc", ".npy", ".npz")
+SLAB_BYTES = 2 * 2**20   # what a preview holds of a volume at a time
 MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
 OUTPUT_DTYPES = ("float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
 # Kernel options: exactly one per filter/batch call. dest -> (flag, metavar, what it is)
@@ -367,10 +368,10 @@ def _filter_file(args, choice, src, dst, reporter, on_progress=None):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = io.filter_nifti(src, dst, choice, mode=args.mode, cval=args.cval, mask=args.mask,
-                                     normalize=args.normalize, outside=args.outside, nan=args.nan, dtype=args.odt,
-                                     overwrite=args.force, workers=args.workers, progress=on_progress,
-                                     max_memory=args.max_memory, return_volume=_wants_volume(args))
+            io.filter_nifti(src, dst, choice, mode=args.mode, cval=args.cval, mask=args.mask,
+                            normalize=args.normalize, outside=args.outside, nan=args.nan, dtype=args.odt,
+                            overwrite=args.force, workers=args.workers, progress=on_progress,
+                            max_memory=args.max_memory, return_volume=False)   # never read back (memory)
     except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
         raise CommandError(*_failure(e, src, dst, args.mask)) from e
     except Exception as e:   # one bad file must not end a batch, nor show a traceback
@@ -380,12 +381,10 @@ def _filter_file(args, choice, src, dst, reporter, on_progress=None):
     _report_warnings(reporter, caught)
     elapsed = time.perf_counter() - start
     reporter.log(f"volconv: {src} -> {dst}: {_applied(choice, args, dst)}, {elapsed:.2f} s")
-    return result
 
 
 def _adaptive_file(args, src, dst, reporter, on_progress=None):
-    """`--sigma-map`: vc.io.adaptive_filter_nifti (slabbed like filter_nifti); the Volume, or None when no
-    preview asks for it."""
+    """`--sigma-map`: vc.io.adaptive_filter_nifti (slabbed like filter_nifti), never read back."""
     from . import io
 
     start = time.perf_counter()
@@ -393,22 +392,14 @@ def _adaptive_file(args, src, dst, reporter, on_progress=None):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = io.adaptive_filter_nifti(src, dst, args.sigma_map, truncate, mode=args.mode, cval=args.cval,
-                                              dtype=args.odt, overwrite=args.force, workers=args.workers,
-                                              progress=on_progress, max_memory=args.max_memory,
-                                              return_volume=_wants_volume(args))
+            io.adaptive_filter_nifti(src, dst, args.sigma_map, truncate, mode=args.mode, cval=args.cval,
+                                     dtype=args.odt, overwrite=args.force, workers=args.workers,
+                                     progress=on_progress, max_memory=args.max_memory, return_volume=False)
     except (MemoryError, OSError, ValueError) as e:   # NiftiError is a ValueError
         raise CommandError(*_failure(e, src, dst, args.sigma_map)) from e
     _report_warnings(reporter, caught)
     reporter.log(f"volconv: {src} -> {dst}: adaptive gaussian (sigma map {args.sigma_map}, truncate {truncate:g}), "
                  f"{time.perf_counter() - start:.2f} s")
-    return result
-
-
-def _wants_volume(args):
-    """Whether the filtered volume must come back in memory: only for a preview (a volume filtered in slabs
-    would otherwise be read back, against the memory promise)."""
-    return bool(getattr(args, "preview", None))
 
 
 def _filter(args):
@@ -427,12 +418,14 @@ def _filter(args):
     try:
         reporter.start_bar(total=1, unit="plane")
         progress = (lambda done, total: _set_total(reporter, done, total)) if reporter.bar else None
-        result = _adaptive_file(args, src, dst, reporter, progress) if choice is None else \
+        if choice is None:
+            _adaptive_file(args, src, dst, reporter, progress)
+        else:
             _filter_file(args, choice, src, dst, reporter, progress)
         reporter.close_bar()
         if preview is not None:
             try:
-                preview.write(src, result)
+                preview.write(src, dst)
             except BaseException:
                 _remove(dst)  # all or nothing: no NIfTI without the preview that was asked for
                 raise
@@ -484,32 +477,22 @@ class _Preview:
 
         os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it private; a PNG is as readable as the NIfTI
 
-    def write(self, src, result):
+    def write(self, src, dst):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from nibabel import aff2axcodes
 
-        from . import io
-
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # already reported when the input was filtered
-                before = io.load(src).data
-            after = result.data
-            if before.ndim == 4:  # the first volume of a series
-                before, after = before[..., 0], after[..., 0]
-            zooms = result.zooms
+            (before, _, _), (after, zooms, affine) = _mid_slices(src), _mid_slices(dst)
             planes = {"L": "sagittal", "R": "sagittal", "A": "coronal", "P": "coronal", "S": "axial",
                       "I": "axial"}
-            codes = aff2axcodes(result.affine)
+            codes = aff2axcodes(affine)
             fig = Figure(figsize=(10, 6.5), layout="constrained")
             FigureCanvasAgg(fig)
             axes = fig.subplots(2, 3)
-            for row, (label, data) in enumerate((("input", before), ("output", after))):
-                lo, hi = _display_range(data)
-                for axis in range(3):
-                    mid = data.shape[axis] // 2
-                    plane = data.take(mid, axis=axis)  # the other two axes, in order
+            for row, (label, slices) in enumerate((("input", before), ("output", after))):
+                lo, hi = _display_range(np.concatenate([plane.ravel() for _, plane in slices]))
+                for axis, (mid, plane) in enumerate(slices):   # plane: the other two axes, in order
                     a, b = [i for i in range(3) if i != axis]
                     ax = axes[row, axis]
                     ax.imshow(plane.T, origin="lower", cmap="gray", vmin=lo, vmax=hi,
@@ -529,9 +512,29 @@ class _Preview:
         _remove(self.tmp)
 
 
-def _display_range(data):
-    import numpy as np
+def _mid_slices(path):
+    """([(index, plane)] for the mid-slice of each spatial axis of the file's first volume, zooms, affine). The
+    file is read forward in slabs of planes along its last axis (one pass over a gzip stream: slicing a gzipped
+    file across that axis would read all of it), keeping only those planes (the memory promise)."""
+    from nibabel.affines import voxel_sizes
 
+    from . import io
+
+    with io._source(path) as (img, _), io._reading(path):
+        shape = img.shape[:3]
+        mid = [n // 2 for n in shape]
+        first = (0,) * (len(img.shape) - 3)   # the first volume of a series
+        planes = [np.empty((shape[1], shape[2]), np.float32), np.empty((shape[0], shape[2]), np.float32), None]
+        step = max(1, SLAB_BYTES // (4 * shape[0] * shape[1]))
+        for z in range(0, shape[2], step):
+            block = np.asarray(img.dataobj[(slice(None), slice(None), slice(z, z + step)) + first], np.float32)
+            planes[0][:, z:z + step], planes[1][:, z:z + step] = block[mid[0]], block[:, mid[1]]
+            if z <= mid[2] < z + step:
+                planes[2] = block[:, :, mid[2] - z].copy()
+    return list(zip(mid, planes)), voxel_sizes(img.affine), img.affine
+
+
+def _display_range(data):
     finite = data[np.isfinite(data)]
     if finite.size == 0:
         return 0.0, 1.0
