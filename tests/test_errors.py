@@ -206,3 +206,15 @@ def test_direct_refuses_rings_larger_than_the_memory_available(monkeypatch):
     with pytest.raises(MemoryError, match="algorithm='fft'"):
         vc.conv3d(x, w, padding=1, algorithm="direct")
     assert vc.conv3d(x, w, padding=1, algorithm="fft").shape == (1, 4, 6, 7, 8)
+
+
+def test_auto_avoids_rings_larger_than_the_memory_available(monkeypatch):
+    """"auto" leaves out the ring-based kernels (direct, sparse) when their rings would not fit and another
+    algorithm can do the convolution (with no other it refuses, as "direct" does above)."""
+    from volconv.ops import dense
+    monkeypatch.setattr(dense, "ring_bytes", lambda spec, itemsize: 2**60)
+    x = np.random.default_rng(3).random((1, 1, 12, 12, 12), dtype=np.float32)
+    w = np.zeros((1, 1, 5, 5, 5), np.float32)
+    w[0, 0, 2, 2, 2], w[0, 0, 0, 1, 4] = 1.0, 0.5   # mostly zeros: sparse would be the cheapest
+    ref = torch.nn.functional.conv3d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), padding=2).numpy()
+    np.testing.assert_allclose(vc.conv3d(x, w, padding=2), ref, atol=1e-5)   # fft or torch: float32 rounding

@@ -94,11 +94,18 @@ def size(nbytes):
     return f"{nbytes / 2**10:.3g} KiB" if nbytes >= 2**10 else f"{nbytes} bytes"
 
 
+def fits(nbytes):
+    """Whether nbytes (a call's estimate) is within what this process can still allocate (or too small to
+    check, or nothing can be read)."""
+    if nbytes <= CHECK_ABOVE:
+        return True
+    free = available()
+    return free is None or nbytes <= free
+
+
 def require(nbytes, what, hint=""):
     """Raise MemoryError when nbytes (a call's estimate, made before it allocates) is more than this process
     can still allocate. what: what needs it, with the arguments that make it that large; hint: what to do."""
-    if nbytes <= CHECK_ABOVE:
-        return
-    free = available()
-    if free is not None and nbytes > free:
-        raise MemoryError(f"{what} needs {size(nbytes)}, but only {size(free)} of memory is available{hint}")
+    if not fits(nbytes):
+        raise MemoryError(f"{what} needs {size(nbytes)}, but only {size(available())} of memory is "
+                          f"available{hint}")

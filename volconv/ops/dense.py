@@ -268,6 +268,9 @@ def choose_algorithm(x, spec, nthreads, *, w=None, allow_torch, backward=False, 
     if backward:  # torch: forward + backward ~ 3 forwards; fft: its weight gradient is another FFT convolution
         costs = {name: 3 * c if name in ("torch", "fft") else 2 * c + wgrad_cost(spec, nthreads)
                  for name, c in costs.items()}
+    if len(costs) > 1 and not _memory.fits(ring_bytes(spec, x.dtype.itemsize) * nthreads):
+        # the direct kernels' rings of padded planes (direct, sparse) would not fit: another algorithm if any
+        costs = {k: c for k, c in costs.items() if k not in ("direct", "sparse")} or costs
     name = min(costs, key=costs.get)
     if name in ("fft", "sparse") and not all_finite(x, w):
         costs = {k: c for k, c in costs.items() if k not in ("fft", "sparse")}
