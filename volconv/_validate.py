@@ -164,18 +164,19 @@ def pad_index(n, lo, hi, mode):
     raise ValueError(f"unknown boundary mode {mode!r}")
 
 
-def pad_array(x, pads, mode):
+def pad_array(x, pads, mode, cval=0.0):
     """x (..., D, H, W) padded along its last three axes by pads ((lo, hi),) * 3 under a scipy mode
-    ('constant' pads with zeros). Any padding size works (reflection repeats, as in scipy.ndimage)."""
+    ('constant' pads with cval; negative pads crop). Any padding size works (reflection repeats, as in
+    scipy.ndimage)."""
     if mode == "constant" and min(min(p) for p in pads) >= 0:
-        return np.pad(x, ((0, 0),) * (x.ndim - 3) + tuple(pads))
+        return np.pad(x, ((0, 0),) * (x.ndim - 3) + tuple(pads), constant_values=cval)
     for axis, (lo, hi) in zip(range(x.ndim - 3, x.ndim), pads):
         idx = pad_index(x.shape[axis], lo, hi, mode)
         x = np.take(x, np.maximum(idx, 0), axis=axis)
         if mode == "constant":
             shape = [1] * x.ndim
             shape[axis] = idx.size
-            x = x * (idx >= 0).reshape(shape)
+            x = np.where((idx >= 0).reshape(shape), x, x.dtype.type(cval))
     return x
 
 

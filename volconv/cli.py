@@ -514,24 +514,26 @@ class _Preview:
 
 def _mid_slices(path):
     """([(index, plane)] for the mid-slice of each spatial axis of the file's first volume, zooms, affine). The
-    file is read forward in slabs of planes along its last axis (one pass over a gzip stream: slicing a gzipped
-    file across that axis would read all of it), keeping only those planes (the memory promise)."""
-    from nibabel.affines import voxel_sizes
-
+    file is read forward in slabs of planes along its last axis by the filter's own reader (one pass over a
+    gzip stream: slicing a gzipped file across that axis would read all of it), keeping only those planes
+    (the memory promise)."""
     from . import io
 
-    with io._source(path) as (img, _), io._reading(path):
-        shape = img.shape[:3]
-        mid = [n // 2 for n in shape]
-        first = (0,) * (len(img.shape) - 3)   # the first volume of a series
-        planes = [np.empty((shape[1], shape[2]), np.float32), np.empty((shape[0], shape[2]), np.float32), None]
-        step = max(1, SLAB_BYTES // (4 * shape[0] * shape[1]))
-        for z in range(0, shape[2], step):
-            block = np.asarray(img.dataobj[(slice(None), slice(None), slice(z, z + step)) + first], np.float32)
-            planes[0][:, z:z + step], planes[1][:, z:z + step] = block[mid[0]], block[:, mid[1]]
-            if z <= mid[2] < z + step:
-                planes[2] = block[:, :, mid[2] - z].copy()
-    return list(zip(mid, planes)), voxel_sizes(img.affine), img.affine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # already reported when the input was filtered
+        with io._Planes(path) as source:
+            X, Y, Z = source.shape
+            mid = [n // 2 for n in source.shape]
+            read = source.reader(0)
+            planes = [np.empty((Y, Z), np.float32), np.empty((X, Z), np.float32), None]
+            step = max(1, SLAB_BYTES // (4 * X * Y))
+            for z in range(0, Z, step):
+                block = np.empty((X, Y, min(step, Z - z)), np.float32, order="F")
+                read(block, z)
+                planes[0][:, z:z + step], planes[1][:, z:z + step] = block[mid[0]], block[:, mid[1]]
+                if z <= mid[2] < z + step:
+                    planes[2] = block[:, :, mid[2] - z].copy()
+    return list(zip(mid, planes)), source.zooms, source.affine
 
 
 def _display_range(data):
@@ -582,7 +584,8 @@ def _batch(args):
             raise CommandError(os.path.join(out_dir, existing[0]), "output file exists; use --force to overwrite "
                                                                    "it, or --skip-existing to keep it")
         if args.skip_existing:   # resuming: every output there is whole (written atomically)
-            names = [name for name in names if name not in set(existing)]
+            existing_names = set(existing)
+            names = [name for name in names if name not in existing_names]
         for name in names:
             _check_distinct([("input file", os.path.join(in_dir, name)), ("--mask", args.mask),
                              ("--kernel", args.kernel)], [("output file", os.path.join(out_dir, name))])

@@ -740,8 +740,10 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
     """vc.adaptive_filter (a Gaussian whose sigma, in mm, varies voxel by voxel) of the NIfTI file `src` into
     `dst`, every 3-D volume of a 4-D file with the same map. sigma_map: a 3-D NIfTI file on src's grid (same
     shape and affine). Slabbed with a halo under max_memory like filter_nifti (same arguments, same return)."""
+    from .kernels import check_truncate, gaussian_radius
     from .ops.dynamic import adaptive_filter
 
+    truncate = check_truncate(truncate)
     job = _FileJob(src, dst, overwrite, max_memory)
     sigma_map = os.fspath(sigma_map)
     with _Planes(job.src) as source, _Planes(sigma_map) as sigma:
@@ -750,11 +752,10 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
                              f"grid {source.shape[:3]}")
         if not np.allclose(sigma.affine, source.affine, atol=1e-3):
             raise NiftiError(f"{sigma_map}: sigma map is not on the grid of {job.src} (their affines differ)")
-        if not truncate > 0 or not np.isfinite(truncate):
-            raise ValueError(f"truncate must be a positive finite number, got {truncate!r}")
         zooms = np.array(source.zooms)
         largest = _largest(sigma, sigma_map, job.budget)
-        radii = [int(truncate * largest / z + 0.5) for z in zooms]   # adaptive_filter's, for the whole map
+        # adaptive_filter's radii, for the whole map
+        radii = [gaussian_radius(largest / z, truncate, "sigma_map's largest sigma") for z in zooms]
         reach = (radii[2], radii[2])
         # adaptive_filter's arrays, in float32s per voxel: the input, its padded copy, the output, the map
         # (float32 here, float64 there), the fields of 1-D weights (one per distinct voxel size and radius:

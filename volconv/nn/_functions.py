@@ -155,13 +155,15 @@ def conv3d_autograd(input, weight, bias, stride, padding, dilation, groups, padd
     return out.to(input.dtype)
 
 
-def _sparse_reference(ctx):
-    x, values, b = ctx.saved_tensors
-    idx = tuple(torch.as_tensor(np.asarray(ctx.indices)).T)
+def sparse_reference(x, values, b, indices, shape, spec):
+    """vc.sparse_conv3d in torch operations (differentiable to any order): the dense weight its values fill."""
+    idx = tuple(torch.as_tensor(np.asarray(indices)).T)
+    return reference_conv(x, values.new_zeros(tuple(shape)).index_put(idx, values), b, spec)
 
-    def forward(x, values, b, *_):
-        return reference_conv(x, values.new_zeros(ctx.shape).index_put(idx, values), b, ctx.spec)
-    return forward, (x, values, b, None, None, None, None)
+
+def _sparse_reference(ctx):
+    return (lambda x, values, b, *_: sparse_reference(x, values, b, ctx.indices, ctx.shape, ctx.spec),
+            tuple(ctx.saved_tensors) + (None,) * 4)
 
 
 class SparseConv3dFunction(torch.autograd.Function):
@@ -183,17 +185,12 @@ class SparseConv3dFunction(torch.autograd.Function):
     @twice_differentiable(_sparse_reference)
     def backward(ctx, grad):
         x, values, _ = ctx.saved_tensors
-        gx, gw, gb = conv_backward(ctx, grad, x.numpy(), sparse_dense_weight(values.numpy(), ctx.indices, ctx.shape),
+        from ..ops.sparse import dense_weight
+
+        gx, gw, gb = conv_backward(ctx, grad, x.numpy(), dense_weight(ctx.indices, values.numpy(), ctx.shape),
                                    "auto")
         gv = None if gw is None else torch.from_numpy(np.ascontiguousarray(gw[tuple(ctx.indices.T)]))
         return gx, gv, gb, None, None, None, None
-
-
-def sparse_dense_weight(values, indices, shape):
-    """The dense weight a sparse kernel's values fill (its backward runs through it)."""
-    w = np.zeros(shape, values.dtype)
-    w[tuple(indices.T)] = values
-    return w
 
 
 def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilation, groups, padding_mode,
@@ -224,10 +221,15 @@ def sparse_autograd(input, indices, values, shape, bias, stride, padding, dilati
     return out.to(input.dtype)
 
 
+def separable_reference(z, fd, fh, fw, spec):
+    """The depthwise convolution with rank-1 components (fd[r], fh[r], fw[r]) in torch operations: the
+    components' depthwise weight, built."""
+    return reference_conv(z, torch.einsum("ra,rb,re->rabe", fd, fh, fw)[:, None], None, spec)
+
+
 def _separable_reference(ctx):
-    def forward(z, fd, fh, fw, *_):   # the depthwise weight of the rank-1 components
-        return reference_conv(z, torch.einsum("ra,rb,re->rabe", fd, fh, fw)[:, None], None, ctx.spec)
-    return forward, tuple(ctx.saved_tensors) + (None, None)
+    return (lambda z, fd, fh, fw, *_: separable_reference(z, fd, fh, fw, ctx.spec),
+            tuple(ctx.saved_tensors) + (None, None))
 
 
 class SeparableFunction(torch.autograd.Function):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .._validate import ConvSpec
 from ..ops import dense
-from ._functions import dynamic_reference, reference_conv, reference_grads
+from ._functions import dynamic_reference, reference_conv, reference_grads, separable_reference, sparse_reference
 
 NS = "volconv"
 
@@ -137,11 +137,11 @@ def sparse_conv3d_backward(grad: Tensor, x: Tensor, values: Tensor, indices: Ten
                            stride: List[int], pads: List[int], dilation: List[int], groups: int, mode: str,
                            need_input: bool, need_values: bool, nthreads: int) -> Tuple[Tensor, Tensor]:
     nthreads = _threads(nthreads)
-    from ._functions import sparse_dense_weight
+    from ..ops.sparse import dense_weight
 
     spec = _spec(x.shape, shape, stride, pads, dilation, groups, mode)
     idx = indices.numpy()
-    w = sparse_dense_weight(_np(values), idx, tuple(shape))
+    w = dense_weight(idx, _np(values), tuple(shape))
     g = _np(grad)
     gx = torch.from_numpy(dense.backward_input(g, w, spec, "auto", nthreads)) if need_input else _empty(x)
     gv = torch.from_numpy(np.ascontiguousarray(dense.backward_weight(_np(x), g, spec, nthreads)[tuple(idx.T)])) \
@@ -166,10 +166,9 @@ def _sparse_grad(ctx, grad):
     shape, stride, pads, dilation, groups, mode, nthreads = ctx.args
     if torch.is_grad_enabled():   # create_graph=True
         spec = _spec(x.shape, shape, stride, pads, dilation, groups, mode)
-
-        def forward(x, values, b, *_):
-            return reference_conv(x, values.new_zeros(tuple(shape)).index_put(tuple(indices.T), values), b, spec)
-        return reference_grads(ctx.needs_input_grad, grad, forward, (x, values, b) + (None,) * 8)
+        return reference_grads(ctx.needs_input_grad, grad,
+                               lambda x, values, b, *_: sparse_reference(x, values, b, indices, shape, spec),
+                               (x, values, b) + (None,) * 8)
     need_x, need_v, need_b = ctx.needs_input_grad[:3]
     gx, gv = sparse_conv3d_backward(grad, x, values, indices, shape, stride, pads, dilation, groups, mode, need_x,
                                     need_v, nthreads)
@@ -230,10 +229,9 @@ def _separable_grad(ctx, grad):
     if torch.is_grad_enabled():   # create_graph=True
         C = z.shape[1]
         spec = _spec(z.shape, (C, 1, fd.shape[1], fh.shape[1], fw.shape[1]), stride, pads, dilation, C, mode)
-
-        def forward(z, fd, fh, fw, *_):
-            return reference_conv(z, torch.einsum("ra,rb,re->rabe", fd, fh, fw)[:, None], None, spec)
-        return reference_grads(ctx.needs_input_grad, grad, forward, (z, fd, fh, fw) + (None,) * 5)
+        return reference_grads(ctx.needs_input_grad, grad,
+                               lambda z, fd, fh, fw, *_: separable_reference(z, fd, fh, fw, spec),
+                               (z, fd, fh, fw) + (None,) * 5)
     need = ctx.needs_input_grad[:4]
     grads = separable_conv3d_backward(grad, z, fd, fh, fw, stride, pads, dilation, mode, need[0], any(need[1:]),
                                       nthreads)

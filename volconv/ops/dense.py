@@ -22,10 +22,9 @@ from .. import _cpu, _cuda, _memory
 from . import decomposed, sparse
 from .._dispatch import Caller, compiling, is_tensor, torch_batching, wants_autograd
 from .._dispatch import _torch as _dispatch_torch
-from .._validate import real_number
 from ..kernels import Kernel, SeparableKernel
 from .._validate import (INT_MAX, ConvSpec, conv_padding, filter_origins, filter_pads, pad_array, pad_index,
-                         scipy_mode, torch_padding_mode, triple, workers as resolve_workers)
+                         real_number, scipy_mode, torch_padding_mode, triple, workers as resolve_workers)
 
 # ----------------------------------------------------------------------------------------------- algorithms
 
@@ -454,9 +453,8 @@ def backward_weight(x, grad, spec, nthreads, algorithm="direct"):
     is input the weights see: the input is padded with it (a copy, in this rare case) and correlated as given."""
     nthreads = threads_for(spec, nthreads)
     if spec.mode == "constant" and spec.cval != 0:
-        x, spec = crop_negative_pads(x, spec)
-        x = np.pad(x, ((0, 0), (0, 0)) + tuple(spec.pads), constant_values=spec.cval)
-        return backward_weight(x, grad, spec.padded(), nthreads, algorithm)
+        return backward_weight(pad_array(x, spec.pads, spec.mode, spec.cval), grad, spec.padded(), nthreads,
+                               algorithm)
     if algorithm == "fft":
         return _backward_weight_fft(x, grad, spec, nthreads)
     rows, map_d, map_h, toff = _direct_operands(x, spec, nthreads)

@@ -102,9 +102,7 @@ class SparseKernel(Kernel):
         return self.nnz / float(np.prod(self._shape))
 
     def to_dense(self):
-        out = np.zeros(self._shape)
-        out[tuple(self.indices.T)] = self.values
-        return out
+        return dense_weight(self.indices, self.values, self._shape)
 
     def as_weight(self, channels=None):
         """(indices, values, shape) of the 5-D weight: itself, or a 3-D kernel as (1, 1, ...) or, given
@@ -143,12 +141,14 @@ def run_sparse(x, indices, values, b, spec, nthreads):
     _cpu.direct.sparse_conv3d_direct(x, row_map, spec.pads[2][0], spec.stride[2] == 1, tap_ptr, c, a, bb,
                                      np.ascontiguousarray(toff[e]), np.ascontiguousarray(values, x.dtype),
                                      bias, out, map_d, map_h, Cg, kd, sd, sh, dd, dh, nchunk, nthreads)
-    return dense.add_constant_share(out, spec, dense.DenseTaps(lambda: _dense_weight(indices, values, spec.w_shape)))
+    return dense.add_constant_share(out, spec, dense.DenseTaps(lambda: dense_weight(indices, values, spec.w_shape)))
 
 
-def _dense_weight(indices, values, shape):
-    w = np.zeros(shape)
-    np.add.at(w, tuple(np.asarray(indices).T), values)
+def dense_weight(indices, values, shape):
+    """The dense weight (in the values' dtype) that coalesced indices (nnz, ndim) and their values fill."""
+    values = np.asarray(values)
+    w = np.zeros(shape, values.dtype)
+    w[tuple(np.asarray(indices).T)] = values
     return w
 
 
