@@ -33,7 +33,7 @@ LOAD_SAVE = ("import sys, nibabel as nib, numpy as np; img = nib.load(sys.argv[1
 # handed back first so that the run's allocations take fresh pages
 VOLCONV = """
 import ctypes, sys
-import volconv.cli, volconv.io, volconv.ops.dense, volconv.ops.dynamic
+import volconv.cli, volconv.io, volconv.ops.filtering, volconv.ops.dynamic
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -199,8 +199,8 @@ def test_cuda_tensor_without_plugin(op):
 def test_direct_refuses_rings_larger_than_the_memory_available(monkeypatch):
     """The padded-plane rings are allocated inside the parallel region: a layer whose rings would not fit in
     the memory available is refused beforehand, saying what to do instead."""
-    from volconv.ops import dense
-    monkeypatch.setattr(dense, "ring_bytes", lambda spec, itemsize: 2**60)
+    from volconv.engine import layout
+    monkeypatch.setattr(layout, "ring_bytes", lambda spec, itemsize: 2**60)
     x = np.ones((1, 4, 6, 7, 8), np.float32)
     w = np.ones((4, 4, 3, 3, 3), np.float32)
     with pytest.raises(MemoryError, match="algorithm='fft'"):
@@ -211,8 +211,8 @@ def test_direct_refuses_rings_larger_than_the_memory_available(monkeypatch):
 def test_auto_avoids_rings_larger_than_the_memory_available(monkeypatch):
     """"auto" leaves out the ring-based kernels (direct, sparse) when their rings would not fit and another
     algorithm can do the convolution (with no other it refuses, as "direct" does above)."""
-    from volconv.ops import dense
-    monkeypatch.setattr(dense, "ring_bytes", lambda spec, itemsize: 2**60)
+    from volconv.engine import layout
+    monkeypatch.setattr(layout, "ring_bytes", lambda spec, itemsize: 2**60)
     x = np.random.default_rng(3).random((1, 1, 12, 12, 12), dtype=np.float32)
     w = np.zeros((1, 1, 5, 5, 5), np.float32)
     w[0, 0, 2, 2, 2], w[0, 0, 0, 1, 4] = 1.0, 0.5   # mostly zeros: sparse would be the cheapest

@@ -1,4 +1,4 @@
-"""volconv.ops.fft.fft_conv3d against torch.nn.functional.conv3d (float64 reference).
+"""volconv.engine.fft.fft_conv3d against torch.nn.functional.conv3d (float64 reference).
 
 The reference pads with np.pad (scipy.ndimage's modes: 'reflect' is np.pad 'symmetric', 'mirror' is np.pad
 'reflect', 'nearest' is 'edge'), which also covers paddings larger than the axis, beyond what torch's F.pad
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_within, config_rng, conv_tolerance, n_fft_points
-from volconv.ops import fft
-from volconv.ops.fft import fft_conv3d, fft_cost
+from volconv.engine import fft
+from volconv.engine.fft import fft_conv3d, fft_cost
 
 MODES = ("constant", "reflect", "mirror", "nearest", "wrap")
 NP_PAD = {"constant": "constant", "reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap"}

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from torch.autograd import gradgradcheck
 
 import volconv as vc
-from volconv.nn import _library
+from volconv._torch import conv as torch_conv
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_volumes", "anatomical.nii.gz")
 EPS32 = float(np.finfo(np.float32).eps)
@@ -200,10 +200,10 @@ def test_filters_and_custom_operator_double_backward():
     v, k = _rand(4, 5, 4).requires_grad_(), _rand(3, 3, 3).requires_grad_()
     _check_twice(lambda v, k: vc.correlate(v, k, mode="constant", cval=0.5), v, k)
     _check_twice(lambda v, k: vc.convolve(v, k, mode="mirror"), v, k)
-    # the custom operator torch.compile / export trace (nn/_library.py), called directly
+    # the custom operator torch.compile / export trace (volconv::conv3d), called directly
     x, w = _rand(1, 2, 4, 5, 4).requires_grad_(), _rand(2, 2, 3, 3, 3).requires_grad_()
-    _check_twice(lambda x, w: _library.conv3d(x, w, None, [1, 1, 1], [1, 1, 0, 0, 1, 1], [1, 1, 1], 1, "nearest",
-                                              0.0, "direct", 1), x, w)
+    _check_twice(lambda x, w: torch_conv.CONV3D.traced(x, w, None, [1, 1, 1], [1, 1, 0, 0, 1, 1], [1, 1, 1], 1,
+                                                       "nearest", 0.0, "direct", 1), x, w)
 
 
 @pytest.mark.parametrize("name, layer", [c for c in _layers() if c[0] not in ("DynamicConv3d-tiled",)],

@@ -179,7 +179,7 @@ def peak_growth(args, imports=""):
     Linux's peak (VmHWM) is reset after the imports (clear_refs 5): their own transient peak would hide the
     filter's. `imports`: further modules the run imports (matplotlib for a preview), imported before."""
     script = textwrap.dedent(f"""
-        import volconv.cli, volconv.io, volconv.ops.dense, volconv.ops.dynamic, nibabel, numpy, gzip{imports}
+        import volconv.cli, volconv.io, volconv.ops.filtering, volconv.ops.dynamic, nibabel, numpy, gzip{imports}
 
         def status(key):
             with open("/proc/self/status") as f:

@@ -1,4 +1,4 @@
-"""Sparse kernels (volconv/ops/sparse.py, _cpu/sparse.pxi): vc.sparse_conv3d against torch.conv3d with the dense
+"""Sparse kernels (volconv/ops/sparse.py, engine/sparse.py, _cpu/sparse.pxi): vc.sparse_conv3d against torch.conv3d with the dense
 weight the non-zeros make (float64 reference, conftest tolerances: the sparse sum has fewer terms than the
 dense one, so the dense bound holds), over strides, dilations, paddings and padding modes, groups, dtypes,
 batches, odd and even kernels and densities from 0.1% to 50%; correlate/convolve with a 3-D SparseKernel
@@ -163,15 +163,16 @@ def test_sparse_torch_weight_values_get_gradients():
 
 
 def test_auto_routes_a_mostly_zero_dense_weight_to_the_sparse_path():
-    from volconv.ops import dense
+    from volconv._validate import conv_spec
+    from volconv.engine import cost
 
     r = np.random.default_rng(3)
     w = sparse_weight(r, (1, 1, 15, 15, 15), 0.01, np.float32)
     x = r.standard_normal((1, 1, 40, 41, 42)).astype(np.float32)
-    spec = dense.conv_spec(x.shape, w.shape, None, 1, 7, 1, 1, "zeros")
-    assert dense.choose_algorithm(x, spec, 2, allow_torch=False, nnz=np.count_nonzero(w)) == "sparse"
+    spec = conv_spec(x.shape, w.shape, None, 1, 7, 1, 1, "zeros")
+    assert cost.choose_algorithm(x, spec, 2, allow_torch=False, nnz=np.count_nonzero(w)) == "sparse"
     full = r.standard_normal((1, 1, 3, 3, 3)).astype(np.float32)   # a dense weight never is
-    spec3 = dense.conv_spec(x.shape, full.shape, None, 1, 1, 1, 1, "zeros")
-    assert dense.choose_algorithm(x, spec3, 2, allow_torch=False, nnz=full.size) != "sparse"
+    spec3 = conv_spec(x.shape, full.shape, None, 1, 1, 1, 1, "zeros")
+    assert cost.choose_algorithm(x, spec3, 2, allow_torch=False, nnz=full.size) != "sparse"
     for algorithm in ("auto", "sparse"):
         check_conv3d(vc.conv3d(x, w, padding=7, algorithm=algorithm), x, w, padding=7, algorithm="direct")

@@ -5,9 +5,10 @@ nibabel) are imported on first use."""
 from . import kernels
 from ._cuda import has_cuda
 from .kernels import SeparableKernel
-from .ops.dense import conv3d, convolve, correlate
+from .ops.conv import conv3d
+from .ops.filtering import convolve, correlate
 from .ops import multiscale, nested
-from .ops.decomposed import cp_conv3d, tucker_conv3d
+from .ops.lowrank import cp_conv3d, tucker_conv3d
 from .ops.dynamic import adaptive_filter, dynamic_conv3d
 from .ops.multiscale import multiscale_conv3d
 from .ops.nested import nested_conv3d

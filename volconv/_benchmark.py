@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from . import _cpu
-from .ops.dense import conv3d
+from .ops.conv import conv3d
 
 
 def best_times(contenders, rounds=5, min_seconds=0.0, repeat=2):

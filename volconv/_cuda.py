@@ -1,12 +1,10 @@
-"""Loader of the CUDA plugin (cuda_plugin/, built into volconv/_cuda_plugin.so by nvcc) and the CUDA versions of
-the ops that have one. ctypes is enough: device pointers, shapes and the caller's stream go in, an error code
-comes out, and every failure becomes a RuntimeError naming the op.
+"""The CUDA plugin's loader: finds volconv/_cuda_plugin.so (cuda_plugin/, built by nvcc), checks its ABI, and calls
+its C functions. ctypes is enough: device pointers, shapes and the caller's stream go in, an error code comes
+out, and every failure becomes a RuntimeError naming the op. The tensors' side is volconv/_torch/cuda.py.
 
-`require(op)` is what an op without a CUDA version (or any op, without the plugin or a GPU) answers a CUDA
-tensor with; `conv3d` is the CUDA version of vc.conv3d (zero padding in the kernels; other padding modes pad
-first; autograd by the plugin's input- and weight-gradient kernels)."""
+`require(op)` is what an op answers a CUDA tensor it cannot run (the plugin missing, no GPU, or no CUDA version
+of that op yet)."""
 import ctypes
-import functools
 import os
 import sys
 
@@ -48,14 +46,16 @@ def has_cuda():
     return _library() is not None and torch is not None and torch.cuda.is_available()
 
 
-def require(op):
-    """Raise what an op answers a CUDA tensor it cannot run: the plugin missing, no GPU, or no CUDA version of
-    this op yet."""
+def require(op, *, has_cuda_version=False):
+    """Raise what an op answers a CUDA tensor it cannot run: the plugin missing, no GPU, or (has_cuda_version
+    False) no CUDA version of this op yet. Returns when the op can run on the GPU."""
     if _library() is None:
         raise RuntimeError(f"{_load_error}: {op} cannot run on a CUDA tensor; {BUILD_HINT}")
     if not has_cuda():
         raise RuntimeError(f"volconv's CUDA plugin is built but no CUDA GPU is available: {op} cannot run on a "
                            "CUDA tensor here")
+    if has_cuda_version:
+        return
     raise RuntimeError(f"{op} has no CUDA version in volconv's plugin yet: move its tensors to the CPU "
                        "(.cpu()) or use torch's own op")
 
@@ -65,102 +65,16 @@ def is_cuda(a):
     return torch is not None and isinstance(a, torch.Tensor) and a.device.type == "cuda"
 
 
-def _call(op, fn, *args):
-    code = fn(*args)
+def call(op, name, *args):
+    """The plugin's function `name` called with args; a non-zero code raises a RuntimeError naming op."""
+    code = getattr(_library(), name)(*args)
     if code:
         raise RuntimeError(f"volconv CUDA {op}: {_lib.vc_cuda_error_string(code).decode()}")
 
 
-def _geometry(spec):
+def geometry(spec):
+    """A ConvSpec as the plugin's 22 geometry values (zero padding: only the 'before' pads)."""
     (N, C, D, H, W), (O, _, kd, kh, kw) = spec.x_shape, spec.w_shape
     values = (N, C, D, H, W, O, spec.groups, kd, kh, kw, *spec.out_shape[2:], *spec.stride,
               *(lo for lo, _ in spec.pads), *spec.dilation)
     return (ctypes.c_longlong * 22)(*values)
-
-
-def _stream(t):
-    import torch
-
-    return ctypes.c_void_p(torch.cuda.current_stream(t.device).cuda_stream)
-
-
-def _dtype(t):
-    import torch
-
-    return 0 if t.dtype == torch.float32 else 1
-
-
-def conv3d(input, weight, bias, stride, padding, dilation, groups, padding_mode):
-    """vc.conv3d for CUDA tensors (float32 / float64; float16 / bfloat16 computed in float32)."""
-    import torch
-
-    from ._validate import ConvSpec
-    from .ops.dense import conv_spec
-
-    if _library() is None or not has_cuda():
-        require("conv3d")
-    for t, name in ((weight, "weight"), (bias, "bias")):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.device != input.device):
-            raise ValueError(f"{name} must be a tensor on {input.device}, like input")
-    if input.dim() != 5:
-        raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(input.shape)}")
-    spec = conv_spec(tuple(input.shape), tuple(weight.shape), bias, stride, padding, dilation, groups,
-                     padding_mode)
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x = input.to(dtype)
-    if spec.mode != "constant":   # reflect / replicate / circular: pad with torch, then zero-padding geometry
-        x = torch.nn.functional.pad(x, [p for lo_hi in reversed(spec.pads) for p in lo_hi],
-                                    mode=padding_mode)
-        spec = ConvSpec(tuple(x.shape), spec.w_shape, stride=spec.stride, pads=((0, 0),) * 3,
-                        dilation=spec.dilation, groups=spec.groups, mode="constant")
-    # zero padding: the kernels read nothing outside the input, so 'before' is all they need and an asymmetric
-    # 'after' (padding='same' with even kernels) is the output's size alone
-    out = _function().apply(x.contiguous(), weight.to(dtype).contiguous(),
-                            None if bias is None else bias.to(dtype).contiguous(), spec)
-    return out.to(input.dtype)
-
-
-@functools.cache
-def _function():
-    """The autograd Function, defined on first use (importing this module must not import torch)."""
-    import torch
-    from torch.autograd.function import once_differentiable
-
-    class Function(torch.autograd.Function):
-        """conv3d on the GPU by the plugin, forward and backward."""
-
-        @staticmethod
-        def forward(ctx, x, w, b, spec):
-            ctx.spec, ctx.has_bias = spec, b is not None
-            ctx.save_for_backward(x, w)
-            out = torch.empty(spec.out_shape, dtype=x.dtype, device=x.device)
-            _call("conv3d", _lib.vc_conv3d_forward, _dtype(x), x.data_ptr(), w.data_ptr(),
-                  None if b is None else b.data_ptr(), out.data_ptr(), _geometry(spec), _stream(x))
-            return out
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx, grad):
-            x, w = ctx.saved_tensors
-            g = grad.contiguous()
-            gx = gw = gb = None
-            if ctx.needs_input_grad[0]:
-                gx = torch.empty_like(x)
-                _call("conv3d backward (input)", _lib.vc_conv3d_grad_input, _dtype(x), g.data_ptr(), w.data_ptr(),
-                      gx.data_ptr(), _geometry(ctx.spec), _stream(x))
-            if ctx.needs_input_grad[1]:
-                gw = torch.empty_like(w)
-                _call("conv3d backward (weight)", _lib.vc_conv3d_grad_weight, _dtype(x), x.data_ptr(),
-                      g.data_ptr(), gw.data_ptr(), _geometry(ctx.spec), _stream(x))
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                gb = g.sum(dim=(0, 2, 3, 4))
-            return gx, gw, gb, None
-
-    return Function
-
-
-def __getattr__(name):
-    """HAS_CUDA: has_cuda() at the moment it is read (whether torch sees a GPU can change after import)."""
-    if name == "HAS_CUDA":
-        return has_cuda()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

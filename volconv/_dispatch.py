@@ -1,6 +1,7 @@
-"""One dispatch point for every op: numpy arrays and torch tensors in, numpy arrays out to the kernels, and the
-result handed back in the caller's type, dtype and device. torch is never imported here: a tensor can only
-come from a program that already imported it."""
+"""The front doors' view of their arguments: numpy arrays or torch tensors in (Caller: checked, as numpy arrays
+for the engine, the result handed back in the caller's type, dtype and device), the tensors that must take the
+torch adapter instead (gradients, a GPU, tracing), and torch's batching conventions. torch is never imported
+here: a tensor can only come from a program that already imported it."""
 import functools
 import inspect
 import numbers
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 
 from . import _cuda
+from .engine import cost
 from ._validate import float_dtype, native
 
 
@@ -28,16 +30,55 @@ def wants_autograd(*args):
     if torch is None:
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if tensors and (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+    if tensors and compiling():
         return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def compiling():
     """True while torch.compile / torch.export trace: tensor ops then go through volconv's custom operators
-    (nn/_library.py), which the tracer can see into."""
+    (volconv/_torch), which the tracer can see into."""
+    if _torch() is None:
+        return False
+    from ._torch.common import compiling as tracing
+
+    return tracing()
+
+
+def all_finite(*arrays):
+    """engine.cost.all_finite for arrays and tensors (on any device)."""
     torch = _torch()
-    return torch is not None and (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+    return all(a is None or (bool(torch.isfinite(a.detach()).all()) if is_tensor(a) else cost.all_finite(a))
+               for a in arrays)
+
+
+def check_devices(op, arrays, names, *, cuda=False):
+    """Every tensor among arrays (None skipped) on the first one's device, which must be the CPU or, when the
+    op has a CUDA version (cuda) and the plugin and a GPU are there, a GPU."""
+    present = [(a, n) for a, n in zip(arrays, names) if a is not None]
+    first, first_name = present[0]
+    for a, n in present:
+        if is_tensor(a) and a.device.type == "cuda":
+            _cuda.require(op, has_cuda_version=cuda)
+        if str(_device(a)) != str(_device(first)):
+            raise ValueError(f"{n} is on {_device(a)} but {first_name} is on {_device(first)}; "
+                             "put them on the same device")
+        if is_tensor(a) and a.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{n} is on device {a.device}; volconv runs on cpu and cuda")
+
+
+def check_tensors(op, arrays, names, *, cuda=False):
+    """The torch adapter's arguments checked where they stand (not converted): devices (check_devices), and
+    every other tensor of the first one's dtype, as torch requires."""
+    check_devices(op, arrays, names, cuda=cuda)
+    first = arrays[0]
+    if is_tensor(first) and not (first.is_floating_point() and not first.is_complex()):
+        raise TypeError(f"{names[0]} has dtype {first.dtype}; volconv computes in float32 or float64: cast it first "
+                        "(tensor.float())")
+    for a, n in zip(arrays[1:], names[1:]):
+        if is_tensor(a) and a.dtype != first.dtype:
+            raise TypeError(f"{n} has dtype {a.dtype} but {names[0]} has dtype {first.dtype}; they must match "
+                            "(as in torch)")
 
 
 def _device(x):
@@ -51,18 +92,11 @@ class Caller:
         for a, n in zip(arrays, names):
             if a is None and n not in optional:
                 raise TypeError(f"{n} must be a numpy array or a torch tensor, got None")
-        present = [(a, n) for a, n in zip(arrays, names) if a is not None]
-        first, first_name = present[0]
+        first_name = next(n for a, n in zip(arrays, names) if a is not None)
+        first = arrays[names.index(first_name)]
         self.torch_dtype = first.dtype if is_tensor(first) else None
         self.is_tensor = is_tensor(first)
-        for a, n in present:
-            if is_tensor(a) and a.device.type == "cuda":
-                _cuda.require(op)
-            if str(_device(a)) != str(_device(first)):
-                raise ValueError(f"{n} is on {_device(a)} but {first_name} is on {_device(first)}; "
-                                 "put them on the same device")
-            if is_tensor(a) and a.device.type != "cpu":
-                raise ValueError(f"{n} is on device {a.device}; volconv runs on cpu and cuda")
+        check_devices(op, arrays, names)
         self.arrays = [None if a is None else self._numpy(a, n) for a, n in zip(arrays, names)]
         # a big-endian array (as NIfTI files store) is the same numbers: computed and returned in native order
         self.caller_dtype = native(self.arrays[names.index(first_name)].dtype)

@@ -1,6 +1,6 @@
 """Filtering a volume slab by slab along its last spatial axis (NIfTI's slowest, so each slab is one
 contiguous run of the file): every slab is read with the planes the kernel reaches beyond it (its halo),
-filtered with those planes as context only (ops.dense._filter's `halo`: not padded, not output), and its
+filtered with those planes as context only (ops.filtering.filter_volume's `halo`: not padded, not output), and its
 output planes are streamed to the writer. Halos at the volume's ends are the boundary mode's own padding
 (read from the other end for 'wrap'), so the result equals filtering the whole volume at once.
 

@@ -7,10 +7,21 @@ import os
 
 import numpy as np
 
-# Boundary modes, in scipy.ndimage's vocabulary; torch's padding_mode names map onto them.
-SCIPY_MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
-_SCIPY_ALIASES = {"grid-mirror": "reflect", "grid-constant": "constant", "grid-wrap": "wrap"}
-TORCH_PADDING_MODES = {"zeros": "constant", "reflect": "mirror", "replicate": "nearest", "circular": "wrap"}
+# The one table of boundary modes: scipy.ndimage's names (volconv's vocabulary), and each mode's name in
+# torch.nn.Conv3d's padding_mode, torch.nn.functional.pad and numpy.pad (None: that library lacks it).
+MODES = {
+    # scipy      padding_mode  F.pad        np.pad
+    "reflect":  (None,         None,        "symmetric"),   # d c b a | a b c d | d c b a
+    "constant": ("zeros",      "constant",  "constant"),
+    "nearest":  ("replicate",  "replicate", "edge"),
+    "mirror":   ("reflect",    "reflect",   "reflect"),     # d c b | a b c d | c b a
+    "wrap":     ("circular",   "circular",  "wrap"),
+}
+SCIPY_MODES = tuple(MODES)
+SCIPY_ALIASES = {"grid-mirror": "reflect", "grid-constant": "constant", "grid-wrap": "wrap"}
+TORCH_PADDING_MODES = {names[0]: mode for mode, names in MODES.items() if names[0]}
+TORCH_PAD_MODES = {mode: names[1] for mode, names in MODES.items() if names[1]}
+NUMPY_PAD_MODES = {mode: names[2] for mode, names in MODES.items()}
 INT_MAX = 2**31 - 1   # the compiled kernels take strides, dilations and paddings as C ints
 
 
@@ -35,9 +46,9 @@ def triple(value, name, *, minimum=None, maximum=None):
 
 def scipy_mode(mode, name="mode"):
     """scipy.ndimage boundary mode (aliases resolved)."""
-    if not isinstance(mode, str) or _SCIPY_ALIASES.get(mode, mode) not in SCIPY_MODES:
+    if not isinstance(mode, str) or SCIPY_ALIASES.get(mode, mode) not in SCIPY_MODES:
         raise ValueError(f"{name} must be one of {', '.join(SCIPY_MODES)}, got {mode!r}")
-    return _SCIPY_ALIASES.get(mode, mode)
+    return SCIPY_ALIASES.get(mode, mode)
 
 
 def torch_padding_mode(padding_mode):
@@ -232,3 +243,25 @@ class ConvSpec:
     def flops(self):
         """Multiply-adds x 2 of the direct method."""
         return 2.0 * np.prod(self.out_shape, dtype=np.float64) * np.prod(self.w_shape[1:], dtype=np.float64)
+
+
+def conv_spec(x_shape, w_shape, b, stride, padding, dilation, groups, padding_mode):
+    """conv3d's arguments (torch's names and rules) checked -> ConvSpec."""
+    stride = triple(stride, "stride", minimum=1, maximum=INT_MAX)
+    dilation = triple(dilation, "dilation", minimum=1, maximum=INT_MAX)
+    mode = torch_padding_mode(padding_mode)
+    if len(w_shape) != 5:
+        raise ValueError(f"weight must be 5-D (out_channels, in_channels/groups, kd, kh, kw), got shape "
+                         f"{tuple(w_shape)}")
+    pads = conv_padding(padding, w_shape[2:], dilation, stride)
+    if len(x_shape) == 5 and padding_mode in ("reflect", "circular"):
+        for n, (lo, hi) in zip(x_shape[2:], pads):
+            limit = n - 1 if padding_mode == "reflect" else n
+            if max(lo, hi) > limit:
+                raise ValueError(f"padding {max(lo, hi)} is too large for padding_mode={padding_mode!r} on an "
+                                 f"axis of size {n} (at most {limit}, as in torch)")
+    spec = ConvSpec(x_shape, w_shape, stride=stride, pads=pads, dilation=dilation, groups=groups, mode=mode)
+    if b is not None and tuple(b.shape) != (w_shape[0],):
+        raise ValueError(f"bias must have shape ({w_shape[0]},) (one value per output channel), got "
+                         f"{tuple(b.shape)}")
+    return spec

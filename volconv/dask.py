@@ -52,7 +52,7 @@ def _block_chunks(chunks, depth):
 
 
 def _filter_block(block, kernel, *, op, mode, cval, origin, algorithm, workers):
-    from .ops.dense import convolve, correlate
+    from .ops.filtering import convolve, correlate
 
     filt = convolve if op == "convolve" else correlate
     return filt(block, kernel, mode=mode, cval=cval, origin=origin, algorithm=algorithm, workers=workers)
@@ -79,7 +79,7 @@ def filter(array, kernel, *, mode="reflect", cval=0.0, origin=0, convolve=False,
     from ._validate import filter_origins, filter_pads, real_number, scipy_mode, triple
     from ._validate import workers as resolve_workers
     from .kernels import Kernel
-    from .ops.dense import correlate
+    from .ops.filtering import correlate
 
     if not isinstance(array, da.Array):
         array = da.asarray(array)

@@ -945,12 +945,12 @@ def _scaled(proxy, slicer, dtype):
 def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, halo=None):
     """One 3-D volume (or slab with `halo` planes of context along its last axis, not output): masked
     (outside voxels contribute nothing) and/or normalised filtering."""
-    from .ops.dense import _filter
+    from .ops.filtering import filter_volume
 
     halo3 = None if halo is None else ((0, 0), (0, 0), tuple(halo))
 
     def correlate(v, m, c):
-        return _filter("correlate", v, kernel, m, c, 0, "auto", workers, flip=False, halo=halo3)
+        return filter_volume("correlate", v, kernel, m, c, 0, "auto", workers, flip=False, halo=halo3)
 
     if inside is None and not normalize:
         return correlate(x, mode, cval)

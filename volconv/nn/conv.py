@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ..ops.dense import conv3d
+from ..ops.conv import conv3d
 
 
 def reset_conv_parameters(weight, bias):

@@ -5,13 +5,15 @@ exists at once."""
 import torch
 
 from .._dispatch import compiling, torch_batching
+from .._torch.common import compute_dtype
+from .._torch.reference import no_double_backward, twice_differentiable
 from .._validate import triple, workers as resolve_workers
-from ..ops.dense import conv3d
+from ..engine import dynamic
+from ..ops.conv import conv3d
 from ..ops.dynamic import dynamic_conv3d
-from ._functions import no_double_backward, twice_differentiable
 from .conv import Conv3d
 
-ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}
+ACTIVATION_MODULES = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}
 
 
 class DynamicConv3d(torch.nn.Module):
@@ -37,8 +39,8 @@ class DynamicConv3d(torch.nn.Module):
             raise ValueError(f"groups must be a positive int dividing in_channels ({in_channels}), got {groups!r}")
         if tile is not None and (not isinstance(tile, int) or tile < 1):
             raise ValueError(f"tile must be None or a positive int (output planes per tile), got {tile!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if activation not in ACTIVATION_MODULES:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATION_MODULES)}, got {activation!r}")
         self.in_channels, self.groups, self.tile, self.workers = in_channels, groups, tile, workers
         self.out_channels = out_channels   # None: the grouped (involution) layout, else the full one
         T = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
@@ -51,7 +53,7 @@ class DynamicConv3d(torch.nn.Module):
             kernel_fn = torch.nn.Sequential(
                 Conv3d(in_channels, hidden, self.kernel_size, padding=tuple(k // 2 for k in self.kernel_size),
                        workers=workers, **factory),
-                ACTIVATIONS[activation](),
+                ACTIVATION_MODULES[activation](),
                 Conv3d(hidden, field, 1, workers=workers, **factory))
             kernel_fn_halo = self.kernel_size[0] // 2
         self.kernel_fn = kernel_fn
@@ -128,7 +130,7 @@ class _TiledDynamic(torch.autograd.Function):
     def forward(ctx, layer, pad, x, *params):
         ctx.layer, ctx.pad = layer, pad
         ctx.save_for_backward(x)
-        xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        xf = x.to(compute_dtype(x))
         out = torch.empty((x.shape[0], layer.in_channels if layer.out_channels is None else layer.out_channels)
                           + tuple(x.shape[2:]), dtype=xf.dtype)
         with torch.no_grad():
@@ -144,11 +146,9 @@ class _TiledDynamic(torch.autograd.Function):
     @twice_differentiable(no_double_backward("DynamicConv3d with tile=", "use tile=None, whose backward supports "
                                                                        "it"))
     def backward(ctx, grad):
-        from ..ops import dynamic
-
         layer, pad = ctx.layer, ctx.pad
         (x,) = ctx.saved_tensors
-        xf = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        xf = x.detach().to(compute_dtype(x))
         params = [q for q in layer.kernel_fn.parameters() if q.requires_grad]
         need_x = ctx.needs_input_grad[2]
         gx = torch.zeros_like(xf) if need_x else None

@@ -6,8 +6,7 @@ import torch
 
 from .._dispatch import torch_batching, wants_autograd
 from .._validate import triple
-from ..ops.decomposed import _factored
-from ._functions import factored_autograd
+from ..ops.lowrank import factored_conv3d
 
 
 class _Factored(torch.nn.Module):
@@ -33,14 +32,13 @@ class _Factored(torch.nn.Module):
 
     @torch_batching()
     def _run(self, input, in_f, out_f, spatial, core):
-        args = (self.stride, self.padding, self.dilation, self.padding_mode, self.workers)
-        if wants_autograd(input, self.bias, in_f, out_f, core, *(spatial or ())):
-            return factored_autograd(input, self.bias, *args, in_f, out_f, spatial, core, self.weight_shape)
-        # inference: the numpy path, whose fused kernels need no intermediate for autograd
-        as_np = lambda t: None if t is None else t.detach().cpu().double().numpy()  # noqa: E731
-        return _factored(type(self).__name__, input, self.bias, *args, as_np(in_f), as_np(out_f),
-                         None if spatial is None else tuple(as_np(f) for f in spatial), as_np(core),
-                         self.weight_shape)
+        if not wants_autograd(input, self.bias, in_f, out_f, core, *(spatial or ())):
+            # inference: the numpy path, whose fused kernels need no intermediate for autograd
+            as_np = lambda t: None if t is None else t.detach().cpu().double().numpy()  # noqa: E731
+            in_f, out_f, core = as_np(in_f), as_np(out_f), as_np(core)
+            spatial = None if spatial is None else tuple(as_np(f) for f in spatial)
+        return factored_conv3d(type(self).__name__, input, self.bias, self.stride, self.padding, self.dilation,
+                               self.padding_mode, self.workers, in_f, out_f, spatial, core, self.weight_shape)
 
     @staticmethod
     def _conv_args(conv):

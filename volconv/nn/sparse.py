@@ -6,8 +6,7 @@ import torch
 
 from .._dispatch import compiling, torch_batching
 from .._validate import triple
-from ..ops.sparse import SparseKernel
-from ._functions import sparse_autograd
+from ..ops.sparse import SparseKernel, pattern_conv3d
 
 
 class SparseConv3d(torch.nn.Module):
@@ -77,9 +76,8 @@ class SparseConv3d(torch.nn.Module):
     @torch_batching()
     def forward(self, input):
         indices = self.indices if compiling() else self.indices.cpu().numpy()   # traced: a tensor for the operator
-        return sparse_autograd(input, indices, self.values, self.weight_shape, self.bias,
-                               self.stride, self.padding, self.dilation, self.groups, self.padding_mode,
-                               self.workers)
+        return pattern_conv3d(input, indices, self.values, self.weight_shape, self.bias, self.stride, self.padding,
+                              self.dilation, self.groups, self.padding_mode, self.workers)
 
     def extra_repr(self):
         density = self.nnz / float(np.prod(self.weight_shape))

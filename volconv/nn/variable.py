@@ -5,7 +5,7 @@ search, or MedNeXt's UpKern, which resamples small trained kernels to larger one
 import torch
 
 from .._validate import triple
-from ..ops.dense import conv3d
+from ..ops.conv import conv3d
 from .conv import reset_conv_parameters
 
 RESIZE_MODES = ("crop", "interpolate")

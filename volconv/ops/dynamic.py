@@ -1,4 +1,4 @@
-"""Dynamic convolution: a different kernel at every output voxel, e.g. produced by a small network from the
+"""vc.dynamic_conv3d and vc.adaptive_filter: a different kernel at every output voxel, e.g. produced by a small network from the
 input (involution, pixel-adaptive convolution, dynamic filters), in 3D, without unfolding the patches.
 
 vc.dynamic_conv3d(input, kernels, kernel_size, stride, padding, dilation): with T = kd*kh*kw taps,
@@ -6,112 +6,14 @@ vc.dynamic_conv3d(input, kernels, kernel_size, stride, padding, dilation): with 
   kernels[n, g, :, p] at output voxel p; the output has C channels (involution);
 - kernels (N, Cout, Cin, T, Do, Ho, Wo): a full per-voxel Cout x Cin kernel,
   out[n, o, p] = sum over c, t of kernels[n, o, c, t, p] * x[n, c, p*stride + t*dilation - padding].
-Zero padding, torch's padding argument (int, triple, "same", "valid"). The kernels (_cpu/dynamic.pxi) read
-rows of x and of the kernel field and sum their products voxel by voxel: memory is the input, the output and
-the kernel field. Backward by the same primitive: the kernel-field gradient per voxel, the input gradient as a
-gather (each thread owns the rows it writes: deterministic, no atomics).
-"""
+Zero padding, torch's padding argument (int, triple, "same", "valid"). Checked here, run by engine/dynamic.py
+(memory: the input, the output and the kernel field; no unfolded patches) or the torch adapter."""
 import numpy as np
 
-from .. import _cpu
-from .._dispatch import Caller, compiling, is_tensor, torch_batching, wants_autograd
+from .._dispatch import Caller, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
+from .._validate import real_number, scipy_mode, workers as resolve_workers
+from ..engine import dynamic
 from ..kernels import check_truncate, gaussian_radius
-from .._validate import real_number, triple, workers as resolve_workers
-from . import dense
-
-
-class Layout:
-    """Geometry of one dynamic convolution and its channel pairs: output channel o sums over its pairs
-    (input channel c, kernel slice s) of the kernel field seen as (N, S, T, Do, Ho, Wo); CSR arrays by output
-    channel (forward), by slice (kernel gradient) and by input channel (input gradient)."""
-
-    def __init__(self, x_shape, k_shape, kernel_size, stride, padding, dilation):
-        if len(x_shape) != 5:
-            raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(x_shape)}")
-        N, C = x_shape[:2]
-        self.kernel_size = triple(kernel_size, "kernel_size", minimum=1)
-        T = int(np.prod(self.kernel_size))
-        if len(k_shape) == 6:
-            G = k_shape[1]
-            if G < 1 or C % G:
-                raise ValueError(f"kernels has G={G} groups, which must divide the input's {C} channels")
-            self.full, O, w_shape = False, C, (C, 1) + self.kernel_size
-        elif len(k_shape) == 7:
-            if k_shape[2] != C:
-                raise ValueError(f"kernels (N, Cout, Cin, T, Do, Ho, Wo) has Cin={k_shape[2]} but the input has "
-                                 f"{C} channels")
-            self.full, O, w_shape = True, k_shape[1], (k_shape[1], C) + self.kernel_size
-        else:
-            raise ValueError("kernels must be (N, G, kd*kh*kw, Do, Ho, Wo) or (N, Cout, Cin, kd*kh*kw, Do, Ho, Wo), "
-                             f"got shape {tuple(k_shape)}")
-        self.spec = dense.conv_spec(x_shape, w_shape, None, stride, padding, dilation, 1 if self.full else C,
-                                    "zeros")
-        expected = (N,) + tuple(k_shape[1:-4]) + (T,) + self.spec.out_shape[2:]
-        if tuple(k_shape) != expected:
-            raise ValueError(f"kernels must have shape {expected} for this input, kernel_size={self.kernel_size}, "
-                             f"stride, padding and dilation (T = {T} taps, output {self.spec.out_shape[2:]}), got "
-                             f"{tuple(k_shape)}")
-        self.out_shape = (N, O) + self.spec.out_shape[2:]
-        if self.full:
-            o, c = np.divmod(np.arange(O * C), C)          # slice s = o * C + c
-            self.by_out = (np.arange(O + 1) * C, c, np.arange(O * C))
-            self.by_slice = (np.arange(O * C + 1), o, c)
-            order = np.argsort(c, kind="stable")           # by input channel
-            self.by_in = (np.arange(C + 1) * O, o[order], order)
-            self.k_slices = O * C
-        else:
-            Cg = C // G
-            c = np.arange(C)
-            self.by_out = (np.arange(C + 1), c, c // Cg)
-            self.by_slice = (np.arange(G + 1) * Cg, c, c)
-            self.by_in = (np.arange(C + 1), c, c // Cg)
-            self.k_slices = G
-        self.by_out, self.by_slice, self.by_in = (tuple(np.ascontiguousarray(a, np.intp) for a in t)
-                                                  for t in (self.by_out, self.by_slice, self.by_in))
-
-    def field(self, K):
-        """The kernel field as (N, S, T, Do, Ho, Wo)."""
-        return K.reshape((K.shape[0], self.k_slices) + K.shape[-4:])
-
-    def geometry(self):
-        (sd, sh, _), (dd, dh, _) = self.spec.stride, self.spec.dilation
-        return self.kernel_size[1], self.kernel_size[2], sd, sh, dd, dh
-
-    def threads(self, nthreads):
-        work = 2.0 * np.prod(self.spec.w_shape[1:], dtype=np.float64) * np.prod(self.out_shape, dtype=np.float64)
-        return int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
-
-
-def forward(x, K, layout, nthreads):
-    rows, map_d, map_h, toff = dense._direct_operands(x, layout.spec, nthreads)
-    out = np.empty(layout.out_shape, x.dtype)
-    _cpu.direct.dynamic_forward(rows, np.ascontiguousarray(layout.field(K)), out, *layout.by_out, map_d, map_h,
-                                toff, *layout.geometry(), layout.threads(nthreads))
-    return out
-
-
-def backward(x, K, grad, layout, needs, nthreads):
-    """(input gradient, kernel-field gradient), each None unless needs[0] / needs[1]."""
-    rows, map_d, map_h, toff = dense._direct_operands(x, layout.spec, nthreads)
-    g = np.ascontiguousarray(grad, x.dtype)
-    nthreads = layout.threads(nthreads)
-    gx = gK = None
-    if needs[1]:
-        gK = np.empty(layout.field(K).shape, x.dtype)
-        _cpu.direct.dynamic_grad_kernels(rows, g, gK, *layout.by_slice, map_d, map_h, toff, *layout.geometry(),
-                                         nthreads)
-        gK = gK.reshape(K.shape)
-    if needs[0]:
-        gxr = np.empty(rows.shape, x.dtype)
-        _cpu.direct.dynamic_grad_input(np.ascontiguousarray(layout.field(K)), g, gxr, *layout.by_in, map_d, map_h,
-                                       toff, *layout.geometry(), nthreads)
-        if rows is x:
-            gx = gxr
-        else:   # back from the row layout: column w of x sits where row_map names it
-            row_map = dense._row_layout(x.shape, layout.spec)[0]
-            where = np.flatnonzero(row_map >= 0)
-            gx = np.ascontiguousarray(gxr[..., where[np.argsort(row_map[where])]])
-    return gx, gK
 
 
 @torch_batching("kernels")
@@ -119,26 +21,20 @@ def dynamic_conv3d(input, kernels, kernel_size, stride=1, padding=0, dilation=1,
     """Per-voxel kernels (see the module's doc): kernels (N, G, T, Do, Ho, Wo) (channel groups, involution
     style) or (N, Cout, Cin, T, Do, Ho, Wo) (a full kernel per voxel); numpy or torch, float32/float64,
     differentiable in input and kernels."""
-    if compiling() and is_tensor(input):   # traced: the custom operator (the geometry checked inside)
-        from ..nn._functions import traced_dynamic
+    traced = compiling() and is_tensor(input)   # the custom operator checks the geometry
+    if not traced:
+        layout = dynamic.Layout(tuple(np.shape(input)), tuple(np.shape(kernels)), kernel_size, stride, padding,
+                                dilation)
+    if traced or wants_autograd(input, kernels):
+        from .._torch import dynamic as torch_dynamic
 
-        return traced_dynamic(input, kernels, kernel_size, stride, padding, dilation, workers)
-    layout = Layout(tuple(np.shape(input)), tuple(np.shape(kernels)), kernel_size, stride, padding, dilation)
-    nthreads = resolve_workers(workers)
-    if wants_autograd(input, kernels):
-        from ..nn._functions import dynamic_autograd
-
-        return dynamic_autograd(input, kernels, layout, nthreads)
+        if not traced:
+            check_tensors("dynamic_conv3d", [input, kernels], ["input", "kernels"])
+        return torch_dynamic.dynamic_conv3d(input, kernels, kernel_size, stride, padding, dilation, workers)
     caller = Caller("dynamic_conv3d", [input, kernels], ["input", "kernels"])
     x = caller.cast(caller.arrays[0], "input")
     K = caller.cast(caller.arrays[1], "kernels", same_dtype=True)
-    return caller.result(forward(x, K, layout, nthreads))
-
-
-# ------------------------------------------------------------------------------------------ adaptive filtering
-
-NUMPY_PAD = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap", "constant": "constant"}
-WEIGHT_BYTES = 64 * 2**20   # per slab: the three fields of 1-D weights
+    return caller.result(dynamic.forward(x, K, layout, resolve_workers(workers)))
 
 
 def adaptive_filter(volume, sigma_map, zooms=None, truncate=3.0, *, mode="reflect", cval=0.0, workers=None):
@@ -162,40 +58,9 @@ def adaptive_filter(volume, sigma_map, zooms=None, truncate=3.0, *, mode="reflec
     if z.shape != (3,) or not (z > 0).all():
         raise ValueError(f"zooms must be 3 positive voxel sizes (mm), got {zooms!r}")
     truncate = check_truncate(truncate)
-    if mode not in NUMPY_PAD:
-        raise ValueError(f"mode must be one of {', '.join(NUMPY_PAD)}, got {mode!r}")
-    pad = dict(constant_values=real_number(cval, "cval")) if mode == "constant" else {}
+    mode, cval = scipy_mode(mode), real_number(cval, "cval")
     if x.size == 0:   # nothing to filter: an empty result, as scipy.ndimage gives
         return caller.result(x.copy())
     radii = [gaussian_radius(sig.max() / za, truncate, "sigma_map's largest sigma") for za in z]
-    xp = np.ascontiguousarray(np.pad(x, [(r, r) for r in radii], mode=NUMPY_PAD[mode], **pad))
-    out = np.empty_like(x)
-    nthreads = resolve_workers(workers)
-    D, H, W = x.shape
-    slab = int(max(1, min(D, WEIGHT_BYTES // (sum(2 * r + 1 for r in radii) * H * W * x.dtype.itemsize))))
-    for d0 in range(0, D, slab):
-        d1 = min(D, d0 + slab)
-        made = {}   # isotropic voxels: one field serves the three axes
-        fields = [made.get((za, r)) if (za, r) in made else
-                  made.setdefault((za, r), _weights(sig[d0:d1] / za, r, truncate, x.dtype)) for za, r in zip(z, radii)]
-        _cpu.direct.adaptive_gaussian(xp, *fields, out[d0:d1], d0, nthreads)
+    out = dynamic.adaptive_gaussian(x, sig, z, truncate, radii, mode, cval, resolve_workers(workers))
     return caller.result(out)
-
-
-def _weights(sigma, radius, truncate, dtype):
-    """Every voxel's 1-D Gaussian over offsets -radius..radius: (2 radius + 1, *sigma.shape), zero beyond the
-    voxel's own radius int(truncate * sigma + 0.5) (scipy's), normalised; sigma 0: the voxel itself.
-    exp(-t^2 / (2 sigma^2)) = q^(t^2) with q = exp(-1 / (2 sigma^2)), by running products (two multiplies per
-    offset instead of an exp)."""
-    own = np.floor(truncate * sigma + 0.5)
-    with np.errstate(divide="ignore"):
-        q = np.exp(-0.5 / (sigma * sigma))   # sigma 0: q = 0, only the centre survives
-    w = np.empty((2 * radius + 1,) + sigma.shape)
-    w[radius] = 1.0
-    cur, step, q2 = np.ones_like(q), q.copy(), q * q
-    for t in range(1, radius + 1):
-        cur *= step                # q^(t^2)
-        step *= q2                 # q^(2t + 1)
-        w[radius + t] = w[radius - t] = np.where(t <= own, cur, 0.0)
-    w /= w.sum(axis=0)
-    return np.ascontiguousarray(w, dtype)

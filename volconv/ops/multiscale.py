@@ -10,10 +10,11 @@ only, one read of each input tile) or densely; "branches" runs each branch on it
 """
 import numpy as np
 
-from .._dispatch import _torch, compiling, torch_batching
+from .._dispatch import _torch, all_finite, compiling, torch_batching
 from .._validate import ConvSpec, triple, workers as resolve_workers
-from . import dense
-from .nested import same_pads
+from ..engine import cost
+from ..engine.nested import same_pads
+from .conv import conv3d
 
 COMBINES = ("concat", "sum")
 ALGORITHMS = ("auto", "merged", "branches")
@@ -108,12 +109,12 @@ def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat"
         # traced by torch.compile / export: the merged kernel (the cost model reads arrays the tracer cannot).
         # Non-finite input: the branches, as torch runs them (a dilated branch never reads the voxels between its
         # taps, where the merged kernel holds zeros, and 0 * NaN = NaN)
-        algorithm = "merged" if compiling() else "branches" if not dense.all_finite(input) else \
+        algorithm = "merged" if compiling() else "branches" if not all_finite(input) else \
             _choose(tuple(input.shape), weights, dil, groups, combine, resolve_workers(workers))
     if algorithm == "branches":
         return _branches(input, weights, dil, groups, combine, bias_list, workers)
     w, b = merge(weights, dil, biases, combine, groups)
-    out = dense.conv3d(input, w, b, padding="same", groups=groups, workers=workers)
+    out = conv3d(input, w, b, padding="same", groups=groups, workers=workers)
     if combine == "concat" and groups > 1:   # back to branch order
         inverse = np.argsort(_group_order(outs, groups))
         out = out[:, _torch().as_tensor(inverse) if not isinstance(out, np.ndarray) else inverse]
@@ -121,7 +122,7 @@ def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat"
 
 
 def _branches(input, weights, dil, groups, combine, biases, workers):
-    ys = [dense.conv3d(input, w, b, padding="same", dilation=d, groups=groups, workers=workers)
+    ys = [conv3d(input, w, b, padding="same", dilation=d, groups=groups, workers=workers)
           for w, d, b in zip(weights, dil, biases)]
     if combine == "sum":
         out = ys[0]
@@ -141,12 +142,12 @@ def _choose(x_shape, weights, dil, groups, combine, nthreads):
     merged, _ = merge([np.ones(tuple(w.shape), np.float32) for w in weights], dil, None, combine, groups)
     spec = ConvSpec(tuple(x_shape), merged.shape, stride=(1, 1, 1), pads=same_pads(merged.shape[2:]),
                     dilation=(1, 1, 1), groups=groups, mode="constant")
-    merged_cost = min(dense.algorithm_costs(spec, nthreads, allow_torch=True,
+    merged_cost = min(cost.algorithm_costs(spec, nthreads, allow_torch=True,
                                             nnz=np.count_nonzero(merged)).values())
     branch_cost = 0.0
     for w, d in zip(weights, dil):
         e = tuple(a * (k - 1) + 1 for k, a in zip(tuple(w.shape)[2:], d))
         bspec = ConvSpec(tuple(x_shape), tuple(w.shape), stride=(1, 1, 1), pads=same_pads(e), dilation=d,
                          groups=groups, mode="constant")
-        branch_cost += min(dense.algorithm_costs(bspec, nthreads, allow_torch=True).values())
+        branch_cost += min(cost.algorithm_costs(bspec, nthreads, allow_torch=True).values())
     return "merged" if merged_cost <= branch_cost else "branches"

@@ -1,8 +1,8 @@
-"""Sparse kernels: 3D convolution whose cost grows with the non-zero taps, not with the kernel's box.
+"""Sparse kernels: vc.SparseKernel and vc.sparse_conv3d, 3D convolution whose cost grows with the non-zero taps.
 
 `SparseKernel` holds the non-zeros of a conv weight (Cout, Cin/groups, kd, kh, kw) or of a single 3-D kernel
 (kd, kh, kw) as coordinates and values. `sparse_conv3d` runs it with torch.conv3d semantics through the
-direct kernel's machinery (_cpu/sparse.pxi): the same ring of padded planes, and per output row one
+direct kernel's machinery (engine/sparse.py, _cpu/sparse.pxi): the same ring of padded planes, and per output row one
 register-blocked pass per non-zero tap (a tap's W offset is a pointer offset into the padded row), so a
 structured shape (a ball, a shell, a dilated kernel) is just a sparse kernel. Duplicate coordinates are summed,
 as torch's coalesce() does.
@@ -12,13 +12,11 @@ import numbers
 
 import numpy as np
 
-from .. import _cpu
-from .._dispatch import Caller, is_tensor, torch_batching, wants_autograd
-from .._validate import workers as resolve_workers
+from .._dispatch import Caller, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
+from .._validate import conv_spec, workers as resolve_workers
+from ..engine import sparse
+from ..engine.sparse import dense_weight
 from ..kernels import Kernel
-from . import dense
-
-SPARSE_GFLOPS = 60.0   # per thread: a tap costs ~1.4x a dense direct tap (one load per FMA; bench_sparse.py)
 
 
 class SparseKernel(Kernel):
@@ -119,45 +117,6 @@ class SparseKernel(Kernel):
         return f"SparseKernel(shape={self._shape}, nnz={self.nnz}, density={self.density:.3g})"
 
 
-def run_sparse(x, indices, values, b, spec, nthreads):
-    """The sparse direct kernel on checked, contiguous arrays (x: compute dtype; indices (nnz, 5) sorted by
-    output channel, values in x's dtype). Negative pads crop first; the kernel computes with zeros outside and a
-    constant cval's share is added after, on the border (dense.add_constant_share)."""
-    dense.check_rings(spec, x.dtype.itemsize, nthreads)
-    x, spec = dense.crop_negative_pads(x, spec)
-    O = spec.w_shape[0]
-    bias = np.zeros(O, x.dtype) if b is None else np.asarray(b, x.dtype)
-    row_map, map_d, map_h, toff = dense._row_layout(x.shape, spec)
-    tap_ptr = np.searchsorted(indices[:, 0], np.arange(O + 1)).astype(np.intp)
-    c, a, bb, e = (np.ascontiguousarray(indices[:, i], dtype=np.intp) for i in range(1, 5))
-    out = np.empty(spec.out_shape, dtype=x.dtype)
-    Cg, kd = spec.w_shape[1], spec.kernel_size[0]
-    N, G = x.shape[0], spec.groups
-    work = 2.0 * values.size * N * np.prod(spec.out_shape[2:], dtype=np.float64) / max(O // G, 1) + \
-        8.0 * np.prod(spec.out_shape, dtype=np.float64)
-    nthreads = int(max(1, min(nthreads, work // dense.MIN_WORK_PER_THREAD)))
-    nchunk = dense.plane_chunks(spec, nthreads)
-    (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    _cpu.direct.sparse_conv3d_direct(x, row_map, spec.pads[2][0], spec.stride[2] == 1, tap_ptr, c, a, bb,
-                                     np.ascontiguousarray(toff[e]), np.ascontiguousarray(values, x.dtype),
-                                     bias, out, map_d, map_h, Cg, kd, sd, sh, dd, dh, nchunk, nthreads)
-    return dense.add_constant_share(out, spec, dense.DenseTaps(lambda: dense_weight(indices, values, spec.w_shape)))
-
-
-def dense_weight(indices, values, shape):
-    """The dense weight (in the values' dtype) that coalesced indices (nnz, ndim) and their values fill."""
-    values = np.asarray(values)
-    w = np.zeros(shape, values.dtype)
-    w[tuple(np.asarray(indices).T)] = values
-    return w
-
-
-def sparse_cost(spec, nnz, nthreads):
-    """Seconds the sparse kernel should take: nnz taps at every output voxel of their channel."""
-    flops = 2.0 * nnz * spec.x_shape[0] * np.prod(spec.out_shape[2:], dtype=np.float64)
-    return dense.streaming_cost(spec) + flops / (SPARSE_GFLOPS * 1e9 * nthreads)
-
-
 @torch_batching()
 def sparse_conv3d(input, kernel, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
                   workers=None):
@@ -180,15 +139,28 @@ def sparse_conv3d(input, kernel, bias=None, stride=1, padding=0, dilation=1, gro
         indices, values, shape = kernel.as_weight(groups)
     else:
         indices, values, shape = kernel.as_weight()
-    if wants_autograd(input, bias) or values_tensor is not None:
-        from ..nn._functions import sparse_autograd
+    return pattern_conv3d(input, indices, values if values_tensor is None else values_tensor, shape, bias, stride,
+                          padding, dilation, groups, padding_mode, workers)
 
-        return sparse_autograd(input, indices, values if values_tensor is None else values_tensor, shape, bias,
-                               stride, padding, dilation, groups, padding_mode, workers)
-    caller = Caller("sparse_conv3d", [input, bias], ["input", "bias"])
-    x, b = caller.arrays
-    spec = dense.conv_spec(x.shape, shape, b, stride, padding, dilation, groups, padding_mode)
+
+def pattern_conv3d(input, indices, values, shape, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                   padding_mode="zeros", workers=None):
+    """sparse_conv3d of a fixed pattern: coalesced indices (nnz, 5) sorted by output channel, of a weight of this
+    shape, and their values (an array, a tensor such as vc.nn.SparseConv3d's trainable values, or a torch sparse
+    weight whose coalesced values they are). Differentiable in input, bias and values."""
+    if wants_autograd(input, bias, values):
+        from .._torch import sparse as torch_sparse
+
+        if not compiling():
+            check_tensors("sparse_conv3d", [input, bias], ["input", "bias"])
+        spec = conv_spec(tuple(input.shape), tuple(shape), bias, stride, padding, dilation, groups, padding_mode)
+        return torch_sparse.sparse_conv3d(input, indices, values, bias, spec, workers)
+    if is_tensor(values) and values.is_sparse:
+        values = values.coalesce().values()
+    caller = Caller("sparse_conv3d", [input, bias, values], ["input", "bias", "values"])
+    x, b, v = caller.arrays
+    spec = conv_spec(x.shape, shape, b, stride, padding, dilation, groups, padding_mode)
     x = caller.cast(x, "input")
     b = caller.cast(b, "bias", same_dtype=True)
-    out = run_sparse(x, indices, values.astype(x.dtype), b, spec, resolve_workers(workers))
+    out = sparse.run(x, np.asarray(indices), caller.cast(v, "values"), b, spec, resolve_workers(workers))
     return caller.result(out)

@@ -1,0 +1,61 @@
+"""What every torch op of volconv shares: the compute dtype of a tensor, tensors to numpy and back, a ConvSpec as
+an operator's plain arguments, threads as an operator argument, and whether torch.compile / export trace."""
+import numpy as np
+import torch
+
+from .._validate import ConvSpec, workers as resolve_workers
+
+
+def compute_dtype(t):
+    """The dtype volconv computes a tensor in: float64 stays, every other dtype (float16, bfloat16, float32)
+    computes in float32 and is cast back by the caller."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def tensor(a, like=None):
+    """a as a torch tensor (numpy operands of a differentiable call join the autograd graph as constants), in
+    like's dtype when given."""
+    t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    return t if like is None else t.to(like.dtype)
+
+
+def numpy(t):
+    """A tensor's values as a contiguous numpy array (None stays None)."""
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+def empty(like):
+    """The operators' placeholder for a gradient nobody asked for."""
+    return like.new_empty(0)
+
+
+def compiling():
+    """True while torch.compile / torch.export trace: the ops then run as custom operators the tracer sees into."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def threads_arg(workers):
+    """`workers` as the ops' int argument (0: None, all threads): resolved inside the op, not while tracing."""
+    return 0 if workers is None else int(workers)
+
+
+def threads(n):
+    """An op's thread argument resolved (threads_arg's inverse)."""
+    return resolve_workers(None if n == 0 else n)
+
+
+def ints(values):
+    return tuple(int(v) for v in values)   # symbolic sizes (torch.compile's dynamic shapes) become concrete
+
+
+def spec(x_shape, w_shape, stride, pads, dilation, groups, mode, cval=0.0):
+    """The ConvSpec of an op's plain arguments (spec_args' inverse)."""
+    p = ints(pads)
+    return ConvSpec(ints(x_shape), ints(w_shape), stride=ints(stride), pads=(p[0:2], p[2:4], p[4:6]),
+                    dilation=ints(dilation), groups=int(groups), mode=mode, cval=float(cval))
+
+
+def spec_args(spec):
+    """A ConvSpec as the ops' plain arguments: stride, pads (6), dilation, groups, mode, cval."""
+    return list(spec.stride), [p for lo_hi in spec.pads for p in lo_hi], list(spec.dilation), spec.groups, \
+        spec.mode, float(spec.cval)

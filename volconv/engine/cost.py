@@ -1,0 +1,89 @@
+"""The cost model: predicted seconds of each algorithm for one convolution, and the choice of the cheapest.
+
+Calibrated on the development machine (2 Zen 4 cores, float32, bench/bench_dense.py and a sweep of layer shapes):
+sustained rates per thread of the direct kernel by register block, of its weight-gradient kernel, of the sparse
+kernel, of oneDNN for channel-mixing layers, the bandwidth the direct path streams at, a fixed cost per call."""
+import sys
+
+import numpy as np
+
+from .. import _memory
+from . import fft, layout
+from .layout import channel_block
+
+DIRECT_GFLOPS = {1: 90.0, 4: 140.0, 8: 220.0}    # per thread, by output-channel block (1: one channel / depthwise)
+WGRAD_GFLOPS = {1: 47.0, 4: 55.0, 8: 55.0}       # weight-gradient kernel (unaligned tap loads)
+TORCH_GFLOPS = 130.0                              # oneDNN, when channels mix (Cg >= 4, Og >= 4)
+CALL_OVERHEAD = 20e-6
+BANDWIDTH = 25e9   # bytes/s the direct path streams (input and output), both cores
+SPARSE_GFLOPS = 60.0   # per thread: a tap costs ~1.4x a dense direct tap (one load per FMA; bench_sparse.py)
+
+
+def streaming_cost(spec):
+    """Seconds to call a direct-style kernel and stream its input and output through memory once."""
+    traffic = 4.0 * (np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
+    return CALL_OVERHEAD + traffic / BANDWIDTH
+
+
+def direct_cost(spec, nthreads):
+    return streaming_cost(spec) + spec.flops() / (DIRECT_GFLOPS[channel_block(spec)] * 1e9 * nthreads)
+
+
+def torch_cost(spec, nthreads):
+    Cg, Og = spec.w_shape[1], spec.w_shape[0] // spec.groups
+    if Cg < 4 or Og < 4:
+        return np.inf    # oneDNN's per-channel 3D paths are far slower than the direct kernel
+    return 100e-6 + spec.flops() / (TORCH_GFLOPS * 1e9 * nthreads)
+
+
+def fft_cost(spec, nthreads):
+    seconds = fft.fft_cost(spec.x_shape, spec.w_shape, spec.pads, spec.stride, spec.dilation, spec.groups,
+                           mode=spec.mode)   # estimated at 2 threads
+    return seconds * 2 / min(nthreads, 2)
+
+
+def wgrad_cost(spec, nthreads):
+    return CALL_OVERHEAD + spec.flops() / (WGRAD_GFLOPS[channel_block(spec)] * 1e9 * nthreads)
+
+
+def sparse_cost(spec, nnz, nthreads):
+    """Seconds the sparse kernel should take: nnz taps at every output voxel of their channel."""
+    flops = 2.0 * nnz * spec.x_shape[0] * np.prod(spec.out_shape[2:], dtype=np.float64)
+    return streaming_cost(spec) + flops / (SPARSE_GFLOPS * 1e9 * nthreads)
+
+
+def algorithm_costs(spec, nthreads, *, allow_torch, nnz=None):
+    """Predicted seconds of each algorithm that suits this convolution (the cost model)."""
+    costs = {"direct": direct_cost(spec, nthreads)}
+    if nnz is not None and nnz < 0.5 * np.prod(spec.w_shape):   # a mostly-zero weight: its non-zeros only
+        costs["sparse"] = sparse_cost(spec, nnz, nthreads)
+    if allow_torch and "torch" in sys.modules:
+        costs["torch"] = torch_cost(spec, nthreads)
+    if min(spec.kernel_size) > 3:
+        costs["fft"] = fft_cost(spec, nthreads)
+    return costs
+
+
+def all_finite(*arrays):
+    """Whether every value of these arrays (None skipped) is finite: the one test behind every algorithm choice
+    that must keep NaN / Inf where torch puts them (tensors: volconv._dispatch.all_finite)."""
+    return all(a is None or np.isfinite(a).all() for a in arrays)
+
+
+def choose_algorithm(x, spec, nthreads, *, w=None, allow_torch, backward=False, nnz=None):
+    """The cheapest algorithm by the cost model. backward: the call will be differentiated, so the cost is a
+    training step's (forward + input gradient, about another forward, + weight gradient: the direct kernel's,
+    or for fft and torch about one more forward). Non-finite input or weight w: direct or torch only (an FFT
+    spreads NaN / Inf over the whole output; the sparse path skips zero weights, where torch has 0 * NaN = NaN)."""
+    costs = algorithm_costs(spec, nthreads, allow_torch=allow_torch, nnz=nnz)
+    if backward:  # torch: forward + backward ~ 3 forwards; fft: its weight gradient is another FFT convolution
+        costs = {name: 3 * c if name in ("torch", "fft") else 2 * c + wgrad_cost(spec, nthreads)
+                 for name, c in costs.items()}
+    if len(costs) > 1 and not _memory.fits(layout.ring_bytes(spec, x.dtype.itemsize) * nthreads):
+        # the direct kernels' rings of padded planes (direct, sparse) would not fit: another algorithm if any
+        costs = {k: c for k, c in costs.items() if k not in ("direct", "sparse")} or costs
+    name = min(costs, key=costs.get)
+    if name in ("fft", "sparse") and not all_finite(x, w):
+        costs = {k: c for k, c in costs.items() if k not in ("fft", "sparse")}
+        name = min(costs, key=costs.get)
+    return name

@@ -1,0 +1,98 @@
+"""vc.correlate / vc.convolve: scipy.ndimage's filtering of one 3-D volume (modes, cval, origin), for every kind
+of kernel (dense, separable, sparse), and filter_volume, the slab-with-halo form io.filter_nifti runs."""
+import numpy as np
+
+from .._dispatch import Caller, wants_autograd
+from .._validate import ConvSpec, filter_origins, filter_pads, real_number, scipy_mode, triple
+from .._validate import workers as resolve_workers
+from ..engine import cost, dense
+from ..engine import sparse as sparse_engine
+from ..engine.separable import run_separable
+from ..kernels import Kernel, SeparableKernel
+from .conv import as_separable
+from .sparse import SparseKernel
+
+
+def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip, halo=None):
+    """correlate / convolve. halo: per axis, (lo, hi) planes at the volume's ends that are context, not output
+    (a slab of a larger volume, io.filter_nifti): those sides are not padded and the output omits them. Each
+    must be at most the kernel's reach on that side."""
+    kernel = as_separable(kernel)
+    separable = kernel if isinstance(kernel, SeparableKernel) and not wants_autograd(volume) else None
+    sparse_k = kernel if isinstance(kernel, SparseKernel) and not wants_autograd(volume) else None
+    if isinstance(kernel, Kernel):  # factored kernels are never built: a zero-stride stand-in gives the shape
+        kernel = np.broadcast_to(np.float32(0), kernel.shape) if separable is not None or sparse_k is not None \
+            else kernel.to_dense()
+    caller = Caller(op, [volume, kernel], ["volume", "kernel"], promote_ints=True)
+    v, k = caller.arrays
+    if v.ndim != 3:
+        raise ValueError(f"volume must be 3-D (D, H, W), got {v.ndim}-D shape {v.shape}")
+    if k.ndim != 3:
+        raise ValueError(f"kernel must be 3-D (kd, kh, kw), got {k.ndim}-D shape {k.shape}")
+    if min(k.shape) < 1:
+        raise ValueError(f"kernel must not be empty, got shape {k.shape}")
+    mode = scipy_mode(mode)
+    origins = triple(origin, "origin")
+    if v.size == 0:   # nothing to filter: an empty result, as scipy.ndimage gives
+        return caller.result(np.empty(v.shape, caller.dtype))
+    # NIfTI data arrive in Fortran order: filter the transposed volume with the transposed kernel (no copy)
+    fortran = v.flags.f_contiguous and not v.flags.c_contiguous
+    halo = ((0, 0),) * 3 if halo is None else tuple(tuple(h) for h in halo)
+    if fortran:
+        v, k, origins, halo = v.T, k.T, origins[::-1], halo[::-1]
+        if separable is not None:
+            separable = SeparableKernel(separable.factors[::-1], separable.weights)
+        if sparse_k is not None:
+            sparse_k = SparseKernel(sparse_k.indices[:, ::-1], sparse_k.values, sparse_k.shape[::-1])
+    origins = filter_origins(origins, k.shape, flip=flip, given=origin)
+    if flip:  # convolution = correlation with the flipped kernel
+        k = k[::-1, ::-1, ::-1]
+    pads = tuple((lo - hlo, hi - hhi) for (lo, hi), (hlo, hhi) in zip(filter_pads(k.shape, origins), halo))
+    spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
+                    groups=1, mode=mode, cval=real_number(cval, "cval"))
+    if wants_autograd(volume, kernel):
+        from .._torch import conv
+        from .._torch.common import tensor
+
+        w = tensor(kernel, like=volume if caller.is_tensor else None)
+        w = w.flip((0, 1, 2)) if flip else w
+        return conv.conv3d(tensor(volume, like=w)[None, None], w[None, None], None, spec,
+                           dense.resolve_algorithm(algorithm), workers)[0, 0]
+    v = caller.cast(v, "volume")
+    if sparse_k is not None:
+        idx = np.array(sparse_k.shape) - 1 - sparse_k.indices if flip else sparse_k.indices
+        order = np.lexsort(idx.T[::-1])
+        idx5 = np.concatenate([np.zeros((idx.shape[0], 2), np.int64), idx[order]], axis=1)
+        out = sparse_engine.run(v[None, None], idx5, sparse_k.values[order].astype(v.dtype), None, spec,
+                                resolve_workers(workers))
+    elif separable is not None:
+        if flip:
+            separable = SeparableKernel([f[:, ::-1] for f in separable.factors], separable.weights)
+        out = run_separable(v[None, None], separable, spec, dense.resolve_algorithm(algorithm),
+                            resolve_workers(workers))
+    else:
+        k = caller.cast(k, "kernel")
+        if algorithm == "auto" and not np.all(k) and not cost.all_finite(v):
+            algorithm = "sparse"   # scipy's footprint: a zero weight is no tap, so NaN / Inf under it do not spread
+        out = dense.run(v[None, None], k[None, None], None, spec, dense.resolve_algorithm(algorithm),
+                        resolve_workers(workers))
+    return caller.result(out[0, 0].T if fortran else out[0, 0])
+
+
+def correlate(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None):
+    """Multidimensional correlation of one 3D volume, with the results of ``scipy.ndimage.correlate``.
+
+    mode: "reflect" (d c b a | a b c d), "constant" (cval outside), "nearest", "mirror" (d c b | a b c d) or
+    "wrap"; origin: int or per-axis triple, shifts the kernel as in scipy. Integer volumes are computed and
+    returned as float (numpy's promotion with float32), not rounded back to the integer type.
+    cval enters only the outputs whose window leaves the volume (any value, NaN and +-Inf included: elsewhere
+    the result is as exact as with cval=0). As in scipy, a zero weight is not part of the filter: NaN / Inf in
+    the volume or in cval spread only through non-zero weights (with algorithm="auto"; "direct" and "torch"
+    multiply zero weights like torch.conv3d, "fft" spreads a non-finite volume over the whole output)."""
+    return filter_volume("correlate", volume, kernel, mode, cval, origin, algorithm, workers, flip=False)
+
+
+def convolve(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None):
+    """Multidimensional convolution of one 3D volume, with the results of ``scipy.ndimage.convolve``.
+    Arguments as `correlate`."""
+    return filter_volume("convolve", volume, kernel, mode, cval, origin, algorithm, workers, flip=True)
