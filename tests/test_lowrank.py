@@ -1,4 +1,4 @@
-"""Low-rank execution (ops/decomposed.py): vc.cp_conv3d / vc.tucker_conv3d against torch.conv3d with the dense
+"""Low-rank execution (ops/lowrank.py): vc.cp_conv3d / vc.tucker_conv3d against torch.conv3d with the dense
 weight REBUILT from the factors (float64 reference), over strides, dilations, paddings and padding modes,
 dtypes, batches, odd and even kernels and ranks 1 to 32; the layers' gradients and conversions; bad input.
 

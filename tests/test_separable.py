@@ -1,4 +1,4 @@
-"""The fused separable kernel (ops/decomposed.py, _cpu/separable.pxi): a SeparableKernel's three 1-D passes in
+"""The fused separable kernel (engine/separable.py, _cpu/separable.pxi): a SeparableKernel's three 1-D passes in
 one pass over memory must equal the dense 3-D kernel applied depthwise by torch.conv3d (float64 reference,
 tolerance of conftest.conv_tolerance for the dense kernel's terms: |passes - dense| is bounded by the same
 rounding analysis, the per-output magnitude being conv(|x|, |fd| x |fh| x |fw|)).

@@ -1,4 +1,4 @@
-"""Sparse kernels (volconv/ops/sparse.py, engine/sparse.py, _cpu/sparse.pxi): vc.sparse_conv3d against torch.conv3d with the dense
+"""Sparse kernels (engine/sparse.py, _cpu/sparse.pxi): vc.sparse_conv3d against torch.conv3d with the dense
 weight the non-zeros make (float64 reference, conftest tolerances: the sparse sum has fewer terms than the
 dense one, so the dense bound holds), over strides, dilations, paddings and padding modes, groups, dtypes,
 batches, odd and even kernels and densities from 0.1% to 50%; correlate/convolve with a 3-D SparseKernel

@@ -14,19 +14,20 @@ from .engine import cost
 from ._validate import float_dtype, native
 
 
-def _torch():
+def torch_module():
+    """torch when the program has imported it, else None."""
     return sys.modules.get("torch")
 
 
 def is_tensor(x):
-    torch = _torch()
+    torch = torch_module()
     return torch is not None and isinstance(x, torch.Tensor)
 
 
 def wants_autograd(*args):
     """True when a torch tensor among args needs a gradient (the op must go through its autograd Function), or
     while torch.compile / export trace tensors (the autograd paths are then volconv's custom operators)."""
-    torch = _torch()
+    torch = torch_module()
     if torch is None:
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -38,7 +39,7 @@ def wants_autograd(*args):
 def compiling():
     """True while torch.compile / torch.export trace: tensor ops then go through volconv's custom operators
     (volconv/_torch), which the tracer can see into."""
-    if _torch() is None:
+    if torch_module() is None:
         return False
     from ._torch.common import compiling as tracing
 
@@ -47,7 +48,7 @@ def compiling():
 
 def all_finite(*arrays):
     """engine.cost.all_finite for arrays and tensors (on any device)."""
-    torch = _torch()
+    torch = torch_module()
     return all(a is None or (bool(torch.isfinite(a.detach()).all()) if is_tensor(a) else cost.all_finite(a))
                for a in arrays)
 
@@ -105,7 +106,7 @@ class Caller:
     @staticmethod
     def _numpy(a, name):
         if is_tensor(a):
-            torch = _torch()
+            torch = torch_module()
             a = a.detach()
             if a.dtype == torch.bfloat16:  # numpy has no bfloat16: computed in float32 like float16
                 a = a.float()
@@ -135,7 +136,7 @@ class Caller:
     def result(self, out):
         """out (numpy, compute dtype) in the caller's type and dtype."""
         if self.is_tensor:
-            torch = _torch()
+            torch = torch_module()
             t = torch.from_numpy(out)
             return t if t.dtype == self.torch_dtype or not self.torch_dtype.is_floating_point else \
                 t.to(self.torch_dtype)
@@ -195,6 +196,6 @@ def torch_batching(*also):
 def _with_zero_item(a):
     """a (0, ...) with one item of zeros appended (joined to a's autograd graph when a is a tensor)."""
     if is_tensor(a):
-        return _torch().cat([a, a.new_zeros((1,) + tuple(a.shape[1:]))])
+        return torch_module().cat([a, a.new_zeros((1,) + tuple(a.shape[1:]))])
     a = np.asarray(a)
     return np.zeros((1,) + a.shape[1:], a.dtype)

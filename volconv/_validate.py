@@ -25,6 +25,16 @@ NUMPY_PAD_MODES = {mode: names[2] for mode, names in MODES.items()}
 INT_MAX = 2**31 - 1   # the compiled kernels take strides, dilations and paddings as C ints
 
 
+def five_d(shape, name="input"):
+    """The shape of an input (a shape tuple, an array, a tensor or an array-like), checked to be 5-D
+    (N, C, D, H, W)."""
+    if not (isinstance(shape, tuple) and all(isinstance(n, numbers.Integral) for n in shape)):
+        shape = tuple(shape.shape) if hasattr(shape, "shape") else np.shape(shape)
+    if len(shape) != 5:
+        raise ValueError(f"{name} must be 5-D (N, C, D, H, W), got shape {shape}")
+    return shape
+
+
 def triple(value, name, *, minimum=None, maximum=None):
     """An int or a sequence of 3 ints -> tuple of 3 ints, each >= minimum and <= maximum."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -196,8 +206,7 @@ class ConvSpec:
     scipy boundary-mode terms. Every algorithm receives one of these."""
 
     def __init__(self, x_shape, w_shape, *, stride, pads, dilation, groups, mode, cval=0.0):
-        if len(x_shape) != 5:
-            raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(x_shape)}")
+        five_d(x_shape)
         if len(w_shape) != 5:
             raise ValueError(f"weight must be 5-D (out_channels, in_channels/groups, kd, kh, kw), "
                              f"got shape {tuple(w_shape)}")

@@ -1,8 +1,8 @@
 # Direct 3D cross-correlation and weight-gradient loops (OpenMP over work units); the SIMD work is in kernels.h.
 # Included by _direct_generic.pyx, _direct_avx2.pyx and _direct_avx512.pyx, which setup.py compiles with
-# different instruction sets. No validation here: volconv/ops/dense.py hands over checked, contiguous arrays.
+# different instruction sets. No validation here: volconv/engine/ hands over checked, contiguous arrays.
 #
-# Layout conventions shared with ops/dense.py:
+# Layout conventions shared with engine/layout.py:
 #   rows of (N, C, D, H, W) padded along W (the contiguous axis) to Wr by row_map and, for a W stride s,
 #                            split into s phases, so that every tap reads a contiguous run;
 #   toff   (kw,)             offset of tap e in such a row: output column w reads row[w + toff[e]];

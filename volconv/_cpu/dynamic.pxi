@@ -5,7 +5,7 @@
 # Both layouts of the kernel field K (N, S, T, Do, Ho, Wo) are one: output channel o sums, over its pairs
 # (input channel c, kernel slice s) (CSR ptr/pc/ps), sum_t K[n, s, t, p] * x[n, c, p*stride + t*dilation - pad].
 # Grouped (involution): o = c, one pair (c, group of c). Full: pairs (c, o*C + c) for every c.
-# x arrives as the direct kernel's rows (ops/dense._row_layout: W padding and stride phases, tap e of output
+# x arrives as the direct kernel's rows (engine/layout.row_layout: W padding and stride phases, tap e of output
 # column w at w + toff[e]); map_d / map_h: padded D/H position -> plane / row of x, or -1 (zero).
 
 cdef extern from "kernels.h" nogil:

@@ -11,7 +11,7 @@ typedef T UVEC __attribute__((vector_size(VC_VBYTES), aligned(sizeof(T)), may_al
 
 /* One block of output: OB output rows (channels, `ocs` apart) x WV vectors starting at column w0.
  * out[o][w] = bias[o] + sum_r sum_e wts[r][e*OB + o] * rows[r][w + toff[e]]
- * (toff: column offset of each tap in the row layout of ops/dense.py, stride phases split apart.)
+ * (toff: column offset of each tap in the row layout of engine/layout.py, stride phases split apart.)
  * The whole reduction happens in registers (acc), so a block may overlap one computed before (used for the
  * row's tail) and write the same values. NS accumulator sets take alternate rows: more independent FMA
  * chains when OB*WV alone is too few to hide the FMA latency. */

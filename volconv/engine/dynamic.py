@@ -7,7 +7,7 @@ rows it writes: deterministic, no atomics)."""
 import numpy as np
 
 from .. import _cpu
-from .._validate import NUMPY_PAD_MODES, conv_spec, triple
+from .._validate import NUMPY_PAD_MODES, conv_spec, five_d, triple
 from .layout import direct_operands, row_layout, threads_for_work
 
 WEIGHT_BYTES = 64 * 2**20   # adaptive_gaussian: the three fields of 1-D weights per slab
@@ -19,8 +19,7 @@ class Layout:
     channel (forward), by slice (kernel gradient) and by input channel (input gradient)."""
 
     def __init__(self, x_shape, k_shape, kernel_size, stride, padding, dilation):
-        if len(x_shape) != 5:
-            raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(x_shape)}")
+        five_d(x_shape)
         N, C = x_shape[:2]
         self.kernel_size = triple(kernel_size, "kernel_size", minimum=1)
         T = int(np.prod(self.kernel_size))

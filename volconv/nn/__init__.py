@@ -1,4 +1,4 @@
-"""PyTorch layers over volconv's kernels (torch.nn argument names and defaults; autograd on CPU)."""
+"""PyTorch layers over volconv's ops (torch.nn argument names and defaults; autograd on CPU and CUDA)."""
 from .blocks import ChannelAttention3d, Res2Block3d
 from .conv import Conv3d
 from .convert import ConversionReport, convert

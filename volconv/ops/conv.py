@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import _cuda
 from .._dispatch import Caller, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
-from .._validate import conv_spec, workers as resolve_workers
+from .._validate import conv_spec, five_d, workers as resolve_workers
 from ..engine import dense, separable
 from ..kernels import Kernel, SeparableKernel
 from . import lowrank, sparse
@@ -72,9 +72,7 @@ def _tensor_conv3d(input, weight, bias, stride, padding, dilation, groups, paddi
 def _kernel_conv3d(input, kernel, bias, stride, padding, dilation, padding_mode, algorithm, workers):
     """conv3d with a kernel object (vc.kernels): the kernel applied to every channel (depthwise), separable
     kernels by 1-D passes."""
-    C = input.shape[1] if getattr(input, "ndim", 0) == 5 else None
-    if C is None:
-        raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(getattr(input, 'shape', ()))}")
+    C = five_d(input)[1]
     kernel = as_separable(kernel)
     if not isinstance(kernel, SeparableKernel) or wants_autograd(input, bias):
         dense_k = kernel.to_dense()

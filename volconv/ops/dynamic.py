@@ -1,5 +1,5 @@
-"""vc.dynamic_conv3d and vc.adaptive_filter: a different kernel at every output voxel, e.g. produced by a small network from the
-input (involution, pixel-adaptive convolution, dynamic filters), in 3D, without unfolding the patches.
+"""vc.dynamic_conv3d and vc.adaptive_filter: a different kernel at every output voxel, e.g. produced by a small
+network from the input (involution, pixel-adaptive convolution, dynamic filters), in 3D, without unfolding.
 
 vc.dynamic_conv3d(input, kernels, kernel_size, stride, padding, dilation): with T = kd*kh*kw taps,
 - kernels (N, G, T, Do, Ho, Wo): the C input channels form G groups; every channel of group g uses

@@ -4,7 +4,7 @@ core) and a projection into the output channels."""
 import numpy as np
 
 from .._dispatch import Caller, check_tensors, compiling, torch_batching, wants_autograd
-from .._validate import ConvSpec, conv_spec, workers as resolve_workers
+from .._validate import ConvSpec, conv_spec, five_d, workers as resolve_workers
 from ..engine import dense
 from ..engine.separable import project, separable_conv3d
 
@@ -63,8 +63,7 @@ def factored_conv3d(op, input, bias, stride, padding, dilation, padding_mode, wo
               w_shape):
     """in projection (Cin -> R), the spatial part (separable factors per component, or a dense core R -> R'),
     out projection (R' -> Cout) + bias."""
-    if getattr(input, "ndim", 0) != 5:
-        raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(getattr(input, 'shape', ()))}")
+    five_d(input)
     if wants_autograd(input, bias, in_f, out_f, core, *(spatial or ())):   # (vc.nn's layers: factors as tensors)
         from .._torch import lowrank
 

@@ -10,7 +10,7 @@ only, one read of each input tile) or densely; "branches" runs each branch on it
 """
 import numpy as np
 
-from .._dispatch import _torch, all_finite, compiling, torch_batching
+from .._dispatch import all_finite, compiling, torch_batching, torch_module
 from .._validate import ConvSpec, triple, workers as resolve_workers
 from ..engine import cost
 from ..engine.nested import same_pads
@@ -75,10 +75,10 @@ def merge(weights, dilations=None, biases=None, combine="sum", groups=1):
         given = next(b for b in biases if b is not None)
         zeros = given.new_zeros if torch_in else (lambda n: np.zeros(n, given.dtype))
         parts = [zeros(outs[i]) if b is None else b for i, b in enumerate(biases)]
-        bias = sum(parts) if combine == "sum" else _torch().cat(parts) if torch_in else np.concatenate(parts)
+        bias = sum(parts) if combine == "sum" else torch_module().cat(parts) if torch_in else np.concatenate(parts)
     if combine == "concat" and groups > 1:   # a grouped convolution wants its output channels group by group
         order = _group_order(outs, groups)
-        order = _torch().as_tensor(order) if torch_in else order
+        order = torch_module().as_tensor(order) if torch_in else order
         merged, bias = merged[order], None if bias is None else bias[order]
     return merged, bias
 
@@ -117,7 +117,7 @@ def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat"
     out = conv3d(input, w, b, padding="same", groups=groups, workers=workers)
     if combine == "concat" and groups > 1:   # back to branch order
         inverse = np.argsort(_group_order(outs, groups))
-        out = out[:, _torch().as_tensor(inverse) if not isinstance(out, np.ndarray) else inverse]
+        out = out[:, torch_module().as_tensor(inverse) if not isinstance(out, np.ndarray) else inverse]
     return out
 
 
@@ -131,7 +131,7 @@ def _branches(input, weights, dil, groups, combine, biases, workers):
         return out
     if isinstance(ys[0], np.ndarray):
         return np.concatenate(ys, axis=1)
-    return _torch().cat(ys, dim=1)
+    return torch_module().cat(ys, dim=1)
 
 
 def _choose(x_shape, weights, dil, groups, combine, nthreads):

@@ -5,7 +5,7 @@ vc.nested.compose, the single kernel of a linear chain."""
 import numpy as np
 
 from .._dispatch import Caller, check_tensors, compiling, torch_batching, wants_autograd
-from .._validate import workers as resolve_workers
+from .._validate import five_d, workers as resolve_workers
 from ..engine import nested
 from ..engine.nested import ACTIVATION_CODES, compose, stage_specs  # noqa: F401  (compose: vc.nested.compose)
 
@@ -44,8 +44,7 @@ def nested_conv3d(input, weights, biases=None, activation=None, groups=1, *, alg
     caller = Caller("nested_conv3d", [input] + list(weights) + bias_list, ["input"] + w_names + b_names,
                     optional=tuple(b_names))
     arrays = caller.arrays
-    if np.ndim(arrays[0]) != 5:
-        raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(np.shape(arrays[0]))}")
+    five_d(arrays[0])
     x = caller.cast(arrays[0], "input")
     ws = [caller.cast(w, n, same_dtype=True) for w, n in zip(arrays[1:L + 1], w_names)]
     bs = [caller.cast(b, n, same_dtype=True) for b, n in zip(arrays[L + 1:], b_names)]

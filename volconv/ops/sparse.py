@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 
 from .._dispatch import Caller, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
-from .._validate import conv_spec, workers as resolve_workers
+from .._validate import conv_spec, five_d, workers as resolve_workers
 from ..engine import sparse
 from ..engine.sparse import dense_weight
 from ..kernels import Kernel
@@ -132,8 +132,7 @@ def sparse_conv3d(input, kernel, bias=None, stride=1, padding=0, dilation=1, gro
     if not isinstance(kernel, SparseKernel):
         raise TypeError(f"kernel must be a vc.SparseKernel or a torch sparse COO tensor, got "
                         f"{type(kernel).__name__}")
-    if getattr(input, "ndim", 0) != 5:
-        raise ValueError(f"input must be 5-D (N, C, D, H, W), got shape {tuple(getattr(input, 'shape', ()))}")
+    five_d(input)
     if len(kernel.shape) == 3:
         groups = input.shape[1]
         indices, values, shape = kernel.as_weight(groups)
