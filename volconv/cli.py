@@ -656,7 +656,7 @@ def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
             text = text.replace(path, as_given[path])
         return text
 
-    cluster = vdask._Cluster(None if args.scheduler == "local" else args.scheduler)
+    cluster = vdask.Cluster(None if args.scheduler == "local" else args.scheduler)
     try:
         client = cluster.__enter__()
     except ImportError as e:
@@ -666,7 +666,7 @@ def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
         reporter.error(CommandError(args.scheduler, f"cannot connect to the dask scheduler: {_blame(e, None)[1]}"))
         return None
     failed, done = [], 0
-    tasks = vdask._run_files(client, _filter_scheduled_file, pairs, options, choice)
+    tasks = vdask.run_files(client, _filter_scheduled_file, pairs, options, choice)
     reporter.start_bar(total=len(names), unit="file")
     try:
         for i, outcome, exc in tasks:
