@@ -412,7 +412,7 @@ def test_unwritable_output_directory(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(vio.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(vio.atomic.tempfile, "mkstemp", refuse)
     code, _, err = run(capsys, "filter", src, out_dir / "o.nii.gz", "--gaussian", "2mm")
     assert_failure(code, err, out_dir / "o.nii.gz", also="Permission denied")
     assert listing(out_dir) == []

@@ -151,7 +151,7 @@ def test_a_later_run_removes_stale_temporaries_of_dead_processes(tmp_path, capsy
     src, _ = synthetic(tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    host = vio._temporary_tag(0).split("@", 1)[1]
+    host = vio.atomic._temporary_tag(0).split("@", 1)[1]
     stale = [f".a.{dead_pid()}@{host}.k3j_x9q1.tmp.nii.gz", f".b.{dead_pid()}@{host}.abcdefgh.tmp.nii",
              f".p.png.{dead_pid()}@{host}.abcdefgh.tmp.png"]
     kept = [f".c.{os.getpid()}@{host}.abcdefgh.tmp.nii.gz",           # a live process's (this one's)

@@ -148,7 +148,7 @@ def positive(kind):
 
 
 def _memory_size(text):
-    from ._slabs import memory_bytes
+    from .io.slabs import memory_bytes
 
     try:
         return memory_bytes(text, "--max-memory")
@@ -467,15 +467,15 @@ class _Preview:
         except ImportError:
             raise CommandError(self.path, "--preview needs matplotlib (pip install matplotlib)") from None
         directory = os.path.dirname(os.path.abspath(self.path))
-        from .io import _temporary, _umask
+        from .io.atomic import new_file_mode, temporary
 
         try:   # named .<PNG's name>.<pid>@<host>.<random>.tmp.png, whatever PNG's own extension
-            fd, self.tmp = _temporary(directory, os.path.basename(self.path) + ".png", ".png")
+            fd, self.tmp = temporary(directory, os.path.basename(self.path) + ".png", ".png")
         except OSError as e:
             raise CommandError(self.path, f"cannot create a file in {directory}: {e.strerror}") from None
         os.close(fd)
 
-        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it private; a PNG is as readable as the NIfTI
+        os.chmod(self.tmp, new_file_mode())  # mkstemp makes it private; a PNG is as readable as the NIfTI
 
     def write(self, src, dst):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -517,11 +517,11 @@ def _mid_slices(path):
     file is read forward in slabs of planes along its last axis by the filter's own reader (one pass over a
     gzip stream: slicing a gzipped file across that axis would read all of it), keeping only those planes
     (the memory promise)."""
-    from . import io
+    from .io.planes import Planes
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # already reported when the input was filtered
-        with io._Planes(path) as source:
+        with Planes(path) as source:
             X, Y, Z = source.shape
             mid = [n // 2 for n in source.shape]
             read = source.reader(0)
@@ -803,7 +803,7 @@ def _read_header(path):
     try:
         with (gzip.open if gzipped else open)(path, "rb") as f:
             block = f.read(548)
-            img_class = io._nifti_class(path, block)  # the one place that says what a file is instead
+            img_class = io.volume._nifti_class(path, block)  # the one place that says what a file is instead
             f.seek(0)
             img = img_class.from_file_map({"image": nib.FileHolder(fileobj=f)}, mmap=False)
     except (OSError, EOFError, ValueError) as e:
