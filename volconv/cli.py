@@ -786,40 +786,16 @@ def _build_info():
           f"CUDA plugin {'ready' if has_cuda() else 'not built'}")
 
 
-def _read_header(path):
-    """(image, gzipped) with the header and the data's proxy of a NIfTI file, reading the header only.
-    Errors as vc.io.load gives them (NiftiError naming the file, FileNotFoundError)."""
-    import gzip
-
-    import nibabel as nib
-
-    from . import io
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise io.NiftiError(f"{path}: is a directory, not a NIfTI file")
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
-    try:
-        with (gzip.open if gzipped else open)(path, "rb") as f:
-            block = f.read(548)
-            img_class = io.volume._nifti_class(path, block)  # the one place that says what a file is instead
-            f.seek(0)
-            img = img_class.from_file_map({"image": nib.FileHolder(fileobj=f)}, mmap=False)
-    except (OSError, EOFError, ValueError) as e:
-        if isinstance(e, (io.NiftiError, FileNotFoundError, PermissionError)):
-            raise
-        raise io.NiftiError(f"{path}: unreadable NIfTI header: {_blame(e, path)[1]}") from e
-    return img, gzipped
-
-
 def _file_info(path):
     import nibabel as nib
     import numpy as np
     from nibabel.affines import voxel_sizes
     from ._memory import size
+    from .io.volume import open_header, pixdim_disagreement
 
-    img, gzipped = _read_header(path)
+    path = os.fspath(path)
+    with open_header(path, mmap=False) as (img, stream):   # the header only: the data are not read
+        gzipped = stream is not None
     header, proxy = img.header, img.dataobj
     shape = tuple(int(n) for n in proxy.shape)
     zooms = voxel_sizes(img.affine)
@@ -839,8 +815,8 @@ def _file_info(path):
         f"  shape        {' x '.join(str(n) for n in shape)}",
         f"  zooms        {' x '.join(f'{z:g}' for z in zooms)} mm (from the affine)",
     ]
-    pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
-    if not np.allclose(pixdim, zooms, rtol=1e-4, atol=0):
+    pixdim = pixdim_disagreement(img.affine, header)
+    if pixdim is not None:
         lines.append(f"  pixdim       {' x '.join(f'{z:g}' for z in pixdim)} (disagrees with the affine)")
     if len(shape) > 3:
         lines.append(f"  TR           {float(header['pixdim'][4]):g} {time_unit}")
