@@ -326,7 +326,7 @@ def test_bench_threads_must_be_positive(capsys):
 def test_every_spelling_of_an_input_is_refused_as_an_output(hops, absolute, hard_link):
     """However OUT spells the input's path (./, a/.., a symlinked folder, absolute or relative, or a hard link),
     the one check refuses it; a different file passes."""
-    from volconv.cli import CommandError, _check_distinct
+    from volconv.cli.common import CommandError, check_distinct as _check_distinct
 
     with tempfile.TemporaryDirectory() as top:
         top = Path(top)

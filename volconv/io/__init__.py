@@ -19,4 +19,6 @@ from .filtering import NAN_RULES, adaptive_filter_nifti, filter_nifti
 from .volume import ZOOM_RTOL, NiftiError, NiftiWarning, Volume, load
 from .writer import NiftiWriter, save
 
+# vc.io.filter_nifti, adaptive_filter_nifti, NAN_RULES, NiftiWriter and ZOOM_RTOL are public as well, as they were
+# before io became a package; __all__ (star imports) is as it was.
 __all__ = ["NiftiError", "NiftiWarning", "Volume", "load", "save"]

@@ -19,7 +19,7 @@ from .parallel_gzip import ParallelGzipWriter
 from .volume import NiftiWarning, Volume
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")   # the names of the files volconv writes (it reads any by content)
-_SAVE_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "int8", "uint8", "int16", "uint16", "int32",
+SAVE_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "int8", "uint8", "int16", "uint16", "int32",
                                            "uint32", "int64", "uint64"))
 
 
@@ -78,8 +78,8 @@ class NiftiWriter:
         if self.ext is None:
             raise ValueError(f"{path}: output file name must end in .nii or .nii.gz")
         out_dtype = np.dtype(np.float32 if dtype is None else dtype)
-        if out_dtype not in _SAVE_DTYPES:
-            raise ValueError(f"save: dtype must be one of {', '.join(str(d) for d in _SAVE_DTYPES)}; got "
+        if out_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save: dtype must be one of {', '.join(str(d) for d in SAVE_DTYPES)}; got "
                              f"{out_dtype}")
         if len(shape) not in (3, 4):
             raise ValueError(f"{path}: Volume data must be 3-D or 4-D, got shape {tuple(shape)}")
