@@ -45,7 +45,7 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
     become.
 
     max_memory: working memory, as bytes (int) or a size with a unit ("512MiB", "1GB", "2G"; default
-    volconv.slabs.WORK_BYTES, 512 MiB). A volume whose float copies do not fit is filtered in slabs along its
+    volconv.io.slabs.WORK_BYTES, 512 MiB). A volume whose float copies do not fit is filtered in slabs along its
     last spatial axis, each read with the planes the kernel reaches beyond it (from the memory map of an
     uncompressed file, or as the gzip stream goes), the mask read with it, and written out before the next:
     peak memory stays near max_memory plus one output slab whatever the volume's size, and the result is the
