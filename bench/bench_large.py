@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from volconv import _benchmark, _slabs
+from volconv import _benchmark
+from volconv.io.slabs import memory_bytes
 
 LOAD_SAVE = ("import sys, nibabel as nib, numpy as np; img = nib.load(sys.argv[1]); "
              "data = np.asarray(img.dataobj, dtype=np.float32); "
@@ -90,7 +91,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     shape = tuple(a.shape)
     size = 4 * int(np.prod(shape))
-    budget = _slabs.memory_bytes(a.max_memory, "--max-memory")
+    budget = memory_bytes(a.max_memory, "--max-memory")
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         src, mask, sigma = (os.path.join(tmp, name) for name in ("big.nii", "mask.nii.gz", "sigma.nii"))
         make_volume(src, shape, lambda rng, s: rng.random(s, dtype=np.float32))

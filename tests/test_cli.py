@@ -276,7 +276,7 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
             return True
 
     terminal = Terminal()
-    monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0)
+    monkeypatch.setattr(cli.common, "PROGRESS_DELAY_S", 0)
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["filter", str(src), str(tmp_path / "out.nii.gz"), "--gaussian", "1mm"]) == 0
     monkeypatch.undo()
@@ -320,7 +320,7 @@ def test_preview_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
     def broken(self, src, dst):
         raise cli.CommandError(self.path, "simulated failure")
 
-    monkeypatch.setattr(cli._Preview, "write", broken)
+    monkeypatch.setattr(cli.preview.Preview, "write", broken)
     code, _, err = run(capsys, "filter", SAMPLE, tmp_path / "out.nii.gz", "--gaussian", "2mm", "--preview",
                        tmp_path / "p.png")
     assert_failure(code, err, tmp_path / "p.png")
@@ -412,7 +412,7 @@ def test_unwritable_output_directory(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(vio.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(vio.atomic.tempfile, "mkstemp", refuse)
     code, _, err = run(capsys, "filter", src, out_dir / "o.nii.gz", "--gaussian", "2mm")
     assert_failure(code, err, out_dir / "o.nii.gz", also="Permission denied")
     assert listing(out_dir) == []

@@ -1,4 +1,4 @@
-"""volconv._gzip.ParallelGzipWriter: the blocks compressed on several threads form one ordinary gzip stream,
+"""volconv.io.parallel_gzip.ParallelGzipWriter: the blocks compressed on several threads form one ordinary gzip stream,
 byte-identical whatever the thread count, read back exactly by Python's gzip, zlib and nibabel."""
 import gzip
 import io
@@ -7,8 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from volconv import _gzip
-from volconv._gzip import ParallelGzipWriter
+from volconv.io import parallel_gzip as _gzip
+from volconv.io.parallel_gzip import ParallelGzipWriter
 
 
 def write(chunks, threads, name="x.nii", level=1):

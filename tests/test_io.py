@@ -542,7 +542,7 @@ def test_overwrite_false(tmp_path, monkeypatch, no_warnings):
     out = tmp_path / "out.nii.gz"
     vio.save(small_volume(), out, overwrite=False)  # new file: fine
     before = out.read_bytes()
-    monkeypatch.setattr(vio, "_open_temp", lambda fd: pytest.fail("refused only after writing the data"))
+    monkeypatch.setattr(vio.writer, "_open_temp", lambda fd: pytest.fail("refused only after writing the data"))
     with pytest.raises(FileExistsError, match="out.nii.gz") as info:
         vio.save(Volume(np.zeros((4, 5, 6)), AFFINE), out, overwrite=False)
     assert info.value.filename == str(out)
@@ -555,13 +555,13 @@ def test_overwrite_false(tmp_path, monkeypatch, no_warnings):
 
 def test_overwrite_false_when_the_file_appears_during_the_write(tmp_path, monkeypatch, no_warnings):
     out = tmp_path / "out.nii"
-    real_open_temp = vio._open_temp
+    real_open_temp = vio.writer._open_temp
 
     def racing(fd):
         out.write_bytes(b"someone else's file")
         return real_open_temp(fd)
 
-    monkeypatch.setattr(vio, "_open_temp", racing)
+    monkeypatch.setattr(vio.writer, "_open_temp", racing)
     with pytest.raises(FileExistsError, match="out.nii"):
         vio.save(small_volume(), out, overwrite=False)
     assert out.read_bytes() == b"someone else's file"
@@ -579,7 +579,7 @@ def test_unwritable_directory_simulated(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(vio.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(vio.atomic.tempfile, "mkstemp", refuse)
     with pytest.raises(PermissionError, match="cannot create a file in the output directory") as info:
         vio.save(small_volume(), tmp_path / "out.nii.gz")
     assert info.value.filename == str(tmp_path)
@@ -649,7 +649,7 @@ def test_disk_full(tmp_path, monkeypatch, name):
         partial.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else None)
         return FullDisk(fd, room=100)
 
-    monkeypatch.setattr(vio, "_open_temp", full_disk)
+    monkeypatch.setattr(vio.writer, "_open_temp", full_disk)
     big = Volume(np.random.default_rng(0).random((20, 20, 20)), AFFINE)
     with pytest.raises(OSError, match=rf"No space left on device: could not write .*{name}") as info:
         vio.save(big, out)
@@ -663,7 +663,7 @@ def test_disk_full(tmp_path, monkeypatch, name):
 @pytest.mark.parametrize("name", ["out.nii", "out.nii.gz"])
 def test_exception_midway_leaves_nothing(tmp_path, monkeypatch, name):
     """An interrupt after the header and part of the data: no output, no temporary file."""
-    real_cast, calls = vio._cast, []
+    real_cast, calls = vio.writer._cast, []
 
     def interrupted(data, dtype):
         calls.append(1)
@@ -671,7 +671,7 @@ def test_exception_midway_leaves_nothing(tmp_path, monkeypatch, name):
             raise KeyboardInterrupt
         return real_cast(data, dtype)
 
-    monkeypatch.setattr(vio, "_cast", interrupted)
+    monkeypatch.setattr(vio.writer, "_cast", interrupted)
     with pytest.raises(KeyboardInterrupt):
         vio.save(small_volume(), tmp_path / name)
     assert len(calls) == 3 and listing(tmp_path) == []

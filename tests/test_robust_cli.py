@@ -151,7 +151,7 @@ def test_a_later_run_removes_stale_temporaries_of_dead_processes(tmp_path, capsy
     src, _ = synthetic(tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    host = vio._temporary_tag(0).split("@", 1)[1]
+    host = vio.atomic._temporary_tag(0).split("@", 1)[1]
     stale = [f".a.{dead_pid()}@{host}.k3j_x9q1.tmp.nii.gz", f".b.{dead_pid()}@{host}.abcdefgh.tmp.nii",
              f".p.png.{dead_pid()}@{host}.abcdefgh.tmp.png"]
     kept = [f".c.{os.getpid()}@{host}.abcdefgh.tmp.nii.gz",           # a live process's (this one's)
@@ -326,7 +326,7 @@ def test_bench_threads_must_be_positive(capsys):
 def test_every_spelling_of_an_input_is_refused_as_an_output(hops, absolute, hard_link):
     """However OUT spells the input's path (./, a/.., a symlinked folder, absolute or relative, or a hard link),
     the one check refuses it; a different file passes."""
-    from volconv.cli import CommandError, _check_distinct
+    from volconv.cli.common import CommandError, check_distinct as _check_distinct
 
     with tempfile.TemporaryDirectory() as top:
         top = Path(top)

@@ -14,7 +14,8 @@ import scipy.ndimage as ndi
 from hypothesis import given, settings, strategies as st
 
 import volconv as vc
-from volconv import _gzip, _slabs, cli
+from volconv import cli
+from volconv.io import parallel_gzip as _gzip, slabs as _slabs
 from volconv.ops.dynamic import adaptive_filter
 
 MODES = ["reflect", "constant", "nearest", "mirror", "wrap"]

@@ -1,4 +1,4 @@
-"""vc.io.filter_nifti in slabs (volconv/_slabs.py): a volume filtered slab by slab, each with the kernel's halo,
+"""vc.io.filter_nifti in slabs (volconv/io/slabs.py): a volume filtered slab by slab, each with the kernel's halo,
 must give the bits of the whole volume filtered at once, for every boundary mode (wrap reads its halo from the
 other end), masks and normalisation, 3-D and 4-D, plain and gzipped, scaled integer files; and its memory must
 not grow with the volume."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import volconv as vc
-from volconv import _slabs
+from volconv.io import slabs as _slabs
 
 MODES = ["reflect", "constant", "nearest", "mirror", "wrap"]
 

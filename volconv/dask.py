@@ -115,7 +115,7 @@ def filter(array, kernel, *, mode="reflect", cval=0.0, origin=0, convolve=False,
 # ------------------------------------------------------------------------------------------- many scans
 
 
-class _Cluster:
+class Cluster:
     """A dask.distributed Client for `scheduler`: an address ('tcp://host:8786'), a Client (used as is, left
     open), a cluster object (has .scheduler_address), or None / 'local' for a local cluster in this process
     (threads; volconv's kernels and zlib release the GIL), closed on exit."""
@@ -173,7 +173,7 @@ def _absolute(path):
     return os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
 
 
-def _run_files(client, func, pairs, *args, **kwargs):
+def run_files(client, func, pairs, *args, **kwargs):
     """func(src, dst, *args, **kwargs) for every (src, dst) as a task on client's workers, one per scan, paths
     made absolute here (the workers' working directory is not the caller's: they need a shared filesystem).
     Yields (index, result, exception) as the tasks finish; unfinished tasks are cancelled if the caller stops
@@ -224,8 +224,8 @@ def filter_files(pairs, kernel, *, scheduler=None, overwrite=False, **filter_nif
     if "mask" in filter_nifti_kwargs:
         filter_nifti_kwargs["mask"] = _absolute(filter_nifti_kwargs["mask"])
     failures = {}
-    with _Cluster(scheduler) as client:
-        for i, _, exc in _run_files(client, _filter_one, pairs, kernel, overwrite, filter_nifti_kwargs):
+    with Cluster(scheduler) as client:
+        for i, _, exc in run_files(client, _filter_one, pairs, kernel, overwrite, filter_nifti_kwargs):
             if exc is not None:
                 failures[i] = exc
     if failures:

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from ._validate import pad_index
+from .._validate import pad_index
 
 WORK_BYTES = 512 * 2**20   # working memory a slab may use (its input with halo, output, and temporaries)
 
