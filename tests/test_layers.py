@@ -26,7 +26,7 @@ LAYERS = [
     ["volconv._torch"],
     ["volconv.engine"],
     ["volconv.kernels", "volconv._validate", "volconv._memory", "volconv._cpu", "volconv._cuda", "volconv.cuda",
-     "volconv._gzip", "volconv._slabs"],
+    ],
 ]
 MAX_LINES = 520
 

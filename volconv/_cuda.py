@@ -61,6 +61,7 @@ def require(op, *, has_cuda_version=False):
 
 
 def is_cuda(a):
+    """Whether a is a tensor the CUDA plugin computes (the one test every op's device dispatch asks)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(a, torch.Tensor) and a.device.type == "cuda"
 

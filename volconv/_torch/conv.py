@@ -5,6 +5,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _cuda
 from .._validate import TORCH_PAD_MODES, workers as resolve_workers
 from ..engine import cost, dense
 from . import cuda
@@ -16,7 +17,7 @@ from .reference import reference_conv, reference_grads
 def _forward(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], pads: List[int], dilation: List[int],
              groups: int, mode: str, cval: float, algorithm: str, nthreads: int) -> Tensor:
     s = spec(x.shape, w.shape, stride, pads, dilation, groups, mode, cval)
-    if x.is_cuda:
+    if _cuda.is_cuda(x):
         return cuda.conv3d_forward(x.contiguous(), w.contiguous(), None if b is None else b.contiguous(), s)
     return torch.from_numpy(dense.run(numpy(x), numpy(w), numpy(b), s, algorithm, threads(nthreads),
                                       allow_torch=False))
@@ -30,7 +31,7 @@ def _backward(grad: Tensor, x: Tensor, w: Tensor, stride: List[int], pads: List[
               groups: int, mode: str, cval: float, algorithm: str, need_input: bool, need_weight: bool,
               nthreads: int) -> Tuple[Tensor, Tensor]:
     s = spec(x.shape, w.shape, stride, pads, dilation, groups, mode, cval)
-    if x.is_cuda:
+    if _cuda.is_cuda(x):
         g = grad.contiguous()
         gx = cuda.conv3d_grad_input(g, w.contiguous(), s) if need_input else empty(x)
         gw = cuda.conv3d_grad_weight(x.contiguous(), g, s) if need_weight else empty(w)
@@ -75,10 +76,11 @@ def conv3d(x, w, b, s, algorithm, workers):
     dtype = compute_dtype(x)
     out_dtype, x, w = x.dtype, x.to(dtype), w.to(dtype)
     b = None if b is None else b.to(dtype)
-    if x.is_cuda and s.mode != "constant":   # the plugin pads with zeros: other modes are padded here by torch
+    on_gpu = _cuda.is_cuda(x)
+    if on_gpu and s.mode != "constant":   # the plugin pads with zeros: other modes are padded here by torch
         x = torch.nn.functional.pad(x, [p for lo_hi in reversed(s.pads) for p in lo_hi], mode=TORCH_PAD_MODES[s.mode])
         s = s.padded()
-    elif not x.is_cuda and not compiling():
+    elif not on_gpu and not compiling():
         torch_reachable = s.mode in TORCH_PAD_MODES and s.cval == 0
         if algorithm == "auto":
             algorithm = cost.choose_algorithm(numpy(x), s, resolve_workers(workers), w=numpy(w),

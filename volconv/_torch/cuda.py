@@ -15,25 +15,24 @@ def _dtype(t):
     return 0 if t.dtype == torch.float32 else 1
 
 
-def conv3d_forward(x, w, b, spec):
-    out = torch.empty(spec.out_shape, dtype=x.dtype, device=x.device)
-    with torch.cuda.device(x.device):
-        _cuda.call("conv3d", "vc_conv3d_forward", _dtype(x), x.data_ptr(), w.data_ptr(),
-                   None if b is None else b.data_ptr(), out.data_ptr(), _cuda.geometry(spec), _stream(x))
+def _launch(op, name, spec, shape, *inputs):
+    """The plugin's function `name` on inputs (None: a null pointer) into a fresh tensor of this shape, on the
+    first input's device and stream: (dtype code, input pointers..., output pointer, geometry, stream)."""
+    like = inputs[0]
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    with torch.cuda.device(like.device):
+        _cuda.call(op, name, _dtype(like), *(None if t is None else t.data_ptr() for t in inputs), out.data_ptr(),
+                   _cuda.geometry(spec), _stream(like))
     return out
 
 
+def conv3d_forward(x, w, b, spec):
+    return _launch("conv3d", "vc_conv3d_forward", spec, spec.out_shape, x, w, b)
+
+
 def conv3d_grad_input(grad, w, spec):
-    gx = torch.empty(spec.x_shape, dtype=grad.dtype, device=grad.device)
-    with torch.cuda.device(grad.device):
-        _cuda.call("conv3d backward (input)", "vc_conv3d_grad_input", _dtype(grad), grad.data_ptr(), w.data_ptr(),
-                   gx.data_ptr(), _cuda.geometry(spec), _stream(grad))
-    return gx
+    return _launch("conv3d backward (input)", "vc_conv3d_grad_input", spec, spec.x_shape, grad, w)
 
 
 def conv3d_grad_weight(x, grad, spec):
-    gw = torch.empty(spec.w_shape, dtype=x.dtype, device=x.device)
-    with torch.cuda.device(x.device):
-        _cuda.call("conv3d backward (weight)", "vc_conv3d_grad_weight", _dtype(x), x.data_ptr(), grad.data_ptr(),
-                   gw.data_ptr(), _cuda.geometry(spec), _stream(x))
-    return gw
+    return _launch("conv3d backward (weight)", "vc_conv3d_grad_weight", spec, spec.w_shape, x, grad)
