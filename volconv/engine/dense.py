@@ -23,7 +23,10 @@ from .layout import (channel_block, check_memory, check_rings, crop_negative_pad
                      plane_chunks, row_layout, threads_for)
 
 
-def direct_conv3d(x, w, b, spec, nthreads):
+# The algorithms: (x, w, b, spec, nthreads) -> output, computed with zeros outside the volume.
+
+
+def run_direct(x, w, b, spec, nthreads):
     check_rings(spec, x.dtype.itemsize, nthreads)
     row_map, map_d, map_h, toff = row_layout(x.shape, spec)
     O, G, ob = w.shape[0], spec.groups, channel_block(spec)
@@ -40,7 +43,7 @@ def direct_conv3d(x, w, b, spec, nthreads):
     return out
 
 
-def fft_conv3d(x, w, b, spec, nthreads):
+def run_fft(x, w, b, spec, nthreads):
     return fft.fft_conv3d(x, w, b, spec.pads, spec.mode, spec.stride, spec.dilation, spec.groups, nthreads)
 
 
@@ -63,7 +66,7 @@ def torch_conv3d_tensors(x, w, b, spec):
                                       groups=spec.groups)
 
 
-def torch_conv3d(x, w, b, spec, nthreads):
+def run_torch(x, w, b, spec, nthreads):
     torch = _import_torch("algorithm='torch'")
     if spec.mode == "reflect":  # scipy's 'reflect' (symmetric) has no torch name: pad here
         x, spec = pad_array(x, spec.pads, spec.mode), spec.padded()
@@ -80,13 +83,13 @@ def torch_conv3d(x, w, b, spec, nthreads):
     return out.numpy()
 
 
-def sparse_conv3d(x, w, b, spec, nthreads):
+def run_sparse(x, w, b, spec, nthreads):
     """A dense weight by its non-zeros only (engine/sparse.py)."""
     indices = np.argwhere(w)   # C order: sorted by output channel, as the sparse kernel wants
     return sparse.run(x, indices, w[tuple(indices.T)], b, spec, nthreads)
 
 
-ALGORITHMS = {"direct": direct_conv3d, "fft": fft_conv3d, "torch": torch_conv3d, "sparse": sparse_conv3d}
+ALGORITHMS = {"direct": run_direct, "fft": run_fft, "torch": run_torch, "sparse": run_sparse}
 
 
 def _import_torch(why):
@@ -193,7 +196,7 @@ def _backward_weight_fft(x, grad, spec, nthreads):
         gt = np.ascontiguousarray(grad[:, g * Og:(g + 1) * Og].transpose(1, 0, 2, 3, 4))    # (Og, N, ...)
         tspec = ConvSpec(xt.shape, gt.shape, stride=spec.dilation, pads=spec.pads, dilation=spec.stride, groups=1,
                          mode=spec.mode)
-        lags = fft_conv3d(xt, gt, None, tspec, nthreads)  # (Cg, Og, >= kd, >= kh, >= kw): the first k lags count
+        lags = run_fft(xt, gt, None, tspec, nthreads)  # (Cg, Og, >= kd, >= kh, >= kw): the first k lags count
         gw[g * Og:(g + 1) * Og] = lags[(slice(None), slice(None)) + tuple(slice(k) for k in spec.kernel_size)] \
             .transpose(1, 0, 2, 3, 4)
     return gw
