@@ -28,7 +28,7 @@ INT_MAX = 2**31 - 1   # the compiled kernels take strides, dilations and padding
 def five_d(shape, name="input"):
     """The shape of an input (a shape tuple, an array, a tensor or an array-like), checked to be 5-D
     (N, C, D, H, W)."""
-    if not (isinstance(shape, tuple) and all(isinstance(n, numbers.Integral) for n in shape)):
+    if not (isinstance(shape, tuple) and not any(hasattr(n, "__len__") for n in shape)):   # (sizes may be symbolic)
         shape = tuple(shape.shape) if hasattr(shape, "shape") else np.shape(shape)
     if len(shape) != 5:
         raise ValueError(f"{name} must be 5-D (N, C, D, H, W), got shape {shape}")
