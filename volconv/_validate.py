@@ -232,3 +232,11 @@ class ConvSpec:
     def flops(self):
         """Multiply-adds x 2 of the direct method."""
         return 2.0 * np.prod(self.out_shape, dtype=np.float64) * np.prod(self.w_shape[1:], dtype=np.float64)
+
+
+def positive_int(value, name):
+    """An int >= 1 (numpy integers too; a bool is not one) -> int; anything else -> ValueError naming the
+    argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
