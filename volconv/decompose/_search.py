@@ -1,5 +1,6 @@
-"""The smallest representation of a weight within a target relative error: the smallest CP rank (ALS at each
-rank tried, the ranks the singular values rule out skipped), the smallest Tucker ranks, magnitude pruning."""
+"""The smallest representation of a weight within a target relative error: CP rank, Tucker ranks, pruning.
+
+CP runs ALS at each rank tried and skips the ranks the singular values of the weight's matricizations rule out."""
 import math
 
 import numpy as np

@@ -1,5 +1,6 @@
-"""tensorly's CP-ALS and HOOI on a float64 array (numpy backend), as a CPKernel / TuckerKernel with its measured
-relative error. tensorly is imported on first use."""
+"""tensorly's CP-ALS and HOOI of a float64 array, as a CPKernel / TuckerKernel with its measured relative error.
+
+tensorly runs on its numpy backend and is imported on first use."""
 import contextlib
 import math
 import warnings
