@@ -1,7 +1,7 @@
 """Build of volconv's compiled kernels. Needs Cython >= 3 and numpy; never torch; nvcc only for the optional
 CUDA plugin (built when nvcc is on PATH; VOLCONV_CUDA=0 skips it, VOLCONV_CUDA=1 makes its failure fatal).
 
-The direct kernels (volconv/_cpu/direct.pxi + kernels.h) are compiled three times, for baseline x86-64,
+The compiled kernels (every family: volconv/_cpu/*.pxi + simd.h) are built three times, for baseline x86-64,
 AVX2+FMA and AVX-512; volconv/_cpu/__init__.py imports the best one the CPU supports. VOLCONV_NATIVE=1 adds
 -march=native to all three (a build for this machine only). OpenMP is used where the compiler has it.
 """
@@ -57,7 +57,7 @@ class BuildExt(build_ext):
 
     def plugin_path(self):
         """volconv/_cuda_plugin.so beside the compiled kernels (the source tree for an editable install)."""
-        cpu_dir = os.path.dirname(self.get_ext_fullpath("volconv._cpu._direct_generic"))
+        cpu_dir = os.path.dirname(self.get_ext_fullpath("volconv._cpu._compiled_generic"))
         return os.path.join(os.path.dirname(cpu_dir), "_cuda_plugin.so")
 
     def build_cuda_plugin(self):
@@ -97,13 +97,13 @@ def load_cuda_builder():
     return module
 
 
-def direct_extension(variant):
+def compiled_extension(variant):
     import numpy
 
     flags = SIMD_FLAGS[variant] if X86 else ["-DVC_VBYTES=16"]
     import glob
 
-    return Extension(f"volconv._cpu._direct_{variant}", [f"volconv/_cpu/_direct_{variant}.pyx"],
+    return Extension(f"volconv._cpu._compiled_{variant}", [f"volconv/_cpu/_compiled_{variant}.pyx"],
                      depends=glob.glob("volconv/_cpu/*.pxi") + glob.glob("volconv/_cpu/*.h"),
                      include_dirs=["volconv/_cpu", numpy.get_include()], extra_compile_args=list(flags),
                      define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
@@ -113,7 +113,7 @@ def extensions():
     from Cython.Build import cythonize
 
     variants = ["generic", "avx2", "avx512"] if X86 else ["generic"]
-    return cythonize([direct_extension(v) for v in variants], language_level=3,
+    return cythonize([compiled_extension(v) for v in variants], language_level=3,
                      compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
                                           "initializedcheck": False, "nonecheck": False})
 

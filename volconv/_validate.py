@@ -274,3 +274,11 @@ def conv_spec(x_shape, w_shape, b, stride, padding, dilation, groups, padding_mo
         raise ValueError(f"bias must have shape ({w_shape[0]},) (one value per output channel), got "
                          f"{tuple(b.shape)}")
     return spec
+
+
+def positive_int(value, name):
+    """An int >= 1 (numpy integers too; a bool is not one) -> int; anything else -> ValueError naming the
+    argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)

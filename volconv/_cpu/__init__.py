@@ -1,12 +1,14 @@
 """The compiled CPU kernels: picks the SIMD build this CPU runs (AVX-512, AVX2, or baseline x86-64).
 
+`compiled` is that build (every kernel family: direct, separable, sparse, nested, dynamic).
+
 VOLCONV_SIMD=generic|avx2|avx512 forces one (tests use it to check every build on one machine).
 """
 import importlib
 import os
 
 try:
-    from . import _direct_generic
+    from . import _compiled_generic
 except ImportError as e:  # a source checkout without built extensions (e.g. `import volconv` from the repo root)
     raise ImportError("volconv's compiled kernels are not built here: install with `pip install -e .` in the source "
                       "tree, or run from outside it to use an installed volconv") from e
@@ -15,7 +17,7 @@ _LEVELS = ("generic", "avx2", "avx512")
 
 
 def _load():
-    supported = _LEVELS[: _direct_generic.cpu_level() + 1]
+    supported = _LEVELS[: _compiled_generic.cpu_level() + 1]
     wanted = os.environ.get("VOLCONV_SIMD")
     if wanted:
         if wanted not in _LEVELS:
@@ -25,14 +27,14 @@ def _load():
         supported = supported[: _LEVELS.index(wanted) + 1]
     for level in reversed(supported):
         try:
-            return level, importlib.import_module(f"{__name__}._direct_{level}")
+            return level, importlib.import_module(f"{__name__}._compiled_{level}")
         except ImportError:  # a build without that variant (non-x86 machines build only 'generic')
             continue
     raise ImportError("volconv's compiled kernels are missing; reinstall with `pip install .`")
 
 
-SIMD, direct = _load()
-HAVE_OPENMP = direct.have_openmp()
+SIMD, compiled = _load()
+HAVE_OPENMP = compiled.have_openmp()
 
 # Fork safety. GNU libgomp keeps its thread pool between parallel regions and has no fork handler: in a child
 # forked after the pool started, the first parallel region with more than one thread waits forever for the
@@ -59,7 +61,7 @@ def threads(requested=None):
     OMP_NUM_THREADS and threadpoolctl), or 1 in a fork child (see above)."""
     if _fork_child:
         return 1
-    return direct.max_threads() if requested is None else requested
+    return compiled.max_threads() if requested is None else requested
 
 
 def max_threads():

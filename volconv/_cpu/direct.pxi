@@ -1,5 +1,5 @@
-# Direct 3D cross-correlation and weight-gradient loops (OpenMP over work units); the SIMD work is in kernels.h.
-# Included by _direct_generic.pyx, _direct_avx2.pyx and _direct_avx512.pyx, which setup.py compiles with
+# Direct 3D cross-correlation and weight-gradient loops (OpenMP over work units); the SIMD work is in simd.h.
+# Included by _compiled_generic.pyx, _compiled_avx2.pyx and _compiled_avx512.pyx, which setup.py compiles with
 # different instruction sets. No validation here: volconv/engine/ hands over checked, contiguous arrays.
 #
 # Layout conventions shared with engine/layout.py:
@@ -16,7 +16,7 @@ from libc.string cimport memcpy
 cdef extern from "stdlib.h" nogil:
     void *aligned_alloc(size_t alignment, size_t size)  # C11; libc.stdlib does not declare it
 
-cdef extern from "kernels.h" nogil:
+cdef extern from "simd.h" nogil:
     int vc_vector_bytes()
     int vc_max_threads()
     int vc_have_openmp()

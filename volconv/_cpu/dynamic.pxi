@@ -1,6 +1,6 @@
 # Dynamic convolution: a different kernel at every output voxel (ops/dynamic.py). Included by the
-# _direct_*.pyx stubs; the SIMD work is dot_rows (dynamic_impl.h): out[w] (+)= sum_r a[ao[r] + w] * b[bo[r] + w], the offset
-# lists built once per output row (or plane) and reused for every channel.
+# _compiled_*.pyx stubs; the SIMD work is dot_rows (dynamic_impl.h): out[w] (+)= sum_r a[ao[r] + w] * b[bo[r] + w],
+# the offset lists built once per output row (or plane) and reused for every channel.
 #
 # Both layouts of the kernel field K (N, S, T, Do, Ho, Wo) are one: output channel o sums, over its pairs
 # (input channel c, kernel slice s) (CSR ptr/pc/ps), sum_t K[n, s, t, p] * x[n, c, p*stride + t*dilation - pad].
@@ -8,7 +8,7 @@
 # x arrives as the direct kernel's rows (engine/layout.row_layout: W padding and stride phases, tap e of output
 # column w at w + toff[e]); map_d / map_h: padded D/H position -> plane / row of x, or -1 (zero).
 
-cdef extern from "kernels.h" nogil:
+cdef extern from "simd.h" nogil:
     void dot_rows_f32(float *out, const float *a, const Py_ssize_t *ao, const float *b, const Py_ssize_t *bo,
                       int nrows, int n, int accumulate)
     void dot_rows_f64(double *out, const double *a, const Py_ssize_t *ao, const double *b, const Py_ssize_t *bo,

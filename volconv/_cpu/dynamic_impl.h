@@ -1,7 +1,7 @@
 /* Per-voxel products summed, the one primitive of the dynamic (per-voxel kernel) convolution: its forward,
  * its input gradient and its kernel-field gradient each sum products of two rows, element by element. Rows are
  * offsets from two base pointers: the callers build an offset list once and reuse it for many bases.
- * Part of the kernels_impl.h template (T, FN, VEC, UVEC, VL defined there). No include guard. */
+ * Part of the simd_impl.h template (T, FN, VEC, UVEC, VL defined there). No include guard. */
 
 /* NV vectors at column w, rows split into two alternating sets: 2 * NV independent FMA chains in registers
  * (enough to cover the FMA latency even for NV = 1). */

@@ -1,4 +1,4 @@
-/* Part of the kernels_impl.h template (T, FN, VEC, UVEC, VL defined there): a 1-D filter ACROSS rows.
+/* Part of the simd_impl.h template (T, FN, VEC, UVEC, VL defined there): a 1-D filter ACROSS rows.
  *
  * out[p*ocs + w] = sum_t f[t] * rows[p*s + t*d][w]   for p < np output rows, w < Wo.
  *

@@ -1,6 +1,6 @@
 # Nested chains of 'same' convolutions (stride 1, zero padding) in one pass over the volume's planes: stage s
 # of the chain consumes planes of stage s - 1 as soon as the ones it needs exist, so every intermediate lives
-# only in a ring of kd planes, never as a volume. Included by the _direct_*.pyx stubs.
+# only in a ring of kd planes, never as a volume. Included by the _compiled_*.pyx stubs.
 #
 # Work unit: (batch item, group, chunk of output planes), each thread with its own rings, no barriers. A unit
 # walks steps t: x plane t into stage 0's ring, then stage s computes its plane t - lag[s] (lag[s]: the planes

@@ -1,7 +1,7 @@
 # Fused separable correlation: three 1-D passes in one pass over memory. Included after direct.pxi (it reuses
 # pad_plane and corr_row for the W pass); the H and D passes are fir_rows (fir_impl.h), P output rows at once.
 
-cdef extern from "kernels.h" nogil:
+cdef extern from "simd.h" nogil:
     int fir_rows_max_f32()
     int fir_taps_f32(int *tap, int np, int s, int d, int k)
     void fir_rows_f32(float *out, Py_ssize_t ocs, int np, const float *const *rows, int nin, const int *tap,

@@ -38,7 +38,7 @@ def run_direct(x, w, b, spec, nthreads):
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
     nchunk = plane_chunks(spec, nthreads)
     unit_stride, unit_taps = spec.stride[2] == 1, spec.stride[2] == spec.dilation[2] == 1
-    _cpu.direct.conv3d_direct(x, row_map, spec.pads[2][0], unit_stride, unit_taps, wpack, bias,
+    _cpu.compiled.conv3d_direct(x, row_map, spec.pads[2][0], unit_stride, unit_taps, wpack, bias,
                               out, map_d, map_h, toff, sd, sh, dd, dh, nchunk, nthreads)
     return out
 
@@ -177,7 +177,7 @@ def backward_weight(x, grad, spec, nthreads, algorithm="direct"):
     nchunk = int(max(1, min(grad.shape[0] * grad.shape[2], 8 // (G * nob))))
     partial = np.empty((nchunk, G, nob, Cg, k[0] * k[1], ob * k[2]), x.dtype)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    _cpu.direct.wgrad_direct(rows, np.ascontiguousarray(grad), partial, map_d, map_h, toff, k[1], sd, sh, dd, dh,
+    _cpu.compiled.wgrad_direct(rows, np.ascontiguousarray(grad), partial, map_d, map_h, toff, k[1], sd, sh, dd, dh,
                              nthreads)
     # (G, nob, Cg, kd, kh, ob, kw) -> (G, nob, ob, Cg, kd, kh, kw) = (O, Cg, kd, kh, kw)
     summed = partial.sum(axis=0).reshape((G, nob, Cg) + k[:2] + (ob, k[2]))

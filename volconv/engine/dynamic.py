@@ -77,7 +77,7 @@ class Layout:
 def forward(x, K, layout, nthreads):
     rows, map_d, map_h, toff = direct_operands(x, layout.spec, nthreads)
     out = np.empty(layout.out_shape, x.dtype)
-    _cpu.direct.dynamic_forward(rows, np.ascontiguousarray(layout.field(K)), out, *layout.by_out, map_d, map_h,
+    _cpu.compiled.dynamic_forward(rows, np.ascontiguousarray(layout.field(K)), out, *layout.by_out, map_d, map_h,
                                 toff, *layout.geometry(), layout.threads(nthreads))
     return out
 
@@ -90,12 +90,12 @@ def backward(x, K, grad, layout, needs, nthreads):
     gx = gK = None
     if needs[1]:
         gK = np.empty(layout.field(K).shape, x.dtype)
-        _cpu.direct.dynamic_grad_kernels(rows, g, gK, *layout.by_slice, map_d, map_h, toff, *layout.geometry(),
+        _cpu.compiled.dynamic_grad_kernels(rows, g, gK, *layout.by_slice, map_d, map_h, toff, *layout.geometry(),
                                          nthreads)
         gK = gK.reshape(K.shape)
     if needs[0]:
         gxr = np.empty(rows.shape, x.dtype)
-        _cpu.direct.dynamic_grad_input(np.ascontiguousarray(layout.field(K)), g, gxr, *layout.by_in, map_d, map_h,
+        _cpu.compiled.dynamic_grad_input(np.ascontiguousarray(layout.field(K)), g, gxr, *layout.by_in, map_d, map_h,
                                        toff, *layout.geometry(), nthreads)
         if rows is x:
             gx = gxr
@@ -120,7 +120,7 @@ def adaptive_gaussian(x, sigma, zooms, truncate, radii, mode, cval, nthreads):
         fields = [made.get((za, r)) if (za, r) in made else
                   made.setdefault((za, r), _weights(sigma[d0:d1] / za, r, truncate, x.dtype))
                   for za, r in zip(zooms, radii)]
-        _cpu.direct.adaptive_gaussian(xp, *fields, out[d0:d1], d0, nthreads)
+        _cpu.compiled.adaptive_gaussian(xp, *fields, out[d0:d1], d0, nthreads)
     return out
 
 

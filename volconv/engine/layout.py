@@ -53,7 +53,7 @@ def direct_operands(x, spec, nthreads):
     if not copy:
         return x, map_d, map_h, toff
     rows = np.empty(x.shape[:4] + row_map.shape, dtype=x.dtype)
-    _cpu.direct.pad_rows(x, row_map, spec.pads[2][0], spec.stride[2] == 1, rows, nthreads)
+    _cpu.compiled.pad_rows(x, row_map, spec.pads[2][0], spec.stride[2] == 1, rows, nthreads)
     return rows, map_d, map_h, toff
 
 
@@ -77,7 +77,7 @@ def row_length(spec):
 def ring_bytes(spec, itemsize):
     """One thread's ring of padded planes in the direct kernels (direct, sparse, nested): every input channel
     of a group, (kd - 1) * dd + 1 planes of H rows, each row vector-aligned."""
-    vl = _cpu.direct.vector_bytes() // itemsize
+    vl = _cpu.compiled.vector_bytes() // itemsize
     planes = spec.w_shape[1] * ((spec.kernel_size[0] - 1) * spec.dilation[0] + 1)
     return (planes * spec.x_shape[3] * -(-row_length(spec) // vl) * vl + vl) * itemsize
 

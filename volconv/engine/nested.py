@@ -186,7 +186,7 @@ def fused(x, ws, bs, act, specs, nthreads):
     # no more chunks than the threads need
     nchunk = int(min(D, max(1, -(-nthreads // (N * G)))))
     out = np.empty(specs[-1].out_shape, x.dtype)
-    _cpu.direct.nested_conv3d_direct(x, wflat, bflat, np.array(meta, np.int64), G, ACTIVATION_CODES[act], out,
+    _cpu.compiled.nested_conv3d_direct(x, wflat, bflat, np.array(meta, np.int64), G, ACTIVATION_CODES[act], out,
                                      nchunk, nthreads)
     return out
 

@@ -25,8 +25,8 @@ def separable_conv3d(x, fd, fh, fw, spec, nthreads):
     fd, fh, fw = (np.asarray(f, x.dtype).reshape((1,) * (3 - np.ndim(f)) + np.shape(f)) for f in (fd, fh, fw))
     T = max(fd.shape[0], fh.shape[0], fw.shape[0])
     Do, Ho, Wo = spec.out_shape[2:]
-    vl = _cpu.direct.vector_bytes() // x.dtype.itemsize
-    ring_rows = T * ((_cpu.direct.fir_rows_max() - 1) * spec.stride[0] + (fd.shape[2] - 1) * spec.dilation[0] + 1)
+    vl = _cpu.compiled.vector_bytes() // x.dtype.itemsize
+    ring_rows = T * ((_cpu.compiled.fir_rows_max() - 1) * spec.stride[0] + (fd.shape[2] - 1) * spec.dilation[0] + 1)
     row_bytes = -(-Wo // vl) * vl * x.dtype.itemsize
     hb = int(max(1, min(Ho, RING_BYTES // (ring_rows * row_bytes))))
     ntile, nchunk = _split(N * C, Ho, Do, hb, nthreads)
@@ -40,7 +40,7 @@ def separable_conv3d(x, fd, fh, fw, spec, nthreads):
     row_map, map_d, map_h, toff = row_layout(x.shape, spec)
     out = np.empty(spec.out_shape, dtype=x.dtype)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    _cpu.direct.separable_conv3d(x, fd, fh, fw, map_d, map_h, row_map, spec.pads[2][0], spec.stride[2] == 1,
+    _cpu.compiled.separable_conv3d(x, fd, fh, fw, map_d, map_h, row_map, spec.pads[2][0], spec.stride[2] == 1,
                                  toff, spec.stride[2] == spec.dilation[2] == 1, sd, sh, dd, dh, out, hb, nchunk,
                                  nthreads)
     return out

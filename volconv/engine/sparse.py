@@ -26,7 +26,7 @@ def run(x, indices, values, b, spec, nthreads):
     nthreads = threads_for_work(work, nthreads)
     nchunk = plane_chunks(spec, nthreads)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
-    _cpu.direct.sparse_conv3d_direct(x, row_map, spec.pads[2][0], spec.stride[2] == 1, tap_ptr, c, a, bb,
+    _cpu.compiled.sparse_conv3d_direct(x, row_map, spec.pads[2][0], spec.stride[2] == 1, tap_ptr, c, a, bb,
                                      np.ascontiguousarray(toff[e]), np.ascontiguousarray(values, x.dtype),
                                      bias, out, map_d, map_h, Cg, kd, sd, sh, dd, dh, nchunk, nthreads)
     return add_constant_share(out, spec, DenseTaps(lambda: dense_weight(indices, values, spec.w_shape)))

@@ -1,18 +1,11 @@
 """Building blocks of 3D networks over volconv's convolutions: vc.nn.ChannelAttention3d (squeeze-and-excitation)
 and vc.nn.Res2Block3d (a Res2Net bottleneck, its convolutions vc.nn.Conv3d)."""
-import numbers
-
 import torch
 
 from .._dispatch import torch_batching
 from .._validate import triple
 from .conv import Conv3d
-
-
-def _positive_int(value, name):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+from .._validate import positive_int
 
 
 def _check_input(input, channels, owner):
@@ -30,9 +23,9 @@ class ChannelAttention3d(torch.nn.Module):
 
     def __init__(self, channels, reduction=16, *, min_hidden=4, device=None, dtype=None):
         super().__init__()
-        self.channels = _positive_int(channels, "channels")
-        self.reduction = _positive_int(reduction, "reduction")
-        self.min_hidden = _positive_int(min_hidden, "min_hidden")
+        self.channels = positive_int(channels, "channels")
+        self.reduction = positive_int(reduction, "reduction")
+        self.min_hidden = positive_int(min_hidden, "min_hidden")
         self.hidden = max(self.min_hidden, self.channels // self.reduction)
         factory = {"device": device, "dtype": dtype}
         self.fc1 = torch.nn.Linear(self.channels, self.hidden, **factory)
@@ -61,8 +54,8 @@ class Res2Block3d(torch.nn.Module):
     def __init__(self, channels, scales=4, kernel_size=3, *, attention=True, reduction=16, bias=False,
                  algorithm="auto", workers=None, device=None, dtype=None):
         super().__init__()
-        self.channels = _positive_int(channels, "channels")
-        self.scales = _positive_int(scales, "scales")
+        self.channels = positive_int(channels, "channels")
+        self.scales = positive_int(scales, "scales")
         if self.scales < 2:
             raise ValueError(f"scales must be >= 2 (group 0 passes through, so one scale convolves nothing), "
                              f"got {scales!r}")

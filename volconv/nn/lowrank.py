@@ -5,7 +5,7 @@ import math
 import torch
 
 from .._dispatch import torch_batching, wants_autograd
-from .._validate import triple
+from .._validate import positive_int, triple
 from ..ops.lowrank import factored_conv3d
 
 
@@ -68,9 +68,7 @@ class CPConv3d(_Factored):
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, workers, factory)
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        self.rank = rank
+        self.rank = rank = positive_int(rank, "rank")
         fan_in = in_channels * math.prod(self.kernel_size)
         std = (1.0 / (3.0 * fan_in * rank)) ** 0.1   # var(W) = rank * std^10 = torch's 1 / (3 fan_in)
         self.out_factor, self.in_factor = self._factor(out_channels, rank, std), self._factor(in_channels, rank, std)

@@ -6,6 +6,7 @@ from .._validate import triple
 from .conv import reset_conv_parameters
 from ..ops.multiscale import COMBINES, multiscale_conv3d
 from ..ops.nested import ACTIVATIONS, nested_conv3d
+from .._validate import positive_int
 
 
 def _conv_parameters(out_channels, in_per_group, kernel_size, bias, factory):
@@ -23,11 +24,6 @@ def _kernel_sizes(kernel_sizes, what):
     return [triple(k, f"kernel_sizes[{i}]", minimum=1) for i, k in enumerate(kernel_sizes)]
 
 
-def _positive(value, name):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 class NestedConv3d(torch.nn.Module):
     """Stages of 'same' convolutions (stride 1, zero padding), kernel_sizes[0] first, `activation` between
     them, `groups` on every stage; channels: the output channels of every stage (an int) or of each stage (a
@@ -43,10 +39,10 @@ class NestedConv3d(torch.nn.Module):
         chans = [channels] * len(sizes) if isinstance(channels, int) else list(channels)
         if len(chans) != len(sizes):
             raise ValueError(f"channels must be an int or one per stage ({len(sizes)}), got {channels!r}")
-        _positive(in_channels, "in_channels")
-        _positive(groups, "groups")
+        positive_int(in_channels, "in_channels")
+        positive_int(groups, "groups")
         for i, c in enumerate([in_channels] + chans):
-            _positive(c, "in_channels" if i == 0 else f"channels[{i - 1}]")
+            positive_int(c, "in_channels" if i == 0 else f"channels[{i - 1}]")
             if c % groups:
                 raise ValueError(f"groups={groups} must divide every stage's channels, got {[in_channels] + chans}")
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
@@ -98,7 +94,7 @@ class MultiScaleConv3d(torch.nn.Module):
             raise ValueError(f"dilations must hold one entry per branch ({len(sizes)}), got {len(dilations)}")
         for value, name in ((in_channels, "in_channels"), (out_channels_per_branch, "out_channels_per_branch"),
                             (groups, "groups")):
-            _positive(value, name)
+            positive_int(value, name)
         if in_channels % groups or out_channels_per_branch % groups:
             raise ValueError(f"groups={groups} must divide in_channels ({in_channels}) and out_channels_per_branch "
                              f"({out_channels_per_branch})")

@@ -7,6 +7,7 @@ import torch
 from .._validate import triple
 from ..ops.conv import conv3d
 from .conv import reset_conv_parameters
+from .._validate import positive_int
 
 RESIZE_MODES = ("crop", "interpolate")
 
@@ -32,8 +33,7 @@ class VariableKernelConv3d(torch.nn.Module):
                  bias=True, resize="crop", *, algorithm="auto", workers=None, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(value, name)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels ({in_channels}) and out_channels "
                              f"({out_channels})")

@@ -1,11 +1,11 @@
-/* Direct 3D cross-correlation micro-kernels for volconv.
+/* SIMD micro-kernels for volconv (every kernel family's vector code: direct, separable FIR rows, dynamic).
  *
- * Written once (kernels_impl.h, included here for float and double) and compiled three times by setup.py
+ * Written once (simd_impl.h, included here for float and double) and compiled three times by setup.py
  * (generic SSE2, AVX2+FMA, AVX-512) with VC_VBYTES = 16 / 32 / 64; volconv/_cpu/__init__.py picks the
  * build the CPU supports at import time. GCC vector extensions keep the code portable across the three.
  */
-#ifndef VOLCONV_KERNELS_H
-#define VOLCONV_KERNELS_H
+#ifndef VOLCONV_SIMD_H
+#define VOLCONV_SIMD_H
 
 #include <stddef.h>
 #include <string.h>
@@ -58,7 +58,7 @@ static int vc_cpu_level(void)
 #define T float
 #define IT int
 #define SUF f32
-#include "kernels_impl.h"
+#include "simd_impl.h"
 #undef T
 #undef IT
 #undef SUF
@@ -66,7 +66,7 @@ static int vc_cpu_level(void)
 #define T double
 #define IT long long
 #define SUF f64
-#include "kernels_impl.h"
+#include "simd_impl.h"
 #undef T
 #undef IT
 #undef SUF

@@ -1,4 +1,4 @@
-/* Template body of kernels.h: expects T (float or double) and SUF (f32 or f64). No include guard. */
+/* Template body of simd.h: expects T (float or double) and SUF (f32 or f64). No include guard. */
 
 #define FN(name) VC_CAT(name, SUF)
 #define VEC FN(vc_vec)

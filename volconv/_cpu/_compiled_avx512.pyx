@@ -1,0 +1,7 @@
+# Every compiled kernel family, avx512 build (flags in setup.py); volconv._cpu.compiled is the build the CPU runs.
+# The code is in direct.pxi, separable.pxi, sparse.pxi, nested.pxi and dynamic.pxi.
+include "direct.pxi"
+include "separable.pxi"
+include "sparse.pxi"
+include "nested.pxi"
+include "dynamic.pxi"
