@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import volconv as vc
-from volconv.ops import nested
+from volconv.engine import nested
 
 from conftest import config_rng
 
