@@ -171,3 +171,13 @@ def test_each_file_says_its_idea_first_and_stays_small(name):
     if path.name not in ("__init__.py", "__main__.py") or len(path.read_text().splitlines()) > 5:
         assert doc and doc.strip(), f"{path.relative_to(ROOT.parent)} has no docstring saying what it holds"
     assert len(path.read_text().splitlines()) <= MAX_LINES, f"{path.relative_to(ROOT.parent)} is over {MAX_LINES} lines"
+
+
+def test_every_package_ships():
+    """A new package of the layout must be listed in pyproject.toml, or `pip install .` leaves it out."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = ROOT.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("an installed volconv, not a source checkout")
+    listed = set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["packages"])
+    assert listed == {name for name in MODULES if _is_package(name)}
