@@ -163,6 +163,16 @@ def test_engine_and_ops_import_without_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_import_volconv_stays_light():
+    """`import volconv` (and so every `volconv` command's start) loads neither torch, nor scipy.fft (0.3 s), nor
+    nibabel, dask or tensorly: each comes when a call needs it."""
+    code = ("import sys, volconv\n"
+            "heavy = [m for m in ('torch', 'scipy.fft', 'nibabel', 'dask', 'tensorly') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_each_file_says_its_idea_first_and_stays_small(name):
     path = MODULES[name]

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from .. import _memory
-from . import fft, layout
+from . import layout
 from .layout import channel_block
 
 DIRECT_GFLOPS = {1: 90.0, 4: 140.0, 8: 220.0}    # per thread, by output-channel block (1: one channel / depthwise)
@@ -37,6 +37,8 @@ def torch_cost(spec, nthreads):
 
 
 def fft_cost(spec, nthreads):
+    from . import fft   # scipy.fft takes 0.3 s to import: not at `import volconv`
+
     seconds = fft.fft_cost(spec.x_shape, spec.w_shape, spec.pads, spec.stride, spec.dilation, spec.groups,
                            mode=spec.mode)   # estimated at 2 threads
     return seconds * 2 / min(nthreads, 2)

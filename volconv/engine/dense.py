@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import _cpu
 from .._validate import TORCH_PAD_MODES, ConvSpec, pad_array
-from . import fft, sparse
+from . import sparse
 from .border import DenseTaps, add_constant_share
 from .cost import choose_algorithm
 from .layout import (channel_block, check_memory, check_rings, crop_negative_pads, direct_operands, fold_padding,
@@ -44,6 +44,8 @@ def run_direct(x, w, b, spec, nthreads):
 
 
 def run_fft(x, w, b, spec, nthreads):
+    from . import fft   # scipy.fft takes 0.3 s to import: not at `import volconv`
+
     return fft.fft_conv3d(x, w, b, spec.pads, spec.mode, spec.stride, spec.dilation, spec.groups, nthreads)
 
 
