@@ -1,5 +1,7 @@
 """What every torch op of volconv shares: the compute dtype of a tensor, tensors to numpy and back, a ConvSpec as
 an operator's plain arguments, threads as an operator argument, and whether torch.compile / export trace."""
+import functools
+
 import numpy as np
 import torch
 
@@ -50,9 +52,16 @@ def ints(values):
 
 def spec(x_shape, w_shape, stride, pads, dilation, groups, mode, cval=0.0):
     """The ConvSpec of an op's plain arguments (spec_args' inverse)."""
-    p = ints(pads)
-    return ConvSpec(ints(x_shape), ints(w_shape), stride=ints(stride), pads=(p[0:2], p[2:4], p[4:6]),
-                    dilation=ints(dilation), groups=int(groups), mode=mode, cval=float(cval))
+    return _spec(ints(x_shape), ints(w_shape), ints(stride), ints(pads), ints(dilation), int(groups), mode,
+                 float(cval))
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(x_shape, w_shape, stride, pads, dilation, groups, mode, cval):
+    """(Cached: a layer's forward and backward rebuild the same ConvSpec at every step; ConvSpecs are never
+    modified.)"""
+    return ConvSpec(x_shape, w_shape, stride=stride, pads=(pads[0:2], pads[2:4], pads[4:6]), dilation=dilation,
+                    groups=groups, mode=mode, cval=cval)
 
 
 def spec_args(spec):

@@ -13,7 +13,8 @@ class Op:
     """forward(*args) -> Tensor and backward(grad, ...) -> gradients: the kernels, annotated for the operator's
     schema; forward_fake / backward_fake: their output shapes; setup(ctx, inputs, output) and
     gradient(ctx, grad) -> one gradient per input: the autograd formula, which runs the backward kernel as
-    ctx.kernel (the custom operator while tracing, the plain function in eager calls; ctx.traced says which)."""
+    ctx.kernel (the custom operator while tracing, the plain function in eager calls; ctx.traced says which).
+    setup never reads the output (the eager binding runs it before the forward)."""
 
     def __init__(self, name, forward, forward_fake, backward, backward_fake, setup, gradient):
         self.traced = torch.library.custom_op(f"volconv::{name}", mutates_args=())(forward)
@@ -29,13 +30,10 @@ class Op:
 
         class Eager(torch.autograd.Function):
             @staticmethod
-            def forward(*inputs):
-                return forward(*inputs)
-
-            @staticmethod
-            def setup_context(ctx, inputs, output):
+            def forward(ctx, *inputs):   # (ctx first: a separate setup_context costs an inspect.signature a call)
                 ctx.kernel, ctx.traced = backward, False
-                setup(ctx, inputs, output)
+                setup(ctx, inputs, None)
+                return forward(*inputs)
 
             @staticmethod
             def backward(ctx, grad):
