@@ -1,3 +1,4 @@
+"""`python -m volconv`: the `volconv` command."""
 import sys
 
 from .cli import main
