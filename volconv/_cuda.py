@@ -41,9 +41,11 @@ def _library():
 
 
 def has_cuda():
-    """True when the CUDA plugin is built and a CUDA GPU is present."""
+    """True when the CUDA plugin is built, torch sees a CUDA GPU, and so does the plugin's own CUDA runtime (a
+    driver older than the runtime the plugin was built with shows there, not in torch)."""
     torch = sys.modules.get("torch")
-    return _library() is not None and torch is not None and torch.cuda.is_available()
+    lib = _library()
+    return lib is not None and torch is not None and torch.cuda.is_available() and lib.vc_cuda_device_count() > 0
 
 
 def require(op, *, has_cuda_version=False):
@@ -52,8 +54,8 @@ def require(op, *, has_cuda_version=False):
     if _library() is None:
         raise RuntimeError(f"{_load_error}: {op} cannot run on a CUDA tensor; {BUILD_HINT}")
     if not has_cuda():
-        raise RuntimeError(f"volconv's CUDA plugin is built but no CUDA GPU is available: {op} cannot run on a "
-                           "CUDA tensor here")
+        raise RuntimeError(f"volconv's CUDA plugin is built but no CUDA GPU is available to it (none, or a driver "
+                           f"older than its CUDA runtime): {op} cannot run on a CUDA tensor here")
     if has_cuda_version:
         return
     raise RuntimeError(f"{op} has no CUDA version in volconv's plugin yet: move its tensors to the CPU "
