@@ -53,7 +53,9 @@ def direct_operands(x, spec, nthreads):
     if not copy:
         return x, map_d, map_h, toff
     rows = np.empty(x.shape[:4] + row_map.shape, dtype=x.dtype)
-    _cpu.compiled.pad_rows(x, row_map, spec.pads[2][0], spec.stride[2] == 1, rows, nthreads)
+    # a copy: about two memory operations per element decide the threads (a tiny one runs on one)
+    _cpu.compiled.pad_rows(x, row_map, spec.pads[2][0], spec.stride[2] == 1, rows,
+                           threads_for_work(2.0 * rows.size, nthreads))
     return rows, map_d, map_h, toff
 
 
