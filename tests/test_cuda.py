@@ -290,16 +290,18 @@ def test_geometries_the_plugin_refuses_and_an_empty_batch(cuda_plugin, device):
 
 
 @pytest.mark.cuda
-def test_ops_without_a_cuda_version_say_so(cuda_plugin, device):
+def test_ops_without_a_cuda_version_say_so(cuda_plugin, device, tmp_path, capsys):
     with pytest.raises(RuntimeError, match="no CUDA version"):
         vc.correlate(torch.ones(6, 6, 6, device=device), torch.ones(3, 3, 3, device=device))
     _cuda.require("conv3d", has_cuda_version=True)
-    from volconv.cli.common import CommandError
-    from volconv.cli.filter import check_device
+    from volconv.cli import main
 
-    with pytest.raises(CommandError, match="does not filter NIfTI files yet"):
-        check_device("cuda")
-    assert cuda_plugin.calls == []
+    sample = os.path.join(os.path.dirname(emulator_builder().PLUGIN), "sample_volumes",
+                          "mni_icbm152_t1_tal_nlin_sym_09a.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    assert main(["filter", sample, str(out), "--gaussian", "2mm", "--device", "cuda"]) == 1
+    assert "--device cuda: the CUDA plugin does not filter NIfTI files yet" in capsys.readouterr().err
+    assert not out.exists() and cuda_plugin.calls == []
 
 
 # ---- the emulator's own checks ----------------------------------------------------------------------------------
