@@ -255,7 +255,8 @@ def valid_padding_for_mode(padding_mode, pads, spatial):
 #     must report no emulator error (barrier divergence, launch limits) by the end of each test.
 #     The emulator's own variables pass through: CUDA_EMU_ORDER=forward|reverse|random, CUDA_EMU_SEED,
 #     CUDA_EMU_WORKERS; VOLCONV_CUDA_EMULATOR_SANITIZE=address|thread|undefined builds it with a sanitizer
-#     (the sanitizer's runtime must then be LD_PRELOADed into python: see .ci/run).
+#     (the sanitizer's runtime must then be LD_PRELOADed into python: see .ci/run);
+#     VOLCONV_CUDA_EMULATOR_SOURCE=DIR tests the plugin's sources in DIR instead (e.g. a copy with a planted bug).
 #   - otherwise, with a GPU and the plugin built (vc.has_cuda()): `device` is "cuda", nothing is patched.
 #   - otherwise the test is skipped, and nothing is built.
 # Either way the `cuda_plugin` fixture records every call into the plugin (cuda_plugin.calls: name, dtype code)
@@ -293,7 +294,9 @@ def emulated_plugin_library():
     """Path of the emulated plugin built from cuda_plugin/ now (cached by the sources' hash)."""
     if not EMULATOR:
         pytest.skip("the CUDA emulator runs with VOLCONV_CUDA_EMULATOR=1")
-    return emulator_builder().build(sanitize=os.environ.get("VOLCONV_CUDA_EMULATOR_SANITIZE") or None)
+    builder = emulator_builder()
+    return builder.build(os.environ.get("VOLCONV_CUDA_EMULATOR_SOURCE") or builder.PLUGIN,
+                         sanitize=os.environ.get("VOLCONV_CUDA_EMULATOR_SANITIZE") or None)
 
 
 class _Through:

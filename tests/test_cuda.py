@@ -353,7 +353,8 @@ def test_every_kernel_is_exercised_emptying_one_fails_the_checks(cuda_plugin, tm
 def test_the_emulated_plugin_is_built_from_the_sources_as_they_are_now(cuda_plugin, tmp_path):
     """The library the suite loads is the build of cuda_plugin/ now; a changed source builds a new one."""
     builder = emulator_builder()
-    assert cuda_plugin.library == builder.build(sanitize=os.environ.get("VOLCONV_CUDA_EMULATOR_SANITIZE") or None)
+    assert cuda_plugin.library == builder.build(os.environ.get("VOLCONV_CUDA_EMULATOR_SOURCE") or builder.PLUGIN,
+                                                sanitize=os.environ.get("VOLCONV_CUDA_EMULATOR_SANITIZE") or None)
     assert os.path.samefile(_cuda._lib._name, cuda_plugin.library)   # loaded by volconv's own loader
     for n in os.listdir(builder.PLUGIN):
         if n.endswith((".cu", ".cuh", ".h")):
