@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "volconv_cuda.h"
+#include "vc_launch.cuh"
 
 namespace {
 
@@ -31,7 +32,7 @@ template <typename T>
 __global__ void conv3d_forward_kernel(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ b,
                                       T *__restrict__ out, Geom g, bool weights_in_shared)
 {
-    extern __shared__ unsigned char smem[];
+    VC_DYNAMIC_SHARED(unsigned char, smem);
     T *ws = reinterpret_cast<T *>(smem);
     const long long Cg = g.C / g.G, taps = g.kd * g.kh * g.kw;
     const long long tiles_w = (g.Wo + TX - 1) / TX;
@@ -124,7 +125,7 @@ template <typename T>
 __global__ void conv3d_grad_weight_kernel(const T *__restrict__ x, const T *__restrict__ grad, T *__restrict__ gw,
                                           Geom g)
 {
-    __shared__ T part[REDUCE];
+    VC_SHARED(T, part, [REDUCE]);
     const long long Cg = g.C / g.G, Og = g.O / g.G;
     const long long k = blockIdx.x;   // weight index (o, c, a, b, e)
     const long long e = k % g.kw, bb = (k / g.kw) % g.kh, a = (k / (g.kw * g.kh)) % g.kd;
@@ -168,7 +169,7 @@ int forward(const void *x, const void *w, const void *b, void *out, const Geom &
     const bool shared = wbytes <= SHARED_WEIGHTS;
     dim3 block(TX, TY), grid((unsigned)(((g.Wo + TX - 1) / TX) * ((g.Ho + TY - 1) / TY)), (unsigned)g.Do,
                              (unsigned)(g.N * g.O));
-    conv3d_forward_kernel<T><<<grid, block, shared ? wbytes : 0, stream>>>(
+    VC_LAUNCH(conv3d_forward_kernel<T>, grid, block, shared ? wbytes : 0, stream)(
         static_cast<const T *>(x), static_cast<const T *>(w), static_cast<const T *>(b), static_cast<T *>(out), g,
         shared);
     return status(cudaGetLastError());
@@ -179,8 +180,8 @@ int grad_input(const void *grad, const void *w, void *gx, const Geom &g, cudaStr
 {
     const long long total = g.N * g.C * g.D * g.H * g.W;
     const unsigned blocks = (unsigned)((total + 255) / 256 < 65535 * 16 ? (total + 255) / 256 : 65535 * 16);
-    conv3d_grad_input_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T *>(grad), static_cast<const T *>(w),
-                                                            static_cast<T *>(gx), g);
+    VC_LAUNCH(conv3d_grad_input_kernel<T>, blocks, 256, 0, stream)(
+        static_cast<const T *>(grad), static_cast<const T *>(w), static_cast<T *>(gx), g);
     return status(cudaGetLastError());
 }
 
@@ -190,7 +191,7 @@ int grad_weight(const void *x, const void *grad, void *gw, const Geom &g, cudaSt
     const long long weights = g.O * (g.C / g.G) * g.kd * g.kh * g.kw;
     if (weights > 0x7fffffffLL)
         return VC_BAD_GEOMETRY;
-    conv3d_grad_weight_kernel<T><<<(unsigned)weights, REDUCE, 0, stream>>>(
+    VC_LAUNCH(conv3d_grad_weight_kernel<T>, (unsigned)weights, REDUCE, 0, stream)(
         static_cast<const T *>(x), static_cast<const T *>(grad), static_cast<T *>(gw), g);
     return status(cudaGetLastError());
 }

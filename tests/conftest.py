@@ -4,7 +4,12 @@ Reference results are always computed in float64 (torch for conv3d, scipy.ndimag
 the only error a comparison sees is volconv's own. Tolerances are element-wise and derived from the arithmetic
 (see ``conv_tolerance``); they are never fudge factors fitted to whatever the implementation happens to give.
 """
+import contextlib
+import ctypes
+import importlib.util
 import math
+import os
+import types
 
 import numpy as np
 import pytest
@@ -18,7 +23,8 @@ except ImportError:  # pragma: no cover - torch is a test dependency, but keep t
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and volconv's CUDA plugin (skipped otherwise)")
+    config.addinivalue_line("markers", "cuda: runs on volconv's CUDA plugin: on a CUDA GPU, or on the CPU emulator "
+                                       "with VOLCONV_CUDA_EMULATOR=1 (skipped otherwise)")
     config.addinivalue_line("markers", "slow: longer-running tests (deselect with -m 'not slow')")
 
 
@@ -232,3 +238,157 @@ def valid_padding_for_mode(padding_mode, pads, spatial):
         if padding_mode == "circular" and max(lo, hi) > n:
             return False
     return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the CUDA plugin: on a GPU, or on the CPU emulator (VOLCONV_CUDA_EMULATOR=1)
+# --------------------------------------------------------------------------------------------------------------
+#
+# A test marked `cuda` runs on volconv's CUDA plugin and takes its tensors' device from the `device` fixture:
+#   - VOLCONV_CUDA_EMULATOR=1: the plugin is compiled from cuda_plugin/'s sources as they are now by g++ with the
+#     emulator (cuda_plugin/emulator/build.py; cached by a hash of the sources), loaded through volconv's own loader
+#     (VOLCONV_CUDA_LIBRARY), and `device` is "cpu": CPU tensors stand in for device memory. For the test's
+#     duration only, the seams between volconv and a GPU answer as on a GPU: _cuda.has_cuda (and volconv.has_cuda)
+#     True, _cuda.is_cuda True for every tensor (the one device test of every dispatch), and volconv/_torch/cuda.py
+#     sees a torch whose torch.cuda.device is a no-op and whose current stream is null (the emulator's launches are
+#     synchronous), and whose torch.empty fills with NaN (an output the kernels never write shows). The library
+#     must report no emulator error (barrier divergence, launch limits) by the end of each test.
+#     The emulator's own variables pass through: CUDA_EMU_ORDER=forward|reverse|random, CUDA_EMU_SEED,
+#     CUDA_EMU_WORKERS; VOLCONV_CUDA_EMULATOR_SANITIZE=address|thread|undefined builds it with a sanitizer
+#     (the sanitizer's runtime must then be LD_PRELOADed into python: see .ci/run);
+#     VOLCONV_CUDA_EMULATOR_SOURCE=DIR tests the plugin's sources in DIR instead (e.g. a copy with a planted bug).
+#   - otherwise, with a GPU and the plugin built (vc.has_cuda()): `device` is "cuda", nothing is patched.
+#   - otherwise the test is skipped, and nothing is built.
+# Either way the `cuda_plugin` fixture records every call into the plugin (cuda_plugin.calls: name, dtype code)
+# and cuda_plugin.cpu_engine() is a context in which volconv computes CPU tensors on its CPU engine again.
+
+EMULATOR = os.environ.get("VOLCONV_CUDA_EMULATOR", "") not in ("", "0")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def emulator_builder():
+    """cuda_plugin/emulator/build.py, loaded by path (it imports nothing from volconv)."""
+    spec = importlib.util.spec_from_file_location("volconv_cuda_emulator_build",
+                                                  os.path.join(_ROOT, "cuda_plugin", "emulator", "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pytest_collection_modifyitems(config, items):
+    if EMULATOR or not any(item.get_closest_marker("cuda") for item in items):
+        return
+    import volconv as vc
+
+    if vc.has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and volconv's CUDA plugin, or VOLCONV_CUDA_EMULATOR=1 "
+                                   "(the plugin on the CPU emulator)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def emulated_plugin_library():
+    """Path of the emulated plugin built from cuda_plugin/ now (cached by the sources' hash)."""
+    if not EMULATOR:
+        pytest.skip("the CUDA emulator runs with VOLCONV_CUDA_EMULATOR=1")
+    builder = emulator_builder()
+    return builder.build(os.environ.get("VOLCONV_CUDA_EMULATOR_SOURCE") or builder.PLUGIN,
+                         sanitize=os.environ.get("VOLCONV_CUDA_EMULATOR_SANITIZE") or None)
+
+
+class _Through:
+    """A module seen through: the attributes given here replace the module's, every other is the module's."""
+
+    def __init__(self, real, **override):
+        self._real = real
+        self.__dict__.update(override)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class CudaPlugin:
+    """What a cuda test knows of the plugin it runs on (the `cuda_plugin` fixture)."""
+
+    def __init__(self, emulated, library=None):
+        self.emulated = emulated
+        self.library = library
+        self.device = "cpu" if emulated else "cuda"
+        self.calls = []          # (plugin function, dtype code) of every call, in order
+        self._on_plugin = True   # emulated: whether a CPU tensor counts as a CUDA one
+
+    @contextlib.contextmanager
+    def cpu_engine(self):
+        """volconv computes CPU tensors on its CPU engine inside (emulated; on a GPU CPU tensors always do)."""
+        self._on_plugin = False
+        try:
+            yield
+        finally:
+            self._on_plugin = True
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+def _emulator_errors(library):
+    return ctypes.CDLL(library).cuda_emu_errors()
+
+
+@pytest.fixture
+def cuda_plugin(request, monkeypatch):
+    """The plugin for a cuda-marked test: the emulated one (seams patched for this test only) or the GPU's."""
+    import torch
+
+    import volconv
+    from volconv import _cuda
+    from volconv._torch import cuda as tcuda
+
+    if EMULATOR:
+        library = request.getfixturevalue("emulated_plugin_library")
+        plugin = CudaPlugin(True, library)
+        monkeypatch.setenv("VOLCONV_CUDA_LIBRARY", library)
+        monkeypatch.setattr(_cuda, "_lib", None)
+        monkeypatch.setattr(_cuda, "_load_error", None)
+        assert _cuda._library() is not None, _cuda._load_error
+        monkeypatch.setattr(_cuda, "has_cuda", lambda: True)
+        monkeypatch.setattr(volconv, "has_cuda", _cuda.has_cuda)
+        real_is_cuda = _cuda.is_cuda
+        monkeypatch.setattr(_cuda, "is_cuda", lambda a: real_is_cuda(a) or (plugin._on_plugin and isinstance(
+            a, torch.Tensor)))
+        null_stream = types.SimpleNamespace(cuda_stream=0)
+
+        def empty_nan(*args, **kwargs):
+            return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+        monkeypatch.setattr(tcuda, "torch", _Through(torch, empty=empty_nan, cuda=_Through(
+            torch.cuda, device=lambda device: contextlib.nullcontext(),
+            current_stream=lambda device=None: null_stream)))
+        errors_before = _emulator_errors(library)
+    else:
+        plugin = CudaPlugin(False)
+    real_call = _cuda.call
+
+    def call(op, name, *args):
+        plugin.calls.append((name, args[0]))
+        return real_call(op, name, *args)
+
+    monkeypatch.setattr(_cuda, "call", call)
+    yield plugin
+    if EMULATOR:
+        assert _emulator_errors(library) == errors_before, "the CUDA emulator reported errors (see stderr)"
+
+
+@pytest.fixture
+def device(cuda_plugin):
+    """Where a cuda test puts its tensors: "cuda" on a GPU, "cpu" on the emulated plugin."""
+    return cuda_plugin.device
+
+
+@pytest.fixture(autouse=True)
+def _cuda_marked_tests_run_on_the_plugin(request):
+    """Every cuda-marked test runs with the plugin set up, whether or not it asks for the fixture."""
+    if request.node.get_closest_marker("cuda") is not None:
+        request.getfixturevalue("cuda_plugin")

@@ -1,9 +1,16 @@
-"""The CUDA plugin: loading, build command and errors on any machine; on a GPU (tests marked `cuda`), vc.conv3d
-for CUDA tensors against torch.conv3d (cuDNN) and against volconv's CPU path, forward and gradients.
+"""The CUDA plugin: loading, build command and errors on any machine; the tests marked `cuda` run vc.conv3d and
+vc.nn.Conv3d on the plugin through the public API, against torch.conv3d and volconv's CPU path, forward and
+gradients. They run on a GPU (device "cuda"), or with VOLCONV_CUDA_EMULATOR=1 on the plugin compiled for the CPU
+emulator (device "cpu": CPU tensors stand in for device memory; see the `cuda_plugin` fixture in conftest.py).
 
-Tolerances: float64 within 1e-10 of the reference's scale, float32 within 1e-4 (the GPU sums in another order
-than the CPU, and cuDNN's float32 may use TF32 unless disabled: it is disabled here)."""
+Every cuda test checks the plugin's own calls (cuda_plugin.calls), so a test that passes through the CPU engine
+by mistake fails; shapes are small but span interior and boundary tiles (the forward's 32 x 8 tiles, several
+blocks of the gather and of the reductions), every padding mode, strides, dilations and groups.
+
+Tolerances: float64 within 1e-10 of the reference's scale, float32 within 1e-4 (the plugin sums in another order
+than the CPU, and cuDNN's float32 may use TF32 unless disabled: it is disabled here, and restored after)."""
 import os
+import re
 
 import pytest
 import torch
@@ -12,9 +19,14 @@ import torch.nn.functional as F
 import volconv as vc
 from volconv import _cuda, cuda
 
-from conftest import config_rng
+from conftest import EMULATOR, config_rng, emulator_builder
 
-gpu = pytest.mark.skipif(not vc.has_cuda(), reason="needs a CUDA GPU and volconv's CUDA plugin")
+FORWARD, GRAD_INPUT, GRAD_WEIGHT = "vc_conv3d_forward", "vc_conv3d_grad_input", "vc_conv3d_grad_weight"
+
+
+@pytest.fixture(autouse=True)
+def no_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def test_plugin_state_is_reported_clearly():
@@ -45,6 +57,26 @@ def test_build_command_targets_and_errors(tmp_path):
             cuda.build(str(tmp_path))
 
 
+@pytest.mark.skipif(cuda.shutil.which("nvcc") is None, reason="needs nvcc")
+def test_a_cuda_syntax_error_fails_the_build_and_leaves_nothing(tmp_path):
+    (tmp_path / "bad.cu").write_text("__global__ void k() { this is not C++; }\n")
+    out = tmp_path / "plugin.so"
+    with pytest.raises(RuntimeError, match="nvcc failed to build volconv's CUDA plugin"):
+        cuda.build(str(tmp_path), str(out))
+    assert not out.exists() and not (tmp_path / "plugin.so.tmp").exists()
+
+
+def test_the_plugin_uses_no_cuda_syntax_the_emulator_cannot_compile():
+    """Launches and shared memory go through vc_launch.cuh's macros (nvcc and the emulator expand them)."""
+    for name in os.listdir(emulator_builder().PLUGIN):
+        if name.endswith((".cu", ".cuh")) and name != "vc_launch.cuh":
+            text = open(os.path.join(emulator_builder().PLUGIN, name)).read()
+            code = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+            assert "<<<" not in code and "__shared__" not in code, name
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
 def random_case(r):
     groups = int(r.choice([1, 2, 4]))
     C, O = groups * int(r.integers(1, 3)), groups * int(r.integers(1, 3))
@@ -66,58 +98,266 @@ def torch_reference(x, w, b, stride, padding, dilation, groups, mode):
     return F.conv3d(x, w, b, stride, padding, dilation, groups)
 
 
+def tolerance(dtype):
+    return 1e-10 if dtype == torch.float64 else 1e-4
+
+
+def close(a, ref, tol, factor=1.0):
+    """|a - ref| within tol of ref's scale; NaN (an output no kernel wrote) fails."""
+    assert a.shape == ref.shape, (a.shape, ref.shape)
+    assert not a.isnan().any(), "NaN in the plugin's result"
+    err = (a - ref).abs().max().item() if a.numel() else 0.0
+    assert err <= tol * factor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0), err
+
+
+def tensors(r, device, dtype, *shapes):
+    return [torch.from_numpy(r.standard_normal(s)).to(device, dtype).requires_grad_() for s in shapes]
+
+
+def check_on_plugin(cuda_plugin, x, w, b, stride, padding, dilation, groups, mode):
+    """vc.conv3d on the plugin against torch and the CPU path: forward and the gradients of (x, w, b); returns the
+    output. The plugin must have computed all three (one call each)."""
+    tol = tolerance(x.dtype)
+    leaves = [t for t in (x, w, b) if t is not None]
+    cuda_plugin.calls.clear()
+    out = vc.conv3d(x, w, b, stride, padding, dilation, groups, padding_mode=mode)
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, leaves, g)
+    assert cuda_plugin.names() == [FORWARD, GRAD_INPUT, GRAD_WEIGHT], cuda_plugin.names()
+    assert {c[1] for c in cuda_plugin.calls} == {1 if x.dtype == torch.float64 else 0}   # the dtype code
+    assert out.device == x.device and out.dtype == x.dtype
+    ref = torch_reference(x, w, b, stride, padding, dilation, groups, mode)
+    close(out.detach(), ref.detach(), tol)
+    for a, c in zip(ours, torch.autograd.grad(ref, leaves, g)):
+        close(a, c, tol, 10)
+    with cuda_plugin.cpu_engine():
+        cpu = vc.conv3d(*(None if t is None else t.detach().cpu() for t in (x, w, b)), stride, padding, dilation,
+                        groups, padding_mode=mode)
+    assert cuda_plugin.names() == [FORWARD, GRAD_INPUT, GRAD_WEIGHT]   # the CPU engine, not the plugin
+    close(out.detach().cpu(), cpu, tol)
+    return out
+
+
+# ---- on the plugin (GPU or emulator) ------------------------------------------------------------------------
+
 @pytest.mark.cuda
-@gpu
 @pytest.mark.parametrize("case", range(16))
-def test_conv3d_on_the_gpu_against_cudnn_and_the_cpu(case):
-    torch.backends.cudnn.allow_tf32 = False
+def test_conv3d_on_the_plugin_against_torch_and_the_cpu(case, cuda_plugin, device):
     r = config_rng(701, case)
     x_shape, w_shape, stride, padding, dilation, groups, mode = random_case(r)
     dtype = [torch.float64, torch.float32][case % 2]
-    x = torch.from_numpy(r.standard_normal(x_shape)).to("cuda", dtype).requires_grad_()
-    w = torch.from_numpy(r.standard_normal(w_shape)).to("cuda", dtype).requires_grad_()
-    b = torch.from_numpy(r.standard_normal(w_shape[0])).to("cuda", dtype).requires_grad_()
-    out = vc.conv3d(x, w, b, stride, padding, dilation, groups, padding_mode=mode)
-    ref = torch_reference(x, w, b, stride, padding, dilation, groups, mode)
-    assert out.device.type == "cuda" and out.dtype == dtype
-    tol = 1e-10 if dtype == torch.float64 else 1e-4
-    scale = max(1.0, ref.abs().max().item())
-    assert (out - ref).abs().max().item() <= tol * scale
-    cpu = vc.conv3d(x.detach().cpu(), w.detach().cpu(), b.detach().cpu(), stride, padding, dilation, groups,
-                    padding_mode=mode)
-    assert (out.cpu() - cpu).abs().max().item() <= tol * scale
-    g = torch.randn_like(ref)
-    ours = torch.autograd.grad(out, (x, w, b), g)
-    theirs = torch.autograd.grad(ref, (x, w, b), g)
-    for a, c in zip(ours, theirs):
-        assert (a - c).abs().max().item() <= tol * max(1.0, c.abs().max().item()) * 10
+    x, w, b = tensors(r, device, dtype, x_shape, w_shape, w_shape[:1])
+    check_on_plugin(cuda_plugin, x, w, b, stride, padding, dilation, groups, mode)
 
 
 @pytest.mark.cuda
-@gpu
-def test_gpu_gradcheck_and_determinism():
-    x = torch.randn(1, 2, 5, 6, 7, device="cuda", dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 1, 3, 2, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_padding_mode_and_dtype_across_interior_and_boundary_tiles(mode, dtype, cuda_plugin, device):
+    """Output 5 x 10 x 36 per channel: two forward tiles along W (32 + a partial one) and two along H (8 + 2),
+    asymmetric padding per axis, stride, dilation, groups and a bias."""
+    r = config_rng(702, ["zeros", "reflect", "replicate", "circular"].index(mode), int(dtype == torch.float64))
+    x, w, b = tensors(r, device, dtype, (2, 4, 5, 20, 38), (4, 2, 3, 2, 3), (4,))
+    check_on_plugin(cuda_plugin, x, w, b, (1, 2, 1), (1, 1, 0), (1, 1, 2), 2, mode)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weights_too_large_for_shared_memory(dtype, cuda_plugin, device):
+    """(C / groups) * taps * sizeof(T) > 48 KiB: the forward reads its weights from global memory."""
+    C = 13000 // 27 + 1 if dtype == torch.float32 else 6500 // 27 + 1
+    r = config_rng(703, int(dtype == torch.float64))
+    x, w = tensors(r, device, dtype, (1, C, 3, 3, 4), (1, C, 3, 3, 3))
+    assert C * 27 * x.element_size() > 48 * 1024
+    check_on_plugin(cuda_plugin, x, w, None, 1, 1, 1, 1, "zeros")
+
+
+@pytest.mark.cuda
+def test_padding_same_even_kernel_and_depthwise(cuda_plugin, device):
+    r = config_rng(704)
+    x, w = tensors(r, device, torch.float64, (2, 3, 7, 6, 5), (3, 1, 4, 2, 3))
+    check_on_plugin(cuda_plugin, x, w, None, 1, "same", (1, 2, 1), 3, "zeros")
+
+
+@pytest.mark.cuda
+def test_gradcheck_and_bitwise_determinism(cuda_plugin, device, monkeypatch):
+    """gradcheck in float64 through the plugin; float32 results and gradients bit-identical when run again (fixed
+    order reductions, no atomics), on the emulator also in every thread and block order."""
+    x = torch.randn(1, 2, 5, 6, 7, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 3, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: vc.conv3d(x, w, None, (1, 2, 1), 1, (2, 1, 1), 2), (x, w))
+    assert set(cuda_plugin.names()) == {FORWARD, GRAD_INPUT, GRAD_WEIGHT}
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    grads = []
-    for _ in range(2):
+    results = []
+    for order in ("forward", "reverse", "random") if cuda_plugin.emulated else (None, None):
+        if order:
+            monkeypatch.setenv("CUDA_EMU_ORDER", order)
         out = vc.conv3d(x32, w32, None, 1, 1, 1, 2)
-        grads.append(torch.autograd.grad(out, (x32, w32), torch.ones_like(out)))
-    assert all(torch.equal(a, b) for a, b in zip(*grads))   # fixed-order reductions, no atomics
+        results.append((out,) + torch.autograd.grad(out, (x32, w32), torch.ones_like(out)))
+    assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r))
 
 
 @pytest.mark.cuda
-@gpu
-def test_gpu_ops_without_a_cuda_version_say_so():
+def test_gradcheck_through_the_padding_modes(cuda_plugin, device):
+    x = torch.randn(1, 2, 4, 5, 4, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 2, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+    for mode in ("reflect", "replicate", "circular"):
+        assert torch.autograd.gradcheck(lambda x, w, b: vc.conv3d(x, w, b, 1, (1, 2, 1), padding_mode=mode),
+                                        (x, w, b))
+    assert set(cuda_plugin.names()) == {FORWARD, GRAD_INPUT, GRAD_WEIGHT}
+
+
+@pytest.mark.cuda
+def test_double_backward_unbatched_partial_gradients_and_a_numpy_weight(cuda_plugin, device):
+    x = torch.randn(1, 2, 5, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    out = vc.conv3d(x, w, None, 1, 1, padding_mode="reflect")
+    (gx,) = torch.autograd.grad(out.square().sum(), (x,), create_graph=True)
+    (gw2,) = torch.autograd.grad(gx.square().sum(), (w,))
+    ref = torch_reference(x, w, None, 1, (1, 1, 1), 1, 1, "reflect")
+    (rgx,) = torch.autograd.grad(ref.square().sum(), (x,), create_graph=True)
+    close(gx.detach(), rgx.detach(), 1e-10)
+    close(gw2, torch.autograd.grad(rgx.square().sum(), (w,))[0], 1e-9)
+    assert cuda_plugin.names()[:2] == [FORWARD, GRAD_INPUT]
+    # a 4-D input, only the weight needs a gradient: no input-gradient launch
+    x4 = torch.randn(3, 6, 5, 7, device=device, dtype=torch.float64)
+    cuda_plugin.calls.clear()
+    w3 = torch.randn(2, 3, 3, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    out = vc.conv3d(x4, w3, None, 1, 1)
+    (gw,) = torch.autograd.grad(out.sum(), (w3,))
+    assert cuda_plugin.names() == [FORWARD, GRAD_WEIGHT]
+    ref = F.conv3d(x4[None], w3, None, 1, 1)[0]
+    close(out.detach(), ref.detach(), 1e-10)
+    close(gw, torch.autograd.grad(ref.sum(), (w3,))[0], 1e-10)
+    if device == "cpu":   # a numpy weight with a tensor input (on a GPU the weight would have to move first)
+        close(vc.conv3d(x4, w3.detach().numpy(), None, 1, 1), ref.detach(), 1e-10)
+
+
+@pytest.mark.cuda
+def test_half_types_and_non_contiguous_inputs(cuda_plugin, device):
+    x = torch.randn(1, 4, 6, 5, 7, device=device, dtype=torch.float64)
+    w = torch.randn(2, 4, 3, 3, 3, device=device, dtype=torch.float64)
+    ref = F.conv3d(x, w, None, 1, 1)
+    for xi in (x.to(memory_format=torch.channels_last_3d), x.transpose(2, 4).contiguous().transpose(2, 4)):
+        assert not xi.is_contiguous()
+        cuda_plugin.calls.clear()
+        close(vc.conv3d(xi, w, None, 1, 1, 1, 1), ref, 1e-12)
+        assert cuda_plugin.names() == [FORWARD]
+    for dt in (torch.float16, torch.bfloat16):
+        cuda_plugin.calls.clear()
+        out = vc.conv3d(x.to(dt), w.to(dt), None, 1, 1, 1, 1)
+        assert cuda_plugin.calls == [(FORWARD, 0)]   # computed in float32
+        assert out.dtype == dt
+        expect = F.conv3d(x.to(dt).double(), w.to(dt).double(), None, 1, 1)
+        assert torch.allclose(out.double(), expect, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.cuda
+def test_the_layer_trains_like_torch_conv3d(cuda_plugin, device):
+    """vc.nn.Conv3d (and from_conv) on the plugin: forward and the parameters' gradients as torch.nn.Conv3d's."""
+    torch.manual_seed(7)
+    ref = torch.nn.Conv3d(4, 6, (3, 2, 3), stride=(1, 2, 1), padding=(1, 1, 2), groups=2, padding_mode="replicate",
+                          device=device, dtype=torch.float64)
+    x = torch.randn(2, 4, 6, 9, 34, device=device, dtype=torch.float64)
+    for layer in (vc.nn.Conv3d.from_conv(ref), vc.nn.Conv3d(4, 6, (3, 2, 3), stride=(1, 2, 1), padding=(1, 1, 2),
+                                                              groups=2, padding_mode="replicate", device=device,
+                                                              dtype=torch.float64)):
+        layer.load_state_dict(ref.state_dict())
+        cuda_plugin.calls.clear()
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), (layer.weight, layer.bias))
+        assert cuda_plugin.names() == [FORWARD, GRAD_WEIGHT]
+        r = ref(x)
+        close(out.detach(), r.detach(), 1e-10)
+        for a, c in zip(grads, torch.autograd.grad(r.square().sum(), (ref.weight, ref.bias))):
+            close(a, c, 1e-10, 10)
+
+
+@pytest.mark.cuda
+def test_geometries_the_plugin_refuses_and_an_empty_batch(cuda_plugin, device):
+    """N * O > 65535 and Do > 65535 are legal in torch; the plugin says it cannot take them (its grid layout).
+    N == 0: the front door runs one item of zeros and returns an empty result."""
+    for x_shape, w_shape in [((257, 1, 1, 1, 1), (256, 1, 1, 1, 1)), ((1, 1, 65536, 1, 1), (1, 1, 1, 1, 1))]:
+        x, w = torch.randn(x_shape, device=device), torch.randn(w_shape, device=device)
+        with pytest.raises(RuntimeError, match="volconv CUDA conv3d: .*geometry this kernel cannot take"):
+            vc.conv3d(x, w)
+    x, w = torch.randn(0, 1, 3, 3, 3, device=device), torch.randn(1, 1, 1, 1, 1, device=device)
+    cuda_plugin.calls.clear()
+    out = vc.conv3d(x, w)
+    assert out.shape == F.conv3d(x, w).shape == (0, 1, 3, 3, 3)
+    assert cuda_plugin.names() == [FORWARD]
+
+
+@pytest.mark.cuda
+def test_ops_without_a_cuda_version_say_so(cuda_plugin, device, tmp_path, capsys):
     with pytest.raises(RuntimeError, match="no CUDA version"):
-        vc.correlate(torch.ones(6, 6, 6, device="cuda"), torch.ones(3, 3, 3, device="cuda"))
+        vc.correlate(torch.ones(6, 6, 6, device=device), torch.ones(3, 3, 3, device=device))
+    _cuda.require("conv3d", has_cuda_version=True)
+    from volconv.cli import main
+
+    sample = os.path.join(os.path.dirname(emulator_builder().PLUGIN), "sample_volumes",
+                          "mni_icbm152_t1_tal_nlin_sym_09a.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    assert main(["filter", sample, str(out), "--gaussian", "2mm", "--device", "cuda"]) == 1
+    assert "--device cuda: the CUDA plugin does not filter NIfTI files yet" in capsys.readouterr().err
+    assert not out.exists() and cuda_plugin.calls == []
 
 
-@pytest.mark.skipif(cuda.shutil.which("nvcc") is None, reason="needs nvcc")
-def test_a_cuda_syntax_error_fails_the_build_and_leaves_nothing(tmp_path):
-    (tmp_path / "bad.cu").write_text("__global__ void k() { this is not C++; }\n")
-    out = tmp_path / "plugin.so"
-    with pytest.raises(RuntimeError, match="nvcc failed to build volconv's CUDA plugin"):
-        cuda.build(str(tmp_path), str(out))
-    assert not out.exists() and not (tmp_path / "plugin.so.tmp").exists()
+# ---- the emulator's own checks ----------------------------------------------------------------------------------
+
+emulator_only = pytest.mark.skipif(not EMULATOR, reason="checks of the CPU emulator (VOLCONV_CUDA_EMULATOR=1)")
+
+
+def _kernel_names(source):
+    return re.findall(r"__global__\s+void\s+(\w+)\s*\(", source)
+
+
+def _empty_kernel(source, name):
+    """source with the body of __global__ kernel `name` emptied."""
+    start = source.index("{", re.search(r"__global__\s+void\s+" + name + r"\s*\(", source).end())
+    depth = 0
+    for i in range(start, len(source)):
+        depth += {"{": 1, "}": -1}.get(source[i], 0)
+        if depth == 0:
+            return source[:start] + "{}" + source[i + 1:]
+    raise ValueError(name)
+
+
+@pytest.mark.cuda
+@emulator_only
+def test_every_kernel_is_exercised_emptying_one_fails_the_checks(cuda_plugin, tmp_path, monkeypatch):
+    """Each __global__ kernel of cuda_plugin/ emptied in turn: the checks of these tests fail (its output stays NaN
+    or wrong), so a kernel that computes nothing cannot pass the suite."""
+    plugin_dir = emulator_builder().PLUGIN
+    sources = {n: open(os.path.join(plugin_dir, n)).read() for n in os.listdir(plugin_dir)
+               if n.endswith((".cu", ".cuh", ".h"))}
+    kernels = [(n, k) for n, s in sources.items() if n.endswith(".cu") for k in _kernel_names(s)]
+    assert len(kernels) >= 3, kernels
+    r = config_rng(705)
+    x, w, b = tensors(r, "cpu", torch.float64, (1, 2, 4, 9, 35), (2, 2, 3, 3, 3), (2,))
+    for n, kernel in kernels:
+        d = tmp_path / kernel
+        d.mkdir()
+        for m, s in sources.items():
+            (d / m).write_text(_empty_kernel(s, kernel) if m == n else s)
+        monkeypatch.setenv("VOLCONV_CUDA_LIBRARY", emulator_builder().build(str(d)))
+        monkeypatch.setattr(_cuda, "_lib", None)
+        monkeypatch.setattr(_cuda, "_load_error", None)
+        with pytest.raises(AssertionError):
+            check_on_plugin(cuda_plugin, x, w, b, 1, 1, 1, 1, "zeros")
+
+
+@pytest.mark.cuda
+@emulator_only
+def test_the_emulated_plugin_is_built_from_the_sources_as_they_are_now(cuda_plugin, tmp_path):
+    """The library the suite loads is the build of cuda_plugin/ now; a changed source builds a new one."""
+    builder = emulator_builder()
+    assert cuda_plugin.library == builder.build(os.environ.get("VOLCONV_CUDA_EMULATOR_SOURCE") or builder.PLUGIN,
+                                                sanitize=os.environ.get("VOLCONV_CUDA_EMULATOR_SANITIZE") or None)
+    assert os.path.samefile(_cuda._lib._name, cuda_plugin.library)   # loaded by volconv's own loader
+    for n in os.listdir(builder.PLUGIN):
+        if n.endswith((".cu", ".cuh", ".h")):
+            text = open(os.path.join(builder.PLUGIN, n)).read()
+            (tmp_path / n).write_text(text + "// changed\n" if n.endswith(".cu") else text)
+    assert builder.build(str(tmp_path)) != builder.build()

@@ -180,8 +180,7 @@ def test_has_cuda_is_bool():
         assert vc.has_cuda() is False  # no GPU, so cannot be True
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")   # not `cuda`: no plugin here
 @pytest.mark.parametrize("op", ["conv3d", "correlate"])
 def test_cuda_tensor_without_plugin(op):
     if vc.has_cuda():
