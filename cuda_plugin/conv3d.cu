@@ -38,40 +38,46 @@ __global__ void conv3d_forward_kernel(const T *__restrict__ x, const T *__restri
     const long long tiles_w = (g.Wo + TX - 1) / TX;
     const long long ow = (blockIdx.x % tiles_w) * TX + threadIdx.x;
     const long long oh = (blockIdx.x / tiles_w) * TY + threadIdx.y;
-    const long long od = blockIdx.y;
-    const long long n = blockIdx.z / g.O, o = blockIdx.z % g.O;
-    const T *wo = w + o * Cg * taps;
-    if (weights_in_shared) {
-        for (long long i = threadIdx.y * TX + threadIdx.x; i < Cg * taps; i += TX * TY)
-            ws[i] = wo[i];
-        __syncthreads();
-        wo = ws;
-    }
-    if (ow >= g.Wo || oh >= g.Ho)
-        return;
-    const long long c0 = (o / (g.O / g.G)) * Cg;
-    T acc = b ? b[o] : T(0);
-    for (long long c = 0; c < Cg; c++) {
-        const T *xc = x + ((n * g.C + c0 + c) * g.D) * g.H * g.W;
-        for (long long a = 0; a < g.kd; a++) {
-            const long long id = od * g.sd - g.pd + a * g.dd;
-            if (id < 0 || id >= g.D)
-                continue;
-            for (long long bb = 0; bb < g.kh; bb++) {
-                const long long ih = oh * g.sh - g.ph + bb * g.dh;
-                if (ih < 0 || ih >= g.H)
-                    continue;
-                const T *row = xc + (id * g.H + ih) * g.W;
-                const T *wr = wo + ((c * g.kd + a) * g.kh + bb) * g.kw;
-                for (long long e = 0; e < g.kw; e++) {
-                    const long long iw = ow * g.sw - g.pw + e * g.dw;
-                    if (iw >= 0 && iw < g.W)
-                        acc += __ldg(row + iw) * wr[e];
+    const bool inside = ow < g.Wo && oh < g.Ho;
+    // grid-stride over (n, o) and output planes: the grid's y and z are capped at 65535, torch's sizes are not
+    for (long long z = blockIdx.z; z < g.N * g.O; z += gridDim.z) {
+        const long long n = z / g.O, o = z % g.O;
+        const T *wo = w + o * Cg * taps;
+        if (weights_in_shared) {
+            __syncthreads();   // every thread is done with the previous channel's weights
+            for (long long i = threadIdx.y * TX + threadIdx.x; i < Cg * taps; i += TX * TY)
+                ws[i] = wo[i];
+            __syncthreads();
+            wo = ws;
+        }
+        if (!inside)
+            continue;   // (no return: the block's barriers above need every thread)
+        const long long c0 = (o / (g.O / g.G)) * Cg;
+        for (long long od = blockIdx.y; od < g.Do; od += gridDim.y) {
+            T acc = b ? b[o] : T(0);
+            for (long long c = 0; c < Cg; c++) {
+                const T *xc = x + ((n * g.C + c0 + c) * g.D) * g.H * g.W;
+                for (long long a = 0; a < g.kd; a++) {
+                    const long long id = od * g.sd - g.pd + a * g.dd;
+                    if (id < 0 || id >= g.D)
+                        continue;
+                    for (long long bb = 0; bb < g.kh; bb++) {
+                        const long long ih = oh * g.sh - g.ph + bb * g.dh;
+                        if (ih < 0 || ih >= g.H)
+                            continue;
+                        const T *row = xc + (id * g.H + ih) * g.W;
+                        const T *wr = wo + ((c * g.kd + a) * g.kh + bb) * g.kw;
+                        for (long long e = 0; e < g.kw; e++) {
+                            const long long iw = ow * g.sw - g.pw + e * g.dw;
+                            if (iw >= 0 && iw < g.W)
+                                acc += __ldg(row + iw) * wr[e];
+                        }
+                    }
                 }
             }
+            out[(((n * g.O + o) * g.Do + od) * g.Ho + oh) * g.Wo + ow] = acc;
         }
     }
-    out[(((n * g.O + o) * g.Do + od) * g.Ho + oh) * g.Wo + ow] = acc;
 }
 
 // Position q along an axis receives output position p through tap t when p * s - pad + t * dil == q.
@@ -155,9 +161,8 @@ __global__ void conv3d_grad_weight_kernel(const T *__restrict__ x, const T *__re
 
 bool valid(const Geom &g)
 {
-    return g.N > 0 && g.C > 0 && g.O > 0 && g.G > 0 && g.C % g.G == 0 && g.O % g.G == 0 && g.Do > 0 && g.Ho > 0 &&
-           g.Wo > 0 && g.sd > 0 && g.sh > 0 && g.sw > 0 && g.dd > 0 && g.dh > 0 && g.dw > 0 && g.Do <= 65535 &&
-           g.N * g.O <= 65535;
+    return g.N >= 0 && g.C > 0 && g.O > 0 && g.G > 0 && g.C % g.G == 0 && g.O % g.G == 0 && g.Do > 0 && g.Ho > 0 &&
+           g.Wo > 0 && g.sd > 0 && g.sh > 0 && g.sw > 0 && g.dd > 0 && g.dh > 0 && g.dw > 0;
 }
 
 int status(cudaError_t e) { return e == cudaSuccess ? 0 : static_cast<int>(e); }
@@ -167,8 +172,13 @@ int forward(const void *x, const void *w, const void *b, void *out, const Geom &
 {
     const long long wbytes = (g.C / g.G) * g.kd * g.kh * g.kw * (long long)sizeof(T);
     const bool shared = wbytes <= SHARED_WEIGHTS;
-    dim3 block(TX, TY), grid((unsigned)(((g.Wo + TX - 1) / TX) * ((g.Ho + TY - 1) / TY)), (unsigned)g.Do,
-                             (unsigned)(g.N * g.O));
+    if (g.N == 0)
+        return 0;   // an empty batch: nothing to compute
+    const long long tiles = ((g.Wo + TX - 1) / TX) * ((g.Ho + TY - 1) / TY);
+    if (tiles > 0x7fffffffLL)
+        return VC_BAD_GEOMETRY;   // the grid's x
+    const long long planes = g.Do < 65535 ? g.Do : 65535, items = g.N * g.O < 65535 ? g.N * g.O : 65535;
+    dim3 block(TX, TY), grid((unsigned)tiles, (unsigned)planes, (unsigned)items);   // y, z: strided in the kernel
     VC_LAUNCH(conv3d_forward_kernel<T>, grid, block, shared ? wbytes : 0, stream)(
         static_cast<const T *>(x), static_cast<const T *>(w), static_cast<const T *>(b), static_cast<T *>(out), g,
         shared);
@@ -179,6 +189,8 @@ template <typename T>
 int grad_input(const void *grad, const void *w, void *gx, const Geom &g, cudaStream_t stream)
 {
     const long long total = g.N * g.C * g.D * g.H * g.W;
+    if (total == 0)
+        return 0;
     const unsigned blocks = (unsigned)((total + 255) / 256 < 65535 * 16 ? (total + 255) / 256 : 65535 * 16);
     VC_LAUNCH(conv3d_grad_input_kernel<T>, blocks, 256, 0, stream)(
         static_cast<const T *>(grad), static_cast<const T *>(w), static_cast<T *>(gx), g);
@@ -219,8 +231,8 @@ int vc_cuda_abi(void) { return 1; }
 const char *vc_cuda_error_string(int code)
 {
     if (code == VC_BAD_GEOMETRY)
-        return "a geometry this kernel cannot take (batch x output channels and output depth must be at most "
-               "65535, channels divisible by groups)";
+        return "a geometry this kernel cannot take (channels divisible by groups, a non-empty output, at most "
+               "2^31 - 1 output tiles per plane and weights)";
     if (code == VC_BAD_DTYPE)
         return "dtype must be float32 (0) or float64 (1)";
     return cudaGetErrorString(static_cast<cudaError_t>(code));

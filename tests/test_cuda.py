@@ -275,13 +275,22 @@ def test_the_layer_trains_like_torch_conv3d(cuda_plugin, device):
 
 
 @pytest.mark.cuda
-def test_geometries_the_plugin_refuses_and_an_empty_batch(cuda_plugin, device):
-    """N * O > 65535 and Do > 65535 are legal in torch; the plugin says it cannot take them (its grid layout).
-    N == 0: the front door runs one item of zeros and returns an empty result."""
-    for x_shape, w_shape in [((257, 1, 1, 1, 1), (256, 1, 1, 1, 1)), ((1, 1, 65536, 1, 1), (1, 1, 1, 1, 1))]:
-        x, w = torch.randn(x_shape, device=device), torch.randn(w_shape, device=device)
-        with pytest.raises(RuntimeError, match="volconv CUDA conv3d: .*geometry this kernel cannot take"):
-            vc.conv3d(x, w)
+def test_geometries_beyond_the_grid_limits_and_an_empty_batch(cuda_plugin, device):
+    """N * O > 65535 and Do > 65535 are legal in torch, and the forward strides over the grid's capped y and z;
+    the backward kernels have no such limits. N == 0: the front door runs one item of zeros, the plugin is called
+    and the result is empty; the plugin itself takes N == 0 too (nothing to compute)."""
+    for x_shape, w_shape in [((257, 1, 1, 1, 1), (256, 1, 1, 1, 1)), ((1, 1, 65537, 1, 1), (1, 1, 2, 1, 1))]:
+        x = torch.randn(x_shape, device=device, requires_grad=True)
+        w = torch.randn(w_shape, device=device, requires_grad=True)
+        cuda_plugin.calls.clear()
+        out = vc.conv3d(x, w)
+        out.backward(torch.ones_like(out))
+        assert cuda_plugin.names() == [FORWARD, GRAD_INPUT, GRAD_WEIGHT]
+        xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        ref = F.conv3d(xr, wr)   # torch's own
+        ref.backward(torch.ones_like(ref))
+        assert torch.allclose(out.detach(), ref, atol=1e-5) and torch.allclose(x.grad, xr.grad, atol=1e-5)
+        assert torch.allclose(w.grad, wr.grad, rtol=1e-4, atol=1e-3)
     x, w = torch.randn(0, 1, 3, 3, 3, device=device), torch.randn(1, 1, 1, 1, 1, device=device)
     cuda_plugin.calls.clear()
     out = vc.conv3d(x, w)
