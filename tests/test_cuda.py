@@ -12,9 +12,11 @@ than the CPU, and cuDNN's float32 may use TF32 unless disabled: it is disabled h
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 import volconv as vc
 from volconv import _cuda, cuda
@@ -299,9 +301,42 @@ def test_geometries_beyond_the_grid_limits_and_an_empty_batch(cuda_plugin, devic
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["reflect", "constant", "nearest", "mirror", "wrap", "grid-wrap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_correlate_and_convolve_on_the_plugin_against_scipy(mode, dtype, cuda_plugin, device):
+    """scipy.ndimage's filters of a CUDA volume: the plugin's conv3d, the volume padded (every mode, the cval,
+    the origin's shift) by torch; against scipy.ndimage on the CPU, and gradients against volconv's CPU path."""
+    r = np.random.default_rng(7)
+    v = r.standard_normal((7, 9, 10))
+    k = r.standard_normal((4, 3, 5))   # even and odd sizes
+    for fn, ref_fn, origin, cval in ((vc.correlate, ndimage.correlate, (1, 0, -1), 1.5),
+                                     (vc.convolve, ndimage.convolve, 0, -2.0)):
+        vt = torch.tensor(v, dtype=dtype, device=device, requires_grad=True)
+        kt = torch.tensor(k, dtype=dtype, device=device, requires_grad=True)
+        cuda_plugin.calls.clear()
+        out = fn(vt, kt, mode=mode, cval=cval, origin=origin)
+        g = torch.randn_like(out)
+        gv, gk = torch.autograd.grad(out, (vt, kt), g)
+        assert cuda_plugin.names() == [FORWARD, GRAD_INPUT, GRAD_WEIGHT]
+        assert out.dtype == dtype and out.device == vt.device
+        close(out.detach().cpu(), torch.from_numpy(ref_fn(v, k, mode=mode, cval=cval, origin=origin)).to(dtype),
+              tolerance(dtype))
+        with cuda_plugin.cpu_engine():
+            vc_, kc = (torch.tensor(a, dtype=dtype, requires_grad=True) for a in (v, k))
+            cv, ck = torch.autograd.grad(fn(vc_, kc, mode=mode, cval=cval, origin=origin), (vc_, kc), g.cpu())
+        close(gv.cpu(), cv, tolerance(dtype), 10)
+        close(gk.cpu(), ck, tolerance(dtype), 10)
+    # a kernel object (separable on the CPU) is built densely for the plugin
+    vt = torch.tensor(v, dtype=dtype, device=device)
+    gauss = vc.kernels.gaussian(1.0)
+    close(vc.correlate(vt, gauss, mode=mode).cpu(),
+          torch.from_numpy(ndimage.correlate(v, gauss.to_dense(), mode=mode)).to(dtype), tolerance(dtype))
+
+
+@pytest.mark.cuda
 def test_ops_without_a_cuda_version_say_so(cuda_plugin, device, tmp_path, capsys):
     with pytest.raises(RuntimeError, match="no CUDA version"):
-        vc.correlate(torch.ones(6, 6, 6, device=device), torch.ones(3, 3, 3, device=device))
+        vc.sparse_conv3d(torch.ones(1, 1, 6, 6, 6, device=device), vc.SparseKernel.from_dense(np.ones((3, 3, 3))))
     _cuda.require("conv3d", has_cuda_version=True)
     from volconv.cli import main
 

@@ -16,9 +16,9 @@ def compute_dtype(t):
 
 def tensor(a, like=None):
     """a as a torch tensor (numpy operands of a differentiable call join the autograd graph as constants), in
-    like's dtype when given."""
+    like's dtype and on its device when given."""
     t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
-    return t if like is None else t.to(like.dtype)
+    return t if like is None else t.to(device=like.device, dtype=like.dtype)
 
 
 def numpy(t):

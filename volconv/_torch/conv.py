@@ -11,7 +11,7 @@ from ..engine import cost, dense
 from . import cuda
 from .common import compiling, compute_dtype, empty, numpy, spec, spec_args, threads, threads_arg
 from .op import Op
-from .reference import reference_conv, reference_grads
+from .reference import padded, reference_conv, reference_grads
 
 
 def _forward(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], pads: List[int], dilation: List[int],
@@ -77,9 +77,8 @@ def conv3d(x, w, b, s, algorithm, workers):
     out_dtype, x, w = x.dtype, x.to(dtype), w.to(dtype)
     b = None if b is None else b.to(dtype)
     on_gpu = _cuda.is_cuda(x)
-    if on_gpu and s.mode != "constant":   # the plugin pads with zeros: other modes are padded here by torch
-        x = torch.nn.functional.pad(x, [p for lo_hi in reversed(s.pads) for p in lo_hi], mode=TORCH_PAD_MODES[s.mode])
-        s = s.padded()
+    if on_gpu and (s.mode != "constant" or s.cval != 0 or min(min(p) for p in s.pads) < 0):
+        x, s = padded(x, s), s.padded()   # the plugin pads with zeros: other modes, a cval, crops by torch here
     elif not on_gpu and not compiling():
         torch_reachable = s.mode in TORCH_PAD_MODES and s.cval == 0
         if algorithm == "auto":

@@ -16,7 +16,7 @@ ACTIVATION_FUNCTIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "s
 def padded(x, spec):
     """x padded (negative pads: cropped) by spec.pads in spec's boundary mode, by differentiable indexing."""
     for axis, (n, (lo, hi)) in enumerate(zip(x.shape[2:], spec.pads), start=2):
-        idx = torch.from_numpy(pad_index(n, lo, hi, spec.mode))
+        idx = torch.from_numpy(pad_index(n, lo, hi, spec.mode)).to(x.device)
         x = x.index_select(axis, idx.clamp(min=0))
         if spec.mode == "constant":
             outside = (idx < 0).reshape([-1 if a == axis else 1 for a in range(x.dim())])

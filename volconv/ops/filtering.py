@@ -2,7 +2,8 @@
 of kernel (dense, separable, sparse), and filter_volume, the slab-with-halo form io.filter_nifti runs."""
 import numpy as np
 
-from .._dispatch import Caller, wants_autograd
+from .. import _cuda
+from .._dispatch import Caller, check_tensors, is_tensor, wants_autograd
 from .._validate import ConvSpec, filter_origins, filter_pads, real_number, scipy_mode, triple
 from .._validate import workers as resolve_workers
 from ..engine import cost, dense
@@ -17,14 +18,19 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
     """correlate / convolve. halo: per axis, (lo, hi) planes at the volume's ends that are context, not output
     (a slab of a larger volume, io.filter_nifti): those sides are not padded and the output omits them. Each
     must be at most the kernel's reach on that side."""
+    on_gpu = _cuda.is_cuda(volume)   # the CUDA plugin's conv3d, the volume padded by torch (_torch.conv)
+    tensor_path = on_gpu or wants_autograd(volume)
     kernel = as_separable(kernel)
-    separable = kernel if isinstance(kernel, SeparableKernel) and not wants_autograd(volume) else None
-    sparse_k = kernel if isinstance(kernel, SparseKernel) and not wants_autograd(volume) else None
+    separable = kernel if isinstance(kernel, SeparableKernel) and not tensor_path else None
+    sparse_k = kernel if isinstance(kernel, SparseKernel) and not tensor_path else None
     if isinstance(kernel, Kernel):  # factored kernels are never built: a zero-stride stand-in gives the shape
-        kernel = np.broadcast_to(np.float32(0), kernel.shape) if separable is not None or sparse_k is not None \
-            else kernel.to_dense()
-    caller = Caller(op, [volume, kernel], ["volume", "kernel"], promote_ints=True)
-    v, k = caller.arrays
+        kernel = _stand_in(kernel) if separable is not None or sparse_k is not None else kernel.to_dense()
+    if on_gpu:   # checked where they are; zero-stride stand-ins give the shapes below
+        check_tensors(op, [volume, kernel], ["volume", "kernel"], cuda=True)
+        caller, v, k = None, _stand_in(volume), _stand_in(kernel)
+    else:
+        caller = Caller(op, [volume, kernel], ["volume", "kernel"], promote_ints=True)
+        v, k = caller.arrays
     if v.ndim != 3:
         raise ValueError(f"volume must be 3-D (D, H, W), got {v.ndim}-D shape {v.shape}")
     if k.ndim != 3:
@@ -34,7 +40,7 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
     mode = scipy_mode(mode)
     origins = triple(origin, "origin")
     if v.size == 0:   # nothing to filter: an empty result, as scipy.ndimage gives
-        return caller.result(np.empty(v.shape, caller.dtype))
+        return volume.detach().clone() if on_gpu else caller.result(np.empty(v.shape, caller.dtype))
     # NIfTI data arrive in Fortran order: filter the transposed volume with the transposed kernel (no copy)
     fortran = v.flags.f_contiguous and not v.flags.c_contiguous
     halo = ((0, 0),) * 3 if halo is None else tuple(tuple(h) for h in halo)
@@ -50,11 +56,11 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
     pads = tuple((lo - hlo, hi - hhi) for (lo, hi), (hlo, hhi) in zip(filter_pads(k.shape, origins), halo))
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
                     groups=1, mode=mode, cval=real_number(cval, "cval"))
-    if wants_autograd(volume, kernel):
+    if on_gpu or wants_autograd(volume, kernel):
         from .._torch import conv
         from .._torch.common import tensor
 
-        w = tensor(kernel, like=volume if caller.is_tensor else None)
+        w = tensor(kernel, like=volume if on_gpu or caller.is_tensor else None)
         w = w.flip((0, 1, 2)) if flip else w
         return conv.conv3d(tensor(volume, like=w)[None, None], w[None, None], None, spec,
                            dense.resolve_algorithm(algorithm), workers)[0, 0]
@@ -96,3 +102,11 @@ def convolve(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="a
     """Multidimensional convolution of one 3D volume, with the results of ``scipy.ndimage.convolve``.
     Arguments as `correlate`."""
     return filter_volume("convolve", volume, kernel, mode, cval, origin, algorithm, workers, flip=True)
+
+
+def _stand_in(a):
+    """A zero-stride float32 array of a's shape (a tensor's or a kernel object's; an array-like as an array): what
+    the checks and the geometry read, never computed with."""
+    if is_tensor(a) or isinstance(a, Kernel):
+        return np.broadcast_to(np.float32(0), tuple(a.shape))
+    return np.asarray(a)
