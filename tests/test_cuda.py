@@ -26,6 +26,13 @@ from conftest import EMULATOR, config_rng, emulator_builder
 FORWARD, GRAD_INPUT, GRAD_WEIGHT = "vc_conv3d_forward", "vc_conv3d_grad_input", "vc_conv3d_grad_weight"
 
 
+def backward_ran(names, weight=True):
+    """names: a forward, the input gradient (the gather kernel, or at stride 1 the forward kernel with the
+    flipped weight) and, when `weight`, the weight gradient; nothing else."""
+    return len(names) == 2 + weight and names[0] == FORWARD and names[1] in (GRAD_INPUT, FORWARD) and \
+        (not weight or names[2] == GRAD_WEIGHT)
+
+
 @pytest.fixture(autouse=True)
 def no_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -125,7 +132,7 @@ def check_on_plugin(cuda_plugin, x, w, b, stride, padding, dilation, groups, mod
     out = vc.conv3d(x, w, b, stride, padding, dilation, groups, padding_mode=mode)
     g = torch.randn_like(out)
     ours = torch.autograd.grad(out, leaves, g)
-    assert cuda_plugin.names() == [FORWARD, GRAD_INPUT, GRAD_WEIGHT], cuda_plugin.names()
+    assert backward_ran(cuda_plugin.names()), cuda_plugin.names()
     assert {c[1] for c in cuda_plugin.calls} == {1 if x.dtype == torch.float64 else 0}   # the dtype code
     assert out.device == x.device and out.dtype == x.dtype
     ref = torch_reference(x, w, b, stride, padding, dilation, groups, mode)
@@ -135,7 +142,7 @@ def check_on_plugin(cuda_plugin, x, w, b, stride, padding, dilation, groups, mod
     with cuda_plugin.cpu_engine():
         cpu = vc.conv3d(*(None if t is None else t.detach().cpu() for t in (x, w, b)), stride, padding, dilation,
                         groups, padding_mode=mode)
-    assert cuda_plugin.names() == [FORWARD, GRAD_INPUT, GRAD_WEIGHT]   # the CPU engine, not the plugin
+    assert backward_ran(cuda_plugin.names())   # the CPU engine, not the plugin
     close(out.detach().cpu(), cpu, tol)
     return out
 
@@ -188,7 +195,7 @@ def test_gradcheck_and_bitwise_determinism(cuda_plugin, device, monkeypatch):
     x = torch.randn(1, 2, 5, 6, 7, device=device, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 1, 3, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: vc.conv3d(x, w, None, (1, 2, 1), 1, (2, 1, 1), 2), (x, w))
-    assert set(cuda_plugin.names()) == {FORWARD, GRAD_INPUT, GRAD_WEIGHT}
+    assert {FORWARD, GRAD_WEIGHT} <= set(cuda_plugin.names()) <= {FORWARD, GRAD_INPUT, GRAD_WEIGHT}
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     results = []
     for order in ("forward", "reverse", "random") if cuda_plugin.emulated else (None, None):
@@ -207,7 +214,7 @@ def test_gradcheck_through_the_padding_modes(cuda_plugin, device):
     for mode in ("reflect", "replicate", "circular"):
         assert torch.autograd.gradcheck(lambda x, w, b: vc.conv3d(x, w, b, 1, (1, 2, 1), padding_mode=mode),
                                         (x, w, b))
-    assert set(cuda_plugin.names()) == {FORWARD, GRAD_INPUT, GRAD_WEIGHT}
+    assert {FORWARD, GRAD_WEIGHT} <= set(cuda_plugin.names()) <= {FORWARD, GRAD_INPUT, GRAD_WEIGHT}
 
 
 @pytest.mark.cuda
@@ -221,7 +228,7 @@ def test_double_backward_unbatched_partial_gradients_and_a_numpy_weight(cuda_plu
     (rgx,) = torch.autograd.grad(ref.square().sum(), (x,), create_graph=True)
     close(gx.detach(), rgx.detach(), 1e-10)
     close(gw2, torch.autograd.grad(rgx.square().sum(), (w,))[0], 1e-9)
-    assert cuda_plugin.names()[:2] == [FORWARD, GRAD_INPUT]
+    assert backward_ran(cuda_plugin.names()[:2], weight=False)
     # a 4-D input, only the weight needs a gradient: no input-gradient launch
     x4 = torch.randn(3, 6, 5, 7, device=device, dtype=torch.float64)
     cuda_plugin.calls.clear()
@@ -287,7 +294,7 @@ def test_geometries_beyond_the_grid_limits_and_an_empty_batch(cuda_plugin, devic
         cuda_plugin.calls.clear()
         out = vc.conv3d(x, w)
         out.backward(torch.ones_like(out))
-        assert cuda_plugin.names() == [FORWARD, GRAD_INPUT, GRAD_WEIGHT]
+        assert backward_ran(cuda_plugin.names()), cuda_plugin.names()
         xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
         ref = F.conv3d(xr, wr)   # torch's own
         ref.backward(torch.ones_like(ref))
@@ -317,7 +324,7 @@ def test_correlate_and_convolve_on_the_plugin_against_scipy(mode, dtype, cuda_pl
         out = fn(vt, kt, mode=mode, cval=cval, origin=origin)
         g = torch.randn_like(out)
         gv, gk = torch.autograd.grad(out, (vt, kt), g)
-        assert cuda_plugin.names() == [FORWARD, GRAD_INPUT, GRAD_WEIGHT]
+        assert backward_ran(cuda_plugin.names()), cuda_plugin.names()
         assert out.dtype == dtype and out.device == vt.device
         close(out.detach().cpu(), torch.from_numpy(ref_fn(v, k, mode=mode, cval=cval, origin=origin)).to(dtype),
               tolerance(dtype))
@@ -388,8 +395,8 @@ def test_every_kernel_is_exercised_emptying_one_fails_the_checks(cuda_plugin, tm
         monkeypatch.setenv("VOLCONV_CUDA_LIBRARY", emulator_builder().build(str(d)))
         monkeypatch.setattr(_cuda, "_lib", None)
         monkeypatch.setattr(_cuda, "_load_error", None)
-        with pytest.raises(AssertionError):
-            check_on_plugin(cuda_plugin, x, w, b, 1, 1, 1, 1, "zeros")
+        with pytest.raises(AssertionError):   # stride 2: the input gradient by its gather kernel
+            check_on_plugin(cuda_plugin, x, w, b, 2, 1, 1, 1, "zeros")
 
 
 @pytest.mark.cuda
