@@ -249,6 +249,15 @@ class ConvSpec:
     def kernel_size(self):
         return self.w_shape[2:]
 
+    def reach(self):
+        """Per axis, how far the dilated kernel reaches past its first tap: (k - 1) * dilation."""
+        return tuple((k - 1) * d for k, d in zip(self.kernel_size, self.dilation))
+
+    def transposed_pads(self):
+        """Padding of the transposed convolution at stride 1 (the input gradient: the output gradient correlated
+        with the flipped kernel): the reach less this padding on each side (negative: a crop)."""
+        return tuple((r - lo, r - hi) for r, (lo, hi) in zip(self.reach(), self.pads))
+
     def flops(self):
         """Multiply-adds x 2 of the direct method."""
         return 2.0 * np.prod(self.out_shape, dtype=np.float64) * np.prod(self.w_shape[1:], dtype=np.float64)

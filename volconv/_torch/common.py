@@ -21,6 +21,11 @@ def tensor(a, like=None):
     return t if like is None else t.to(device=like.device, dtype=like.dtype)
 
 
+def operand(a, dtype):
+    """a (a tensor or an array) as a contiguous tensor of dtype, the form every op's kernels take."""
+    return tensor(a).to(dtype).contiguous()
+
+
 def numpy(t):
     """A tensor's values as a contiguous numpy array (None stays None)."""
     return None if t is None else t.detach().contiguous().numpy()

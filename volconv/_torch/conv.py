@@ -46,14 +46,12 @@ def _cuda_grad_input(g, w, s):
     """The input gradient on the plugin: at stride 1 the forward kernel (weights in shared memory, no div/mod per
     tap) correlating g with the flipped kernel, input and output channels swapped within each group, padded by
     the kernel's reach less the forward's padding; the gather kernel at other strides."""
-    reach = [(k - 1) * d for k, d in zip(s.kernel_size, s.dilation)]
-    pads = tuple((r - lo, r - hi) for r, (lo, hi) in zip(reach, s.pads))
+    pads = s.transposed_pads()
     if s.stride != (1, 1, 1) or min(min(p) for p in pads) < 0:
         return cuda.conv3d_grad_input(g, w, s)
-    G, (O, Cg), k = s.groups, s.w_shape[:2], s.kernel_size
-    wt = w.reshape((G, O // G, Cg) + k).transpose(1, 2).reshape((G * Cg, O // G) + k).flip((2, 3, 4)).contiguous()
+    wt = dense.transposed_weight(w, s.groups).flip((2, 3, 4)).contiguous()
     return cuda.conv3d_forward(g, wt, None, ConvSpec(tuple(g.shape), tuple(wt.shape), stride=(1, 1, 1), pads=pads,
-                                                     dilation=s.dilation, groups=G, mode="constant"))
+                                                     dilation=s.dilation, groups=s.groups, mode="constant"))
 
 
 def _backward_fake(grad, x, w, stride, pads, dilation, groups, mode, cval, algorithm, need_input, need_weight,

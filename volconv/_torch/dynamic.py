@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._validate import triple
 from ..engine import dynamic
-from .common import compute_dtype, empty, ints, numpy, tensor, threads, threads_arg
+from .common import compute_dtype, empty, ints, numpy, operand, threads, threads_arg
 from .op import Op
 from .reference import dynamic_reference, reference_grads
 
@@ -66,7 +66,7 @@ def dynamic_conv3d(input, kernels, kernel_size, stride, padding, dilation, worke
     geometry). Computed in float32 / float64, returned in the input's dtype."""
     dtype = compute_dtype(input)
     text = padding if isinstance(padding, str) else ",".join(map(str, triple(padding, "padding")))
-    out = DYNAMIC_CONV3D(tensor(input).to(dtype).contiguous(), tensor(kernels).to(dtype).contiguous(),
+    out = DYNAMIC_CONV3D(operand(input, dtype), operand(kernels, dtype),
                          list(triple(kernel_size, "kernel_size")), list(triple(stride, "stride")), text,
                          list(triple(dilation, "dilation")), threads_arg(workers))
     return out.to(input.dtype)

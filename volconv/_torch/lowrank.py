@@ -9,7 +9,7 @@ from torch import Tensor
 from .._validate import ConvSpec
 from ..engine import separable
 from . import conv
-from .common import compiling, compute_dtype, empty, numpy, spec, spec_args, tensor, threads, threads_arg
+from .common import compiling, compute_dtype, empty, numpy, operand, spec, spec_args, threads, threads_arg
 from .op import Op
 from .reference import reference_grads, separable_reference, twice_differentiable
 
@@ -116,23 +116,23 @@ def factored_conv3d(input, bias, s, workers, in_f, out_f, spatial, core):
     traced: projections by torch, the spatial part by volconv's operators."""
     traced = compiling()
     dtype = compute_dtype(input)
-    x = tensor(input).to(dtype)
-    as_t = lambda a: tensor(a).to(dtype)  # noqa: E731
-    z = torch.einsum("cr,ncdhw->nrdhw", as_t(in_f), x) if traced else ProjectFunction.apply(x, as_t(in_f).T, None)
+    x = operand(input, dtype)
+    z = torch.einsum("cr,ncdhw->nrdhw", operand(in_f, dtype), x) if traced else \
+        ProjectFunction.apply(x, operand(in_f, dtype).T, None)
     if spatial is not None:
-        fd, fh, fw = (as_t(f).contiguous() for f in spatial)
+        fd, fh, fw = (operand(f, dtype) for f in spatial)
         R = z.shape[1]
         sspec = ConvSpec(tuple(z.shape), (R, 1) + tuple(s.w_shape[2:]), stride=s.stride, pads=s.pads,
                          dilation=s.dilation, groups=R, mode=s.mode)
         stride, pads, dilation, _, mode, _ = spec_args(sspec)
         u = SEPARABLE_CONV3D(z.contiguous(), fd, fh, fw, stride, pads, dilation, mode, threads_arg(workers))
     else:
-        c = as_t(core).contiguous()
+        c = operand(core, dtype)
         cspec = ConvSpec(tuple(z.shape), tuple(c.shape), stride=s.stride, pads=s.pads, dilation=s.dilation,
                          groups=1, mode=s.mode)
         u = conv.conv3d(z, c, None, cspec, "direct", workers)   # oneDNN's 3-D backward is slower here
-    b = None if bias is None else tensor(bias).to(dtype)
+    b = None if bias is None else operand(bias, dtype)
     if traced:
-        out = torch.einsum("or,nrdhw->nodhw", as_t(out_f), u)
+        out = torch.einsum("or,nrdhw->nodhw", operand(out_f, dtype), u)
         return (out if b is None else out + b.reshape(1, -1, 1, 1, 1)).to(input.dtype)
-    return ProjectFunction.apply(u, as_t(out_f), b).to(input.dtype)
+    return ProjectFunction.apply(u, operand(out_f, dtype), b).to(input.dtype)

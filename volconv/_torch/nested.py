@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..engine import nested
-from .common import compiling, compute_dtype, empty, numpy, tensor, threads, threads_arg
+from .common import compiling, compute_dtype, empty, numpy, operand, threads, threads_arg
 from .reference import nested_reference, reference_grads
 
 
@@ -115,9 +115,9 @@ def nested_conv3d(input, weights, biases, activation, groups, algorithm, workers
     """The chain on tensors that need gradients (or are traced); checked by the front door. Computed in
     float32 / float64, returned in the input's dtype."""
     dtype = compute_dtype(input)
-    x = tensor(input).to(dtype).contiguous()
-    ws = [tensor(w).to(dtype).contiguous() for w in weights]
-    bs = [x.new_empty(0) if b is None else tensor(b).to(dtype).contiguous() for b in biases]
+    x = operand(input, dtype)
+    ws = [operand(w, dtype) for w in weights]
+    bs = [x.new_empty(0) if b is None else operand(b, dtype) for b in biases]
     nested.check_biases(biases, _specs(x, ws, groups))
     args = (activation or "", groups, algorithm, threads_arg(workers))
     out = _op(x, ws, bs, *args) if compiling() else _Eager.apply(args, x, *ws, *bs)

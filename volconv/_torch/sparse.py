@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..engine import dense, sparse
-from .common import compute_dtype, empty, numpy, spec, spec_args, tensor, threads, threads_arg
+from .common import compute_dtype, empty, numpy, operand, spec, spec_args, threads, threads_arg
 from .op import Op
 from .reference import reference_grads, sparse_reference
 
@@ -70,12 +70,12 @@ def sparse_conv3d(input, indices, values, bias, s, workers):
     torch sparse weight (its coalesced values) or an array. Computed in float32 / float64, returned in the
     input's dtype."""
     dtype = compute_dtype(input)
-    x = tensor(input).to(dtype).contiguous()
+    x = operand(input, dtype)
     if isinstance(values, torch.Tensor) and values.is_sparse:   # the sparse weight itself: its coalesced values
         v = values.coalesce().values().to(dtype)
     else:
-        v = tensor(values).to(dtype).contiguous()
-    b = None if bias is None else tensor(bias).to(dtype).contiguous()
+        v = operand(values, dtype)
+    b = None if bias is None else operand(bias, dtype)
     idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
     stride, pads, dilation, groups, mode, _ = spec_args(s)
     return SPARSE_CONV3D(x, v, b, idx, list(s.w_shape), stride, pads, dilation, groups, mode,

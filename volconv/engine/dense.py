@@ -135,15 +135,20 @@ def _stride_phase(n_grad, start, stop, k, d, s, rho):
     return taps[::-1], (lo, hi), dilation, slice(first, first + (q1 - q0 - 1) * s + 1, s)
 
 
+def transposed_weight(w, groups):
+    """The weight (O, Cg, kd, kh, kw) of the transposed convolution, input and output channels swapped within
+    each group: (groups * Cg, O / groups, kd, kh, kw), not flipped (numpy arrays and torch tensors alike)."""
+    O, Cg, k = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    return w.reshape((groups, O // groups, Cg) + k).swapaxes(1, 2).reshape((groups * Cg, O // groups) + k)
+
+
 def backward_input(grad, w, spec, algorithm, nthreads):
     """d loss / d input: a transposed convolution. Split into the stride's phases (stride 1: one phase, the
     flipped kernel), each a stride-1 correlation of the output gradient with a sub-kernel, input and output
     channels swapped within each group: the work of the forward pass, never stride^3 times it."""
-    N, O = grad.shape[:2]
-    G = spec.groups
-    Og, Cg = O // G, w.shape[1]
-    wt = w.reshape((G, Og, Cg) + spec.kernel_size).transpose(0, 2, 1, 3, 4, 5).reshape((G * Cg, Og) +
-                                                                                      spec.kernel_size)
+    N = grad.shape[0]
+    G, Cg = spec.groups, w.shape[1]
+    wt = transposed_weight(w, G)
     zero_pad = spec.mode == "constant"   # then only the unpadded positions are computed
     spans = [(lo, lo + n) if zero_pad else (0, n + lo + hi) for n, (lo, hi) in zip(spec.x_shape[2:], spec.pads)]
     gx = np.zeros((N, G * Cg) + tuple(b - a for a, b in spans), grad.dtype)

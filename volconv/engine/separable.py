@@ -125,11 +125,12 @@ def separable_backward_input(g, fd, fh, fw, spec, nthreads):
     folded back (the padding's adjoint). None at other strides (the caller falls back to the dense path)."""
     if spec.stride != (1, 1, 1):
         return None
-    reach = [(k - 1) * d for k, d in zip(spec.kernel_size, spec.dilation)]
-    pads = tuple((r - lo, r - hi) for r, (lo, hi) in zip(reach, spec.pads))
+    pads = spec.transposed_pads()
     zero_pad = spec.mode == "constant" and min(min(p) for p in pads) >= 0
-    tspec = ConvSpec(g.shape, spec.w_shape, stride=(1, 1, 1), pads=pads if zero_pad else tuple((r, r) for r in reach),
-                     dilation=spec.dilation, groups=spec.groups, mode="constant")
+    if not zero_pad:   # the whole padded domain, folded back below
+        pads = tuple((r, r) for r in spec.reach())
+    tspec = ConvSpec(g.shape, spec.w_shape, stride=(1, 1, 1), pads=pads, dilation=spec.dilation, groups=spec.groups,
+                     mode="constant")
     gx = separable_conv3d(g, fd[:, ::-1], fh[:, ::-1], fw[:, ::-1], tspec, nthreads)
     return gx if zero_pad else fold_padding(gx, spec.x_shape[2:], spec.pads, spec.mode)
 
