@@ -10,7 +10,7 @@ from .. import io
 from ..io import NiftiWarning
 from ..io.writer import NIFTI_EXTENSIONS
 from .common import CommandError, Reporter, blame, check_distinct, same_file
-from .filter import applied, check_device, failure, filter_file
+from .filter import applied, check_device, failure, filter_file, nifti_options
 from .options import KernelChoice, add_filter_options
 
 
@@ -191,10 +191,7 @@ def _filter_scheduled_file(src, dst, options, choice):
     start = time.perf_counter()
     try:
         with _ThreadWarnings() as caught:
-            io.filter_nifti(src, dst, choice, mode=options.mode, cval=options.cval, mask=options.mask,
-                            normalize=options.normalize, outside=options.outside, nan=options.nan, dtype=options.odt,
-                            overwrite=options.force, workers=options.workers, max_memory=options.max_memory,
-                            return_volume=False)
+            io.filter_nifti(src, dst, choice, **nifti_options(options))
     except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
         return ("failed",) + failure(e, src, dst, options.mask)
     return "done", [str(w.message) for w in caught], applied(choice, options, dst), time.perf_counter() - start

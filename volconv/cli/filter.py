@@ -39,16 +39,21 @@ def check_device(device):
         raise CommandError(None, "--device cuda: the CUDA plugin does not filter NIfTI files yet")
 
 
+def nifti_options(options):
+    """filter_nifti's keyword arguments from the parsed options (this command's, and batch's on every file);
+    the volume is never read back (the memory promise)."""
+    return dict(mode=options.mode, cval=options.cval, mask=options.mask, normalize=options.normalize,
+                outside=options.outside, nan=options.nan, dtype=options.odt, overwrite=options.force,
+                workers=options.workers, max_memory=options.max_memory, return_volume=False)
+
+
 def filter_file(args, choice, src, dst, reporter, on_progress=None):
     """Filter one file with vc.io.filter_nifti; log what was done. Raises CommandError naming the file."""
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            io.filter_nifti(src, dst, choice, mode=args.mode, cval=args.cval, mask=args.mask,
-                            normalize=args.normalize, outside=args.outside, nan=args.nan, dtype=args.odt,
-                            overwrite=args.force, workers=args.workers, progress=on_progress,
-                            max_memory=args.max_memory, return_volume=False)   # never read back (memory)
+            io.filter_nifti(src, dst, choice, progress=on_progress, **nifti_options(args))
     except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
         raise CommandError(*failure(e, src, dst, args.mask)) from e
     except Exception as e:   # one bad file must not end a batch, nor show a traceback

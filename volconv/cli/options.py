@@ -57,10 +57,8 @@ class KernelChoice:
         size = self.arg
         mm = getattr(size, "unit", None) == "mm"
         on = zooms if mm else None
-        if self.kind == "gaussian":
+        if self.kind in ("gaussian", "sigma_vox"):   # (sigma_vox: in voxels, so `on` is None)
             kernel = kernels.gaussian(size.values, on, self.truncate)
-        elif self.kind == "sigma_vox":
-            kernel = kernels.gaussian(size.values, None, self.truncate)
         elif self.kind == "fwhm":
             kernel = kernels.gaussian(None, on, self.truncate, fwhm=size.values)
         elif self.kind == "box":

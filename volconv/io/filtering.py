@@ -75,6 +75,8 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
                 raise ValueError(f"mask has shape {mask_planes.img_shape} but {job.src} has spatial shape "
                                  f"{source.shape[:3]}")
         masked = mask is not None or normalize or nan == "mask"
+        # normalising: a weight sum this small is no voxel at all (a local rule: slabs and the whole volume agree)
+        tiny = 1e-12 * float(np.abs(kernel.to_dense()).sum()) if normalize else None
         reach = filter_pads(kernel.shape, (0, 0, 0))[2]
         counts = np.zeros(2, np.int64)   # non-finite voxels in the input and in the output
         planes_shape = source.shape[:2]
@@ -84,14 +86,15 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
                 slabs.PlaneReader(mask_planes.reader(0), planes_shape, np.float32, keep=sum(reach))
 
             def filter_slab(block, planes, halo):
-                counts[0] += _non_finite(block[..., halo[0]:block.shape[2] - halo[1]])   # the output's planes
+                finite = np.isfinite(block)   # one pass: counted on the output's planes, used by nan's rules
+                counts[0] += _non_finite(finite[..., halo[0]:block.shape[2] - halo[1]])
                 inside = None if mask_reader is None else slabs.gather(planes, mask_reader) != 0
                 if nan == "zero":
-                    block = np.where(np.isfinite(block), block, np.float32(0))
+                    block = np.where(finite, block, np.float32(0))
                 elif nan == "mask":
-                    inside = np.isfinite(block) if inside is None else inside & np.isfinite(block)
-                out = _filter_volume(block, kernel, mode, cval, inside, normalize, outside, workers, halo=halo)
-                counts[1] += _non_finite(out)
+                    inside = finite if inside is None else inside & finite
+                out = _filter_volume(block, kernel, mode, cval, inside, normalize, outside, workers, halo, tiny)
+                counts[1] += _non_finite(np.isfinite(out))
                 return out
             return filter_slab
 
@@ -150,8 +153,9 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
                        workers, progress, return_volume, also_read=[sigma])
 
 
-def _non_finite(a):
-    return a.size - np.count_nonzero(np.isfinite(a))
+def _non_finite(finite):
+    """How many voxels np.isfinite's answer `finite` says are not."""
+    return finite.size - np.count_nonzero(finite)
 
 
 def _largest(planes, path, budget):
@@ -222,12 +226,12 @@ class _FileJob:
             return load(self.dst, dtype=None, mmap="r" if not compressed else False)
 
 
-def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, halo=None):
-    """One 3-D volume (or slab with `halo` planes of context along its last axis, not output): masked
-    (outside voxels contribute nothing) and/or normalised filtering."""
+def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, halo, tiny):
+    """One slab of a volume (`halo` planes of context at the ends of its last axis, not output): masked
+    (outside voxels contribute nothing) and/or normalised filtering (weight sums up to `tiny` are no voxel)."""
     from ..ops.filtering import filter_volume
 
-    halo3 = None if halo is None else ((0, 0), (0, 0), tuple(halo))
+    halo3 = ((0, 0), (0, 0), tuple(halo))
 
     def correlate(v, m, c):
         return filter_volume("correlate", v, kernel, m, c, 0, "auto", workers, flip=False, halo=halo3)
@@ -244,13 +248,11 @@ def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, h
         weight = np.ones(x.shape, x.dtype, order="F") if inside is None else inside.astype(x.dtype, order="F")
         den = correlate(weight, "constant", 0.0)
         del weight
-        # a weight sum this small is no voxel at all (a local rule: slabs and the whole volume agree)
-        tiny = 1e-12 * float(np.abs(kernel.to_dense()).sum())
         filtered = np.divide(num, den, out=np.zeros_like(num), where=np.abs(den) > tiny)
     else:
         filtered = correlate(weighted, mode, cval)
     if inside is not None:
-        lo, hi = (0, 0) if halo is None else halo
+        lo, hi = halo
         core = (Ellipsis, slice(lo, x.shape[2] - hi))
         keep = ~inside[core]
         filtered[keep] = x[core][keep] if outside == "keep" else 0
