@@ -289,6 +289,24 @@ def test_sigma_map_in_slabs_equals_adaptive_filter(tmp_path, monkeypatch, mode):
     np.testing.assert_allclose(vc.io.load(tmp_path / "c.nii.gz").data, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("alias, mode", [("grid-constant", "constant"), ("grid-wrap", "wrap"),
+                                         ("grid-mirror", "reflect")])
+def test_mode_aliases_filter_nifti_files_as_their_names(tmp_path, monkeypatch, alias, mode):
+    """scipy's grid-* aliases are their modes in the slab filters too (grid-constant once read the planes
+    before the volume, the file's header bytes, as its halo)."""
+    rng = np.random.default_rng(9)
+    x = rng.random((9, 8, 21)).astype(np.float32) + 5
+    sigma = (rng.random(x.shape) * 2.0).astype(np.float32)
+    src, smap = write(tmp_path / "x.nii", x), write(tmp_path / "s.nii", sigma)
+    forced_slabs(monkeypatch, 4)
+    out = vc.io.filter_nifti(src, tmp_path / "f.nii", vc.kernels.box(3), mode=alias, cval=0.5, max_memory=1)
+    np.testing.assert_allclose(np.asarray(out.data), ndi.correlate(x, np.full((3, 3, 3), 1 / 27, np.float32),
+                                                                   mode=mode, cval=0.5), rtol=0, atol=1e-5)
+    out = vc.io.adaptive_filter_nifti(src, tmp_path / "a.nii", smap, mode=alias, cval=0.5, max_memory=1)
+    ref = adaptive_filter(x, sigma, vc.io.load(src).zooms, mode=mode, cval=0.5)
+    np.testing.assert_allclose(np.asarray(out.data), ref, rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ item 13: thin volumes
 
 

@@ -58,6 +58,7 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
     memory promise there."""
     from ..kernels import Kernel, as_kernel
 
+    mode = scipy_mode(mode)   # once, here: the aliases (grid-constant) must take the same paths as their names
     if outside not in ("keep", "zero"):
         raise ValueError(f"outside must be 'keep' or 'zero', got {outside!r}")
     if nan not in NAN_RULES:
@@ -100,7 +101,7 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
 
         # the slabs' halos at the volume's ends: the boundary mode's padding, read from the volume (zeros and
         # constants are the filter's own padding; normalising pads with zeros whatever the mode)
-        pad_mode = None if mode == "constant" or normalize else scipy_mode(mode)
+        pad_mode = None if mode == "constant" or normalize else mode
         result = job.run(source, reach, slabs.copies(masked), pad_mode, for_volume, dtype, workers, progress,
                          return_volume, also_read=[mask_planes] if mask_planes is not None else [])
     if counts[1] > counts[0]:
@@ -118,7 +119,7 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
     from ..kernels import check_truncate, gaussian_radius
     from ..ops.dynamic import adaptive_filter
 
-    truncate = check_truncate(truncate)
+    truncate, mode = check_truncate(truncate), scipy_mode(mode)   # (aliases as their names, as filter_nifti)
     job = _FileJob(src, dst, overwrite, max_memory)
     sigma_map = os.fspath(sigma_map)
     with Planes(job.src) as source, Planes(sigma_map) as sigma:
@@ -149,7 +150,7 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
                 return out.T[..., halo[0]:out.shape[0] - halo[1]]
             return filter_slab
 
-        return job.run(source, reach, copies, None if mode == "constant" else scipy_mode(mode), for_volume, dtype,
+        return job.run(source, reach, copies, None if mode == "constant" else mode, for_volume, dtype,
                        workers, progress, return_volume, also_read=[sigma])
 
 
