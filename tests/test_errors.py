@@ -217,3 +217,17 @@ def test_auto_avoids_rings_larger_than_the_memory_available(monkeypatch):
     w[0, 0, 2, 2, 2], w[0, 0, 0, 1, 4] = 1.0, 0.5   # mostly zeros: sparse would be the cheapest
     ref = torch.nn.functional.conv3d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), padding=2).numpy()
     np.testing.assert_allclose(vc.conv3d(x, w, padding=2), ref, atol=1e-5)   # fft or torch: float32 rounding
+
+
+def test_tensors_for_the_torch_adapter_are_checked_where_they_stand():
+    """Tensors that take the torch adapter (gradients, a GPU, tracing) are checked without conversion: an integer
+    input is refused with what to do, and a weight of another float dtype as torch refuses it."""
+    w = torch.ones(1, 1, 3, 3, 3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"input has dtype torch.int64; .*cast it first"):
+        vc.conv3d(torch.ones(1, 1, 4, 4, 4, dtype=torch.int64), w)
+    x = torch.ones(1, 1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match=r"weight has dtype torch.float32 but input has dtype torch.float64; "
+                                        r"they must match"):
+        vc.conv3d(x, w)
+    with pytest.raises(TypeError, match=r"kernels has dtype torch.float32 but input has dtype torch.float64"):
+        vc.dynamic_conv3d(x, torch.ones(1, 1, 27, 2, 2, 2), 3)
