@@ -6,24 +6,11 @@
 // register, reading its inputs through the read-only cache (neighbouring threads read neighbouring columns).
 // Input gradient: one thread per input voxel gathers the output voxels whose taps land on it (no atomics).
 // Weight gradient: one block per weight reduces over every output voxel in a fixed order (deterministic).
-#include <cuda_runtime.h>
-
-#include "volconv_cuda.h"
-#include "vc_launch.cuh"
+#include "vc_common.cuh"
 
 namespace {
 
-enum { VC_BAD_GEOMETRY = 10000, VC_BAD_DTYPE = 10001 };
-
-struct Geom {
-    long long N, C, D, H, W, O, G, kd, kh, kw, Do, Ho, Wo, sd, sh, sw, pd, ph, pw, dd, dh, dw;
-};
-
-Geom read_geom(const long long *g)
-{
-    return Geom{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14],
-                g[15], g[16], g[17], g[18], g[19], g[20], g[21]};
-}
+using vc::Geom;
 
 constexpr int TX = 32, TY = 8;               // forward tile: columns x rows
 constexpr long long SHARED_WEIGHTS = 48 * 1024;
@@ -159,14 +146,6 @@ __global__ void conv3d_grad_weight_kernel(const T *__restrict__ x, const T *__re
         gw[k] = part[0];
 }
 
-bool valid(const Geom &g)
-{
-    return g.N >= 0 && g.C > 0 && g.O > 0 && g.G > 0 && g.C % g.G == 0 && g.O % g.G == 0 && g.Do > 0 && g.Ho > 0 &&
-           g.Wo > 0 && g.sd > 0 && g.sh > 0 && g.sw > 0 && g.dd > 0 && g.dh > 0 && g.dw > 0;
-}
-
-int status(cudaError_t e) { return e == cudaSuccess ? 0 : static_cast<int>(e); }
-
 template <typename T>
 int forward(const void *x, const void *w, const void *b, void *out, const Geom &g, cudaStream_t stream)
 {
@@ -176,13 +155,13 @@ int forward(const void *x, const void *w, const void *b, void *out, const Geom &
         return 0;   // an empty batch: nothing to compute
     const long long tiles = ((g.Wo + TX - 1) / TX) * ((g.Ho + TY - 1) / TY);
     if (tiles > 0x7fffffffLL)
-        return VC_BAD_GEOMETRY;   // the grid's x
+        return vc::BAD_GEOMETRY;   // the grid's x
     const long long planes = g.Do < 65535 ? g.Do : 65535, items = g.N * g.O < 65535 ? g.N * g.O : 65535;
     dim3 block(TX, TY), grid((unsigned)tiles, (unsigned)planes, (unsigned)items);   // y, z: strided in the kernel
     VC_LAUNCH(conv3d_forward_kernel<T>, grid, block, shared ? wbytes : 0, stream)(
         static_cast<const T *>(x), static_cast<const T *>(w), static_cast<const T *>(b), static_cast<T *>(out), g,
         shared);
-    return status(cudaGetLastError());
+    return vc::status(cudaGetLastError());
 }
 
 template <typename T>
@@ -191,10 +170,9 @@ int grad_input(const void *grad, const void *w, void *gx, const Geom &g, cudaStr
     const long long total = g.N * g.C * g.D * g.H * g.W;
     if (total == 0)
         return 0;
-    const unsigned blocks = (unsigned)((total + 255) / 256 < 65535 * 16 ? (total + 255) / 256 : 65535 * 16);
-    VC_LAUNCH(conv3d_grad_input_kernel<T>, blocks, 256, 0, stream)(
+    VC_LAUNCH(conv3d_grad_input_kernel<T>, vc::grid_for(total, 256), 256, 0, stream)(
         static_cast<const T *>(grad), static_cast<const T *>(w), static_cast<T *>(gx), g);
-    return status(cudaGetLastError());
+    return vc::status(cudaGetLastError());
 }
 
 template <typename T>
@@ -202,66 +180,34 @@ int grad_weight(const void *x, const void *grad, void *gw, const Geom &g, cudaSt
 {
     const long long weights = g.O * (g.C / g.G) * g.kd * g.kh * g.kw;
     if (weights > 0x7fffffffLL)
-        return VC_BAD_GEOMETRY;
+        return vc::BAD_GEOMETRY;
     VC_LAUNCH(conv3d_grad_weight_kernel<T>, (unsigned)weights, REDUCE, 0, stream)(
         static_cast<const T *>(x), static_cast<const T *>(grad), static_cast<T *>(gw), g);
-    return status(cudaGetLastError());
-}
-
-// The checks every entry point makes, then `run` with a value of the element type (0.0f or 0.0) and the geometry.
-template <typename Run>
-int checked(int dtype, const long long *geom, Run run)
-{
-    const Geom g = read_geom(geom);
-    if (!valid(g))
-        return VC_BAD_GEOMETRY;
-    if (dtype == 0)
-        return run(0.0f, g);
-    if (dtype == 1)
-        return run(0.0, g);
-    return VC_BAD_DTYPE;
+    return vc::status(cudaGetLastError());
 }
 
 }  // namespace
 
 extern "C" {
 
-int vc_cuda_abi(void) { return 1; }
-
-const char *vc_cuda_error_string(int code)
-{
-    if (code == VC_BAD_GEOMETRY)
-        return "a geometry this kernel cannot take (channels divisible by groups, a non-empty output, at most "
-               "2^31 - 1 output tiles per plane and weights)";
-    if (code == VC_BAD_DTYPE)
-        return "dtype must be float32 (0) or float64 (1)";
-    return cudaGetErrorString(static_cast<cudaError_t>(code));
-}
-
-int vc_cuda_device_count(void)
-{
-    int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
-}
-
 int vc_conv3d_forward(int dtype, const void *x, const void *w, const void *b, void *out, const long long *geom,
                       void *stream)
 {
-    return checked(dtype, geom, [&](auto zero, const Geom &g) {
+    return vc::checked(dtype, geom, [&](auto zero, const Geom &g) {
         return forward<decltype(zero)>(x, w, b, out, g, static_cast<cudaStream_t>(stream));
     });
 }
 
 int vc_conv3d_grad_input(int dtype, const void *grad, const void *w, void *gx, const long long *geom, void *stream)
 {
-    return checked(dtype, geom, [&](auto zero, const Geom &g) {
+    return vc::checked(dtype, geom, [&](auto zero, const Geom &g) {
         return grad_input<decltype(zero)>(grad, w, gx, g, static_cast<cudaStream_t>(stream));
     });
 }
 
 int vc_conv3d_grad_weight(int dtype, const void *x, const void *grad, void *gw, const long long *geom, void *stream)
 {
-    return checked(dtype, geom, [&](auto zero, const Geom &g) {
+    return vc::checked(dtype, geom, [&](auto zero, const Geom &g) {
         return grad_weight<decltype(zero)>(x, grad, gw, g, static_cast<cudaStream_t>(stream));
     });
 }

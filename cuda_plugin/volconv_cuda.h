@@ -3,6 +3,10 @@
  *
  * Every function returns 0 or an error code (vc_cuda_error_string says what it is: a CUDA error, or a
  * geometry the kernel cannot take); `stream` is the caller's cudaStream_t (torch's current stream).
+ * Every op function has one form, which volconv/_torch/cuda.py's `launch` calls:
+ *   int name(int dtype, const void *input..., void *output..., const long long *params, void *stream)
+ * params: host int64 values (for conv geometry, the 22 below, then whatever the op adds).
+ * One file per op family (conv3d.cu, ...); what they share is in vc_common.cuh; plugin.cu holds the three below.
  * dtype: 0 float32, 1 float64. Arrays are contiguous, layout NCDHW; weights (O, C/groups, kd, kh, kw).
  * geom (int64[22]): N, C, D, H, W, O, groups, kd, kh, kw, Do, Ho, Wo, sd, sh, sw, pd, ph, pw, dd, dh, dw
  * (torch.conv3d semantics with zero padding pd/ph/pw before each axis; the caller pads for other modes). */

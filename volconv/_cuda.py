@@ -11,7 +11,7 @@ import sys
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda_plugin.so")
 BUILD_HINT = ("build it with nvcc present: `VOLCONV_CUDA=1 pip install --no-build-isolation .`, or "
               "`python -m volconv.cuda build` in a source checkout (see cuda_plugin/README.md)")
-ABI = 1
+ABI = 2
 _lib = None
 _load_error = None
 
@@ -30,9 +30,6 @@ def _library():
             _load_error = f"volconv's CUDA plugin ({path}) could not be loaded: {e}"
             return None
         lib.vc_cuda_error_string.restype = ctypes.c_char_p
-        for name in ("vc_conv3d_forward", "vc_conv3d_grad_input", "vc_conv3d_grad_weight"):
-            getattr(lib, name).argtypes = [ctypes.c_int] + [ctypes.c_void_p] * (4 if name.endswith("forward")
-                                                                                else 3) + [ctypes.c_void_p] * 2
         if lib.vc_cuda_abi() != ABI:
             _load_error = f"volconv's CUDA plugin ({path}) is from another version; rebuild it"
             return None
@@ -68,16 +65,24 @@ def is_cuda(a):
     return torch is not None and isinstance(a, torch.Tensor) and a.device.type == "cuda"
 
 
-def call(op, name, *args):
-    """The plugin's function `name` called with args; a non-zero code raises a RuntimeError naming op."""
-    code = getattr(_library(), name)(*args)
+def call(op, name, dtype, *args):
+    """The plugin's function `name` called as every one of them is declared (volconv_cuda.h): an int dtype code,
+    then pointers (ints: device addresses; None: NULL; ctypes arrays: host parameters) and last the stream. A
+    non-zero code raises a RuntimeError naming op."""
+    code = getattr(_library(), name)(ctypes.c_int(dtype), *(a if isinstance(a, ctypes.Array) else ctypes.c_void_p(a)
+                                                            for a in args))
     if code:
         raise RuntimeError(f"volconv CUDA {op}: {_lib.vc_cuda_error_string(code).decode()}")
 
 
-def geometry(spec):
-    """A ConvSpec as the plugin's 22 geometry values (zero padding: only the 'before' pads)."""
+def params(*values):
+    """Host int64 parameters for a plugin function (its `const long long *`)."""
+    return (ctypes.c_longlong * len(values))(*(int(v) for v in values))
+
+
+def geometry(spec, *extra):
+    """A ConvSpec as the plugin's 22 geometry values (zero padding: only the 'before' pads), then extra values
+    some functions take after them."""
     (N, C, D, H, W), (O, _, kd, kh, kw) = spec.x_shape, spec.w_shape
-    values = (N, C, D, H, W, O, spec.groups, kd, kh, kw, *spec.out_shape[2:], *spec.stride,
-              *(lo for lo, _ in spec.pads), *spec.dilation)
-    return (ctypes.c_longlong * 22)(*values)
+    return params(N, C, D, H, W, O, spec.groups, kd, kh, kw, *spec.out_shape[2:], *spec.stride,
+                  *(lo for lo, _ in spec.pads), *spec.dilation, *extra)
