@@ -341,18 +341,11 @@ def test_correlate_and_convolve_on_the_plugin_against_scipy(mode, dtype, cuda_pl
 
 
 @pytest.mark.cuda
-def test_ops_without_a_cuda_version_say_so(cuda_plugin, device, tmp_path, capsys):
+def test_ops_without_a_cuda_version_say_so(cuda_plugin, device):
     with pytest.raises(RuntimeError, match="no CUDA version"):
-        vc.sparse_conv3d(torch.ones(1, 1, 6, 6, 6, device=device), vc.SparseKernel.from_dense(np.ones((3, 3, 3))))
+        vc.dynamic_conv3d(torch.ones(1, 1, 6, 6, 6, device=device), torch.ones(1, 1, 27, 4, 4, 4, device=device), 3)
     _cuda.require("conv3d", has_cuda_version=True)
-    from volconv.cli import main
-
-    sample = os.path.join(os.path.dirname(emulator_builder().PLUGIN), "sample_volumes",
-                          "mni_icbm152_t1_tal_nlin_sym_09a.nii.gz")
-    out = tmp_path / "out.nii.gz"
-    assert main(["filter", sample, str(out), "--gaussian", "2mm", "--device", "cuda"]) == 1
-    assert "--device cuda: the CUDA plugin does not filter NIfTI files yet" in capsys.readouterr().err
-    assert not out.exists() and cuda_plugin.calls == []
+    assert cuda_plugin.calls == []
 
 
 # ---- the emulator's own checks ----------------------------------------------------------------------------------
@@ -375,19 +368,36 @@ def _empty_kernel(source, name):
     raise ValueError(name)
 
 
+def exercise_conv3d(cuda_plugin):
+    """The conv3d kernels' check: stride 2, so the input gradient runs its gather kernel."""
+    r = config_rng(705)
+    x, w, b = tensors(r, "cpu", torch.float64, (1, 2, 4, 9, 35), (2, 2, 3, 3, 3), (2,))
+    check_on_plugin(cuda_plugin, x, w, b, 2, 1, 1, 1, "zeros")
+
+
+# Every plugin source and its family's check, (test module, function of the cuda_plugin fixture): the check
+# raises AssertionError when any kernel of that source computes nothing.
+EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d")}
+
+
 @pytest.mark.cuda
 @emulator_only
 def test_every_kernel_is_exercised_emptying_one_fails_the_checks(cuda_plugin, tmp_path, monkeypatch):
-    """Each __global__ kernel of cuda_plugin/ emptied in turn: the checks of these tests fail (its output stays NaN
-    or wrong), so a kernel that computes nothing cannot pass the suite."""
+    """Each __global__ kernel of cuda_plugin/ emptied in turn: its family's check fails (the output stays NaN or
+    wrong), so a kernel that computes nothing cannot pass the suite. The emulator recompiles only the changed
+    source."""
+    import importlib
+
     plugin_dir = emulator_builder().PLUGIN
     sources = {n: open(os.path.join(plugin_dir, n)).read() for n in os.listdir(plugin_dir)
                if n.endswith((".cu", ".cuh", ".h"))}
-    kernels = [(n, k) for n, s in sources.items() if n.endswith(".cu") for k in _kernel_names(s)]
+    kernels = [(n, k) for n, s in sorted(sources.items()) if n.endswith(".cu") for k in _kernel_names(s)]
     assert len(kernels) >= 3, kernels
-    r = config_rng(705)
-    x, w, b = tensors(r, "cpu", torch.float64, (1, 2, 4, 9, 35), (2, 2, 3, 3, 3), (2,))
+    unchecked = sorted({n for n, _ in kernels} - set(EXERCISES))
+    assert not unchecked, f"kernels in {unchecked} have no check in EXERCISES"
     for n, kernel in kernels:
+        module, name = EXERCISES[n]
+        exercise = getattr(importlib.import_module(module), name)
         d = tmp_path / kernel
         d.mkdir()
         for m, s in sources.items():
@@ -395,8 +405,9 @@ def test_every_kernel_is_exercised_emptying_one_fails_the_checks(cuda_plugin, tm
         monkeypatch.setenv("VOLCONV_CUDA_LIBRARY", emulator_builder().build(str(d)))
         monkeypatch.setattr(_cuda, "_lib", None)
         monkeypatch.setattr(_cuda, "_load_error", None)
-        with pytest.raises(AssertionError):   # stride 2: the input gradient by its gather kernel
-            check_on_plugin(cuda_plugin, x, w, b, 2, 1, 1, 1, "zeros")
+        cuda_plugin.calls.clear()
+        with pytest.raises(AssertionError):
+            exercise(cuda_plugin)
 
 
 @pytest.mark.cuda

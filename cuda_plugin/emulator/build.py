@@ -34,18 +34,19 @@ def sources(source_dir=PLUGIN):
     return found
 
 
-def command(srcs, out, sanitize=None, opt="-O2", defines=()):
-    cmd = ["g++", "-std=c++20", "-x", "c++", opt, "-g", "-fPIC", "-shared", "-pthread", "-Wall",
-           "-Wno-unused-function", "-Wno-sign-compare", "-I", os.path.join(HERE, "include"),
-           "-include", os.path.join(HERE, "cuda_emu.h")]
-    cmd += sorted({f"-I{os.path.dirname(os.path.abspath(s))}" for s in srcs})
+def flags(sanitize=None, opt="-O2", defines=()):
+    """g++'s flags for every emulated source (include directories aside)."""
+    cmd = ["-std=c++20", "-x", "c++", opt, "-g", "-fPIC", "-pthread", "-Wall", "-Wno-unused-function",
+           "-Wno-sign-compare", "-I", os.path.join(HERE, "include"), "-include", os.path.join(HERE, "cuda_emu.h")]
     cmd += [f"-D{d}" for d in defines]
     if sanitize:
         cmd += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
-    return cmd + list(srcs) + ["-o", out]
+    return cmd
 
 
-def _digest(srcs, sanitize, opt, defines):
+def _digest(srcs, *settings):
+    """A hash of srcs' contents, the headers they may include (theirs and the emulator's), this file and the
+    settings: the same for the same sources wherever they lie."""
     h = hashlib.sha256()
     source_dirs = sorted({os.path.dirname(os.path.abspath(s)) for s in srcs})
     files = list(srcs) + [f for d in source_dirs for f in sorted(glob.glob(os.path.join(d, "*.cuh")) +
@@ -56,30 +57,45 @@ def _digest(srcs, sanitize, opt, defines):
         h.update(os.path.basename(f).encode() + b"\0")
         with open(f, "rb") as fh:
             h.update(fh.read())
-    h.update(repr(command([], "", sanitize, opt, defines)[:-2]).encode())
+    h.update(repr(settings).encode())
     return h.hexdigest()[:16]
 
 
-def build(source_dir=PLUGIN, sanitize=None, opt="-O2", defines=(), out=None):
-    """The emulated plugin library for source_dir's *.cu as they are now; built when no cached copy matches."""
-    srcs = sources(source_dir)
-    tag = _digest(srcs, sanitize, opt, defines)
-    if out is None:
-        os.makedirs(cache_dir(), exist_ok=True)
-        out = os.path.join(cache_dir(), f"vc_cuda_emu_{sanitize or 'plain'}_{tag}.so")
-        if os.path.exists(out):
-            return out
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(os.path.abspath(out)))
+def _run(cmd, out):
+    """cmd writing `out` through a temporary file renamed into place: a half-written file is never used, and
+    concurrent builds each finish theirs."""
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(os.path.abspath(out)))
     os.close(fd)
     try:
-        proc = subprocess.run(command(srcs, tmp, sanitize, opt, defines), capture_output=True, text=True)
+        proc = subprocess.run(cmd + ["-o", tmp], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"g++ failed to build volconv's CUDA plugin for the emulator:\n{proc.stderr[-6000:]}")
-        os.replace(tmp, out)   # a half-written library is never loaded; concurrent builds each finish theirs
+        os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def build(source_dir=PLUGIN, sanitize=None, opt="-O2", defines=(), out=None):
+    """The emulated plugin library for source_dir's *.cu as they are now; built when no cached copy matches,
+    from one cached object per source (only a changed source, or a changed header, compiles again)."""
+    srcs = sources(source_dir)
+    settings = (sanitize, opt, tuple(defines))
+    os.makedirs(cache_dir(), exist_ok=True)
+    if out is None:
+        out = os.path.join(cache_dir(), f"vc_cuda_emu_{sanitize or 'plain'}_{_digest(srcs, *settings)}.so")
+        if os.path.exists(out):
+            return out
+    objects = []
+    for src in srcs:
+        obj = os.path.join(cache_dir(), f"{os.path.basename(src)}_{sanitize or 'plain'}_"
+                                        f"{_digest([src], *settings)}.o")
+        if not os.path.exists(obj):
+            _run(["g++", *flags(*settings), f"-I{os.path.dirname(os.path.abspath(src))}", "-c", src], obj)
+        objects.append(obj)
+    link = ["g++", "-shared", "-pthread"] + ([f"-fsanitize={sanitize}"] if sanitize else [])
+    return _run(link + objects, out)
 
 
 if __name__ == "__main__":

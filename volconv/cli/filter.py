@@ -27,16 +27,19 @@ def add_parser(sub):
     s.set_defaults(run=run, parser=s)
 
 
-def check_device(device):
+def check_device(device, sigma_map=None):
+    """--device cuda needs the CUDA plugin and a GPU, and a kernel (a --sigma-map's per-voxel kernels have no
+    CUDA version yet)."""
     if device == "cuda":
         from .. import _cuda
 
-        if not _cuda.has_cuda():
-            try:
-                _cuda.require("volconv --device cuda")
-            except RuntimeError as e:
-                raise CommandError(None, str(e)) from None
-        raise CommandError(None, "--device cuda: the CUDA plugin does not filter NIfTI files yet")
+        try:
+            _cuda.require("volconv --device cuda", has_cuda_version=True)
+        except RuntimeError as e:
+            raise CommandError(None, str(e)) from None
+        if sigma_map is not None:
+            raise CommandError(None, "--device cuda with --sigma-map: per-voxel (adaptive) kernels have no CUDA "
+                                     "version yet; leave out --device cuda")
 
 
 def nifti_options(options):
@@ -44,7 +47,8 @@ def nifti_options(options):
     the volume is never read back (the memory promise)."""
     return dict(mode=options.mode, cval=options.cval, mask=options.mask, normalize=options.normalize,
                 outside=options.outside, nan=options.nan, dtype=options.odt, overwrite=options.force,
-                workers=options.workers, max_memory=options.max_memory, return_volume=False)
+                workers=options.workers, max_memory=options.max_memory, return_volume=False,
+                device=None if options.device == "cpu" else options.device)
 
 
 def filter_file(args, choice, src, dst, reporter, on_progress=None):
@@ -88,7 +92,7 @@ def run(args):
     try:
         check_distinct([("IN", src), ("--mask", args.mask), ("--kernel", args.kernel),
                          ("--sigma-map", args.sigma_map)], [("OUT", dst), ("--preview", args.preview)])
-        check_device(args.device)
+        check_device(args.device, args.sigma_map)
         choice = None if args.sigma_map is not None else KernelChoice(args)
         check_output(dst, args.force)
         preview = Preview(args.preview, args.force) if args.preview else None

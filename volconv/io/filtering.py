@@ -24,7 +24,7 @@ NAN_RULES = ("propagate", "zero", "mask")
 
 def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, normalize=False, outside="keep",
                  nan="propagate", dtype=None, overwrite=False, workers=None, progress=None, max_memory=None,
-                 return_volume=True):
+                 return_volume=True, device=None):
     """Filter the NIfTI file `src` into `dst`, keeping its geometry and header (written as vc.io.save does:
     atomically, gzip on several threads).
 
@@ -52,12 +52,20 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
     one of the whole volume at once (bit for bit when the kernel runs directly, as separable and small dense
     kernels do; within FFT rounding for a large dense kernel the cost model sends to the FFT).
 
+    device: None (default) filters on volconv's CPU engine; a torch device ("cuda", "cuda:1", a torch.device)
+    filters each slab there as a tensor (the CUDA plugin's conv3d on a GPU): the slabs, masks and the
+    NaN rules stay as above, each slab goes to the device and its output comes back before it is written, so
+    the device needs room for about two slabs (max_memory sizes them). On a GPU a zero weight is multiplied
+    like any other, as in torch.conv3d: with nan="propagate", NaN / Inf also spread through a kernel's zero
+    weights there (scipy and the CPU engine skip them); nan="zero" or "mask" give the same results anywhere.
+
     Returns the written Volume (its data as written: in the output dtype, integers rounded and clipped), or
     None when return_volume is False. A volume filtered in slabs is returned memory-mapped from an
     uncompressed output, and read back whole from a compressed one: pass return_volume=False to keep the
     memory promise there."""
     from ..kernels import Kernel, as_kernel
 
+    device = filter_device(device)
     mode = scipy_mode(mode)   # once, here: the aliases (grid-constant) must take the same paths as their names
     if outside not in ("keep", "zero"):
         raise ValueError(f"outside must be 'keep' or 'zero', got {outside!r}")
@@ -94,7 +102,8 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
                     block = np.where(finite, block, np.float32(0))
                 elif nan == "mask":
                     inside = finite if inside is None else inside & finite
-                out = _filter_volume(block, kernel, mode, cval, inside, normalize, outside, workers, halo, tiny)
+                out = _filter_volume(block, kernel, mode, cval, inside, normalize, outside, workers, halo, tiny,
+                                     device)
                 counts[1] += _non_finite(np.isfinite(out))
                 return out
             return filter_slab
@@ -227,15 +236,50 @@ class _FileJob:
             return load(self.dst, dtype=None, mmap="r" if not compressed else False)
 
 
-def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, halo, tiny):
+def filter_device(device):
+    """filter_nifti's device: None (the CPU engine, on numpy arrays) or a torch.device of type cpu or cuda (each
+    slab filtered there as a tensor; cuda needs the CUDA plugin and a GPU)."""
+    if device is None:
+        return None
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"device={device!r} filters slabs as torch tensors, and torch is not installed; leave "
+                         "device=None to filter on volconv's CPU engine") from None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    if device.type == "cuda":
+        from .. import _cuda
+
+        _cuda.require("filter_nifti(device='cuda')", has_cuda_version=True)
+    return device
+
+
+def on_device(block, device):
+    """A slab's float32 block as a tensor on device (its memory order kept: the filter copies on the device)."""
+    import torch
+
+    return torch.from_numpy(block).to(device)
+
+
+def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, halo, tiny, device=None):
     """One slab of a volume (`halo` planes of context at the ends of its last axis, not output): masked
-    (outside voxels contribute nothing) and/or normalised filtering (weight sums up to `tiny` are no voxel)."""
+    (outside voxels contribute nothing) and/or normalised filtering (weight sums up to `tiny` are no voxel);
+    each correlation on `device` when given (filter_device)."""
     from ..ops.filtering import filter_volume
 
     halo3 = ((0, 0), (0, 0), tuple(halo))
 
     def correlate(v, m, c):
-        return filter_volume("correlate", v, kernel, m, c, 0, "auto", workers, flip=False, halo=halo3)
+        if device is None:
+            return filter_volume("correlate", v, kernel, m, c, 0, "auto", workers, flip=False, halo=halo3)
+        out = filter_volume("correlate", on_device(v, device), kernel, m, c, 0, "auto", workers, flip=False,
+                            halo=halo3)
+        return out.cpu().numpy()
 
     if inside is None and not normalize:
         return correlate(x, mode, cval)
