@@ -1,6 +1,7 @@
 """The GPU check: on a machine with an NVIDIA GPU, one command that builds the CUDA plugin, runs the whole
 cuda-marked suite, compute-sanitizer (memcheck, racecheck) on a small subset, and the GPU benchmarks (volconv
-against cuDNN through torch.conv3d), then appends device, date, commit and ratios to bench/RESULTS-gpu.md.
+against cuDNN through torch.conv3d for every family, cupyx.scipy.ndimage for correlate where CuPy is
+installed), then appends device, date, commit and ratios to bench/RESULTS-gpu.md.
 
     python bench/gpu_check.py [--out bench/RESULTS-gpu.md] [--quick]
 
@@ -18,19 +19,78 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# (label, input shape, weight shape, padding): the goals of issue 16 for the families the plugin has
-CASES = [
-    ("one channel 256^3 k=7", (1, 1, 256, 256, 256), (1, 1, 7, 7, 7), 3),
-    ("one channel 256^3 k=15", (1, 1, 256, 256, 256), (1, 1, 15, 15, 15), 7),
-    ("one channel 128^3 k=31", (1, 1, 128, 128, 128), (1, 1, 31, 31, 31), 15),
-    ("depthwise 64 ch 96^3 k=7", (1, 64, 96, 96, 96), (64, 1, 7, 7, 7), 3),
-    ("depthwise 64 ch 96^3 k=15", (1, 64, 96, 96, 96), (64, 1, 15, 15, 15), 7),
-    ("layer 32->32 96^3 k=3", (1, 32, 96, 96, 96), (32, 32, 3, 3, 3), 1),
-]
-NOT_YET = ["sparse 15^3 at 1%", "nested depthwise 7^3 -> 3^3", "CP / Tucker layers", "correlate / convolve",
-           "dynamic kernels"]
 SANITIZER_SUBSET = "padding_mode_and_dtype or too_large or same_even or beyond_the_grid or layer"   # as CI's ASan pass
-BENCH_BUDGET_S = 180   # the benchmarks stop starting cases after this (the rest are listed as not run)
+BENCH_BUDGET_S = 240   # the benchmarks stop starting cases after this (the rest are listed as not run)
+NOT_YET = ["dynamic kernels (issue 17; anchor: torch's unfold)"]
+
+
+def cases(torch, vc):
+    """(family, label, goal ratio, build) for every benchmark: build() -> (volconv, anchor name, anchor, backward)
+    where volconv() and anchor() compute the same result from the same inputs, and backward says whether a
+    forward+backward timing follows (both then take requires-grad inputs). Goals: issue 16's."""
+    F = torch.nn.functional
+    dev = "cuda"
+
+    def dense(shape, w_shape, pad, goal, label, backward=False):
+        def build():
+            x, w = torch.randn(shape, device=dev), torch.randn(w_shape, device=dev)
+            g = shape[1] // w_shape[1]
+            return (lambda x=x, w=w: vc.conv3d(x, w, padding=pad, groups=g)), "cuDNN", \
+                (lambda x=x, w=w: F.conv3d(x, w, padding=pad, groups=g)), (x, w) if backward else None
+        return "dense", label, goal, build
+
+    def sparse():
+        x = torch.randn(1, 1, 128, 128, 128, device=dev)
+        dense_w = torch.randn(1, 1, 15, 15, 15, device=dev) * (torch.rand(1, 1, 15, 15, 15, device=dev) < 0.01)
+        k = vc.SparseKernel.from_dense(dense_w.cpu().numpy())
+        return (lambda: vc.sparse_conv3d(x, k, padding=7)), "cuDNN dense", \
+            (lambda: F.conv3d(x, dense_w, padding=7)), None
+
+    def nested():
+        x = torch.randn(1, 32, 96, 96, 96, device=dev)
+        w1, w2 = torch.randn(32, 1, 7, 7, 7, device=dev), torch.randn(32, 1, 3, 3, 3, device=dev)
+        return (lambda: vc.nested_conv3d(x, [w1, w2], groups=32)), "two cuDNN calls", \
+            (lambda: F.conv3d(F.conv3d(x, w1, padding=3, groups=32), w2, padding=1, groups=32)), None
+
+    def lowrank(kind):
+        def build():
+            x = torch.randn(1, 32, 64, 64, 64, device=dev)
+            layer = (vc.nn.CPConv3d(32, 32, 7, padding=3, rank=16) if kind == "cp" else
+                     vc.nn.TuckerConv3d(32, 32, 7, padding=3, ranks=(8, 8, 4, 4, 4))).to(dev)
+            ref = torch.nn.Conv3d(32, 32, 7, padding=3).to(dev)
+            with torch.no_grad():   # the same layer, its weight rebuilt dense
+                ref.weight.copy_(layer.to_dense())
+                ref.bias.copy_(layer.bias)
+            return (lambda: layer(x)), "cuDNN dense", (lambda: ref(x)), None
+        return build
+
+    def correlate():
+        try:
+            import cupy
+            from cupyx.scipy import ndimage as cnd
+        except ImportError:
+            return None
+        v = torch.randn(256, 256, 256, device=dev)
+        k = torch.from_numpy(vc.kernels.gaussian(2.0).to_dense()).float().to(dev)
+        cv, ck = cupy.asarray(v), cupy.asarray(k)
+        return (lambda: vc.correlate(v, k, mode="reflect")), "cupyx.scipy.ndimage", \
+            (lambda: cnd.correlate(cv, ck, mode="reflect")), None
+
+    return [
+        dense((1, 1, 256, 256, 256), (1, 1, 7, 7, 7), 3, 3.0, "one channel 256^3 k=7"),
+        dense((1, 1, 256, 256, 256), (1, 1, 15, 15, 15), 7, 3.0, "one channel 256^3 k=15"),
+        dense((1, 1, 128, 128, 128), (1, 1, 31, 31, 31), 15, 3.0, "one channel 128^3 k=31"),
+        dense((1, 64, 96, 96, 96), (64, 1, 7, 7, 7), 3, 3.0, "depthwise 64 ch 96^3 k=7", backward=True),
+        dense((1, 64, 96, 96, 96), (64, 1, 15, 15, 15), 7, 3.0, "depthwise 64 ch 96^3 k=15", backward=True),
+        dense((1, 64, 64, 64, 64), (64, 1, 31, 31, 31), 15, 3.0, "depthwise 64 ch 64^3 k=31"),
+        dense((1, 32, 96, 96, 96), (32, 32, 3, 3, 3), 1, 1.0, "layer 32->32 96^3 k=3 (cuDNN's own)",
+              backward=True),
+        ("sparse", "sparse 15^3 at 1%, 128^3", 10.0, sparse),
+        ("nested", "nested depthwise 32 ch 96^3 7^3 -> 3^3", 2.0, nested),
+        ("low-rank", "CPConv3d 32->32 k=7 rank 16, 64^3", 3.0, lowrank("cp")),
+        ("low-rank", "TuckerConv3d 32->32 k=7 ranks (8, 8, 4, 4, 4), 64^3", 3.0, lowrank("tucker")),
+        ("filtering", "correlate 256^3 Gaussian sigma 2 (reflect)", 3.0, correlate),
+    ]
 
 
 def run(cmd, budget):
@@ -61,32 +121,35 @@ def timed(torch, fn, rounds):
 
 
 def benchmarks(torch, vc, quick):
+    """One table row per case: times, ratio (anchor / volconv: > 1 means volconv is faster), goal, error."""
     torch.backends.cudnn.benchmark = True
-    rows, start = [], time.perf_counter()
-    for label, xs, ws, pad in CASES[:3] if quick else CASES:
+    rows, start, rounds = [], time.perf_counter(), 3 if quick else 7
+    for family, label, goal, build in cases(torch, vc):
         if time.perf_counter() - start > BENCH_BUDGET_S:
-            rows.append(f"| {label} | not run: the benchmarks' {BENCH_BUDGET_S} s were spent | | | | | | |")
+            rows.append(f"| {label} | not run: the benchmarks' {BENCH_BUDGET_S} s were spent | | | | | |")
             continue
-        x = torch.randn(xs, device="cuda")
-        w = torch.randn(ws, device="cuda")
-        groups = xs[1] // ws[1]
-        ref = torch.nn.functional.conv3d(x, w, padding=pad, groups=groups)
-        got = vc.conv3d(x, w, padding=pad, groups=groups)
-        error = float((got - ref).abs().max() / ref.abs().max())
-        rounds = 3 if quick else 7
-        ours = timed(torch, lambda: vc.conv3d(x, w, padding=pad, groups=groups), rounds)
-        cudnn = timed(torch, lambda: torch.nn.functional.conv3d(x, w, padding=pad, groups=groups), rounds)
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-
-        def step(conv):
-            conv(xg, wg).sum().backward()
-
-        ours_bwd = timed(torch, lambda: step(lambda a, b: vc.conv3d(a, b, padding=pad, groups=groups)), rounds)
-        cudnn_bwd = timed(torch, lambda: step(lambda a, b: torch.nn.functional.conv3d(a, b, padding=pad,
-                                                                                     groups=groups)), rounds)
-        rows.append(f"| {label} | {ours:.2f} | {cudnn:.2f} | **{cudnn / ours:.2f}x** | {ours_bwd:.2f} | "
-                    f"{cudnn_bwd:.2f} | **{cudnn_bwd / ours_bwd:.2f}x** | {error:.1e} |")
-        del x, w, xg, wg, ref, got
+        try:
+            built = build()
+            if built is None:
+                rows.append(f"| {label} | not run: its anchor is not installed | | | | | |")
+                continue
+            ours_fn, anchor_name, anchor_fn, grads = built
+            with torch.no_grad():
+                got, ref = ours_fn(), torch.as_tensor(anchor_fn(), device="cuda")
+                error = float((got - ref).abs().max() / ref.abs().max())
+            ours, anchor = timed(torch, ours_fn, rounds), timed(torch, anchor_fn, rounds)
+            row = f"| {label} | {anchor_name} | {ours:.2f} | {anchor:.2f} | **{anchor / ours:.2f}x** (goal {goal:g}x)"
+            if grads is not None:
+                for t in grads:
+                    t.requires_grad_()
+                ours_b = timed(torch, lambda: ours_fn().sum().backward(), rounds)
+                anchor_b = timed(torch, lambda: anchor_fn().sum().backward(), rounds)
+                row += f" | **{anchor_b / ours_b:.2f}x** ({ours_b:.1f} / {anchor_b:.1f} ms)"
+            else:
+                row += " | -"
+            rows.append(row + f" | {error:.1e} |")
+        except Exception as e:   # one failing case must not hide the others' numbers
+            rows.append(f"| {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | | |")
         torch.cuda.empty_cache()
     return rows
 
@@ -127,9 +190,9 @@ def main(argv=None):
     else:
         lines.append("- compute-sanitizer: not on PATH")
     lines.append("")
-    lines.append("| conv3d, float32 | volconv ms | cuDNN ms | fwd ratio | volconv fwd+bwd ms | cuDNN fwd+bwd ms | "
-                 "fwd+bwd ratio | max rel. error |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| float32 | anchor | volconv ms | anchor ms | fwd ratio | fwd+bwd ratio (volconv / anchor) | "
+                 "max rel. difference |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
     lines += benchmarks(torch, vc, a.quick)
     lines.append("")
     lines.append(f"No CUDA version yet (not timed): {', '.join(NOT_YET)}.")
