@@ -224,8 +224,10 @@ __launch_bounds__(GW_THREADS, 3) __global__ void
     const long long Cg = g.C / g.G, Og = g.O / g.G, weights = g.O * Cg * g.kd * g.kh * g.kw;
     const int sh = (int)g.sh, sw = (int)g.sw;   // (th - 1) * sh < rows and (tw - 1) * sw < cols: both fit an int
     for (long long blk = blockIdx.x; blk < p.jobs * p.slices; blk += gridDim.x) {   // the same for every thread
-        const long long slice = blk % p.slices;
-        long long j = blk / p.slices;
+        // job-major within a slice: the blocks running together read the same tiles (of several channels), so
+        // each tile comes from DRAM about once and from L2 after
+        const long long slice = blk / p.jobs;
+        long long j = blk % p.jobs;
         const long long be = j % p.ce, bb = (j / p.ce) % p.cb, ba = (j / (p.ce * p.cb)) % p.ca;
         j /= p.ce * p.cb * p.ca;
         const long long cc = j % Cg, o = j / Cg, c = (o / Og) * Cg + cc;
@@ -250,7 +252,8 @@ __launch_bounds__(GW_THREADS, 3) __global__ void
             const long long od = (tile / (p.tiles_w * p.tiles_h)) % g.Do, n = tile / (p.tiles_w * p.tiles_h * g.Do);
             const long long oh0 = th_i * p.th, ow0 = tw_i * p.tw;
             const int vth = (int)lmin(p.th, g.Ho - oh0), vtw = (int)lmin(p.tw, g.Wo - ow0);
-            const int rows = (vth - 1) * sh + (nb - 1) * (int)g.dh + 1, used = (vtw - 1) * sw + (ne - 1) * (int)g.dw + 1;
+            const int rows = (vth - 1) * sh + (nb - 1) * (int)g.dh + 1;   // what this tile reads of the box's
+            const int used = (vtw - 1) * sw + (ne - 1) * (int)g.dw + 1;   // p.rows x p.cols (a partial tile less)
             __syncthreads();   // every thread is done with the previous tile
             if (gi < vth && gj < vtw)
                 gs[t] = __ldg(grad + (((n * g.O + o) * g.Do + od) * g.Ho + oh0 + gi) * g.Wo + ow0 + gj);
@@ -297,16 +300,29 @@ __launch_bounds__(GW_THREADS, 3) __global__ void
     }
 }
 
+// gw[k] = the sum of partial[s][k] over the slices s: a block of 32 weights x 8 slice lanes (lane y adds slices y,
+// y + 8, ... in order; then the 8 lanes in order): the same sum on every run, coalesced along the weights.
+constexpr int SUM_W = 32, SUM_LANES = 8;
+
 template <typename T>
 __global__ void conv3d_grad_weight_sum_kernel(const T *__restrict__ partial, T *__restrict__ gw, long long weights,
                                               long long slices)
 {
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < weights;
-         k += (long long)gridDim.x * blockDim.x) {
+    VC_SHARED(T, lanes, [SUM_LANES][SUM_W]);
+    for (long long k0 = blockIdx.x * (long long)SUM_W; k0 < weights; k0 += gridDim.x * (long long)SUM_W) {
+        const long long k = k0 + threadIdx.x;
         T sum = 0;
-        for (long long s = 0; s < slices; s++)   // slice order: deterministic
-            sum += partial[s * weights + k];
-        gw[k] = sum;
+        if (k < weights)
+            for (long long s = threadIdx.y; s < slices; s += SUM_LANES)
+                sum += partial[s * weights + k];
+        __syncthreads();   // the previous weights' lanes are read
+        lanes[threadIdx.y][threadIdx.x] = sum;
+        __syncthreads();
+        if (threadIdx.y == 0 && k < weights) {
+            for (int l = 1; l < SUM_LANES; l++)
+                sum += lanes[l][threadIdx.x];
+            gw[k] = sum;
+        }
     }
 }
 
@@ -371,7 +387,8 @@ int grad_weight(const void *x, const void *grad, void *gw, const Geom &g, cudaSt
     cudaError_t e = cudaGetLastError();
     if (p.slices > 1) {
         if (e == cudaSuccess) {
-            VC_LAUNCH(conv3d_grad_weight_sum_kernel<T>, vc::grid_for(weights, 256), 256, 0, stream)(
+            const dim3 block(SUM_W, SUM_LANES);
+            VC_LAUNCH(conv3d_grad_weight_sum_kernel<T>, vc::grid_for(weights, SUM_W), block, 0, stream)(
                 out, static_cast<T *>(gw), weights, p.slices);
             e = cudaGetLastError();
         }

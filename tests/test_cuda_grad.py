@@ -99,17 +99,18 @@ def test_gradients_on_random_geometries_against_torch(case, cuda_plugin, device)
 ])
 def test_geometries_that_split_the_tap_box_or_shrink_the_tile(name, x_shape, w_shape, stride, pads, dilation,
                                                                 dtype, cuda_plugin, device):
-    check(cuda_plugin, config_rng(802, sum(map(ord, name)), int(dtype == torch.float64)), device, dtype, x_shape, w_shape, stride, pads, dilation)
+    r = config_rng(802, sum(map(ord, name)), int(dtype == torch.float64))
+    check(cuda_plugin, r, device, dtype, x_shape, w_shape, stride, pads, dilation)
 
 
 def test_depthwise_and_grouped_with_many_tiles(cuda_plugin, device):
-    """Depthwise 4 channels, even kernel, stride 2 along W: outputs of 3 x 17 x 37, three tiles along H (8 + 8 + 1)
-    and two along W (32 + 5), two items; then a grouped one with batch 3 and every stride 3."""
+    """Depthwise 4 channels, even kernel, stride 2 along W: outputs of 5 x 19 x 38, three tiles along H (8 + 8 + 3)
+    and two along W (32 + 6), two items; then a grouped one with batch 3 and every stride 3."""
     r = config_rng(803)
-    check(cuda_plugin, r, device, torch.float64, (2, 4, 5, 19, 76), (4, 1, 3, 4, 3), (1, 1, 2), ((1, 1), (1, 2), (0, 1)),
-          (1, 1, 1), 4)
-    check(cuda_plugin, r, device, torch.float32, (3, 6, 9, 28, 100), (4, 3, 2, 3, 3), (3, 3, 3), ((1, 0), (0, 2), (2, 2)),
-          (2, 1, 2), 2)
+    check(cuda_plugin, r, device, torch.float64, (2, 4, 5, 19, 76), (4, 1, 3, 4, 3), (1, 1, 2),
+          ((1, 1), (1, 2), (0, 1)), (1, 1, 1), 4)
+    check(cuda_plugin, r, device, torch.float32, (3, 6, 9, 28, 100), (4, 3, 2, 3, 3), (3, 3, 3),
+          ((1, 0), (0, 2), (2, 2)), (2, 1, 2), 2)
 
 
 def test_batch_times_channels_beyond_the_grid_limits(cuda_plugin, device):
