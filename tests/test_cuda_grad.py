@@ -103,6 +103,22 @@ def test_geometries_that_split_the_tap_box_or_shrink_the_tile(name, x_shape, w_s
     check(cuda_plugin, r, device, dtype, x_shape, w_shape, stride, pads, dilation)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,x_shape,w_shape,stride,pads,dilation,groups", [
+    # sw == dw, kw >= 3: each slot 4 neighbouring taps of a row, each lane runs of 8 outputs; outputs 4 x 11 x 45
+    # (the last run and tile partial), kw = 7 = 4 + 3 (a partial slot)
+    ("sliding depthwise", (2, 2, 6, 13, 49), (2, 1, 3, 3, 7), (1, 1, 1), ((0, 0), (1, 0), (1, 0)), (1, 1, 1), 2),
+    # sw == dw == 2, kw = 5: windows of every other column, 2 slots per tap row
+    ("sliding stride 2", (1, 2, 4, 9, 60), (3, 2, 2, 3, 5), (1, 2, 2), ((1, 1), (0, 0), (2, 1)), (2, 1, 2), 1),
+    # sw == dw == 1000, kw = 3: the sliding window's 11 * 1000 + 1 columns do not fit, the strided 2001 do
+    ("sliding does not fit", (1, 1, 1, 2, 2001), (1, 1, 1, 2, 3), (1, 1, 1000), ((0, 0),) * 3, (1, 1, 1000), 1),
+])
+def test_sliding_windows_of_taps_and_outputs(name, x_shape, w_shape, stride, pads, dilation, groups, dtype,
+                                             cuda_plugin, device):
+    r = config_rng(807, sum(map(ord, name)), int(dtype == torch.float64))
+    check(cuda_plugin, r, device, dtype, x_shape, w_shape, stride, pads, dilation, groups)
+
+
 def test_depthwise_and_grouped_with_many_tiles(cuda_plugin, device):
     """Depthwise 4 channels, even kernel, stride 2 along W: outputs of 5 x 19 x 38, three tiles along H (8 + 8 + 3)
     and two along W (32 + 6), two items; then a grouped one with batch 3 and every stride 3."""
@@ -140,17 +156,21 @@ def test_through_vc_conv3d(stride, cuda_plugin, device):
         close(a, ref, 1e-4)
 
 
-def test_the_same_bits_in_any_thread_and_block_order(cuda_plugin, device, monkeypatch):
-    """float32, 16 slices of tiles (the second kernel adds them) and 27 taps: 7 tap slots x 36 lanes of outputs."""
+@pytest.mark.parametrize("stride", [(1, 2, 2), (1, 1, 1)], ids=["strided", "sliding"])
+def test_the_same_bits_in_any_thread_and_block_order(stride, cuda_plugin, device, monkeypatch):
+    """float32, 16 slices of tiles (the second kernel adds them) and 27 taps: 7 strided slots (or 9 sliding ones)
+    x lanes of outputs."""
     r = config_rng(806)
-    x, w, g = (torch.from_numpy(r.standard_normal(s)).to(device, torch.float32) for s in
-               ((2, 2, 6, 20, 40), (2, 1, 3, 3, 3), (2, 2, 4, 9, 19)))
+    x, w = (torch.from_numpy(r.standard_normal(s)).to(device, torch.float32) for s in ((2, 2, 6, 20, 40),
+                                                                                      (2, 1, 3, 3, 3)))
+    g = torch.from_numpy(r.standard_normal(output_shape(x.shape, w.shape, stride, ((0, 0),) * 3, (1, 1, 1))))
+    g = g.to(device, torch.float32)
     runs = []
     for order in ("forward", "reverse", "random", "random") if cuda_plugin.emulated else (None, None):
         if order:
             monkeypatch.setenv("CUDA_EMU_ORDER", order)
             monkeypatch.setenv("CUDA_EMU_SEED", str(len(runs)))
-        runs.append(plugin_grads(cuda_plugin, x, w, g, (1, 2, 2), ((0, 0),) * 3, (1, 1, 1), 2))
+        runs.append(plugin_grads(cuda_plugin, x, w, g, stride, ((0, 0),) * 3, (1, 1, 1), 2))
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
-    for a, ref in zip(runs[0], torch_grads(x, w, g, (1, 2, 2), ((0, 0),) * 3, (1, 1, 1), 2)):
+    for a, ref in zip(runs[0], torch_grads(x, w, g, stride, ((0, 0),) * 3, (1, 1, 1), 2)):
         close(a, ref, 1e-4)
