@@ -186,9 +186,10 @@ inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 __host__ __device__ inline long long lmin(long long a, long long b) { return a < b ? a : b; }
 
 // Slots of a box: strided, ceil(taps / GW_TAPS); sliding, a slot per GW_TAPS taps of each tap row.
-__host__ __device__ inline long long box_slots(bool slide, long long na, long long nb, long long ne)
+template <typename I>   // long long on the host, int on the device
+__host__ __device__ inline I box_slots(bool slide, I na, I nb, I ne)
 {
-    return slide ? na * nb * ceil_div(ne, GW_TAPS) : ceil_div(na * nb * ne, GW_TAPS);
+    return slide ? na * nb * ((ne + GW_TAPS - 1) / GW_TAPS) : (na * nb * ne + GW_TAPS - 1) / GW_TAPS;
 }
 
 // Tap r of slot `slot` as (ia, ib, ie) in the box; false: the slot has fewer taps.
@@ -267,7 +268,7 @@ __launch_bounds__(GW_THREADS, 3) __global__ void
         const long long a0 = ba * p.na, b0 = bb * p.nb, e0 = be * p.ne;
         const int na = (int)lmin(p.na, g.kd - a0), nb = (int)lmin(p.nb, g.kh - b0),
                   ne = (int)lmin(p.ne, g.kw - e0);
-        const int taps = na * nb * ne, S = (int)box_slots(SLIDE, na, nb, ne), L = GW_THREADS / S;
+        const int taps = na * nb * ne, S = box_slots(SLIDE, na, nb, ne), L = GW_THREADS / S;
         const int slot = t % S, lane = t / S;   // a warp's slots read one g word, their x words in distinct banks
         int off[GW_TAPS];   // where this thread's taps read, relative to the output's corner in xs
         for (int r = 0; r < GW_TAPS; r++) {
