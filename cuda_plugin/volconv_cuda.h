@@ -24,10 +24,15 @@ int vc_cuda_device_count(void);        /* 0 without a GPU or a driver */
 /* out = conv3d(x, w, b); b may be NULL. */
 int vc_conv3d_forward(int dtype, const void *x, const void *w, const void *b, void *out, const long long *geom,
                       void *stream);
-/* gx = d loss / d x for grad = d loss / d out: each input voxel gathers the output voxels that read it. */
+/* gx = d loss / d x for grad = d loss / d out: each input voxel gathers the output voxels that read it, stepping
+ * through the taps of its residue class per axis (any stride; at stride 1 the caller may run the forward on the
+ * flipped, channel-swapped weight instead). */
 int vc_conv3d_grad_input(int dtype, const void *grad, const void *w, void *gx, const long long *geom,
                          void *stream);
-/* gw = d loss / d w: one block per weight, a fixed-order reduction (deterministic). */
+/* gw = d loss / d w: tiles of the output in shared memory, each block the taps of one channel pair (or a box of
+ * them) over a fixed slice of tiles; the slices' partial sums (a workspace from the stream's memory pool,
+ * cudaMallocAsync, freed on the stream; none when one slice suffices) added in a fixed order: the same bits on every
+ * run, no atomics. */
 int vc_conv3d_grad_weight(int dtype, const void *x, const void *grad, void *gw, const long long *geom,
                           void *stream);
 
