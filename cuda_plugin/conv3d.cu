@@ -413,16 +413,6 @@ int grad_input(const void *grad, const void *w, void *gx, const Geom &g, cudaStr
     return vc::status(cudaGetLastError());
 }
 
-// The partial sums' workspace: stream-ordered memory from the device's pool (freed once the sum has run). The
-// emulator has no pool and runs launches synchronously: plain memory there.
-#if defined(CUDA_EMU)
-inline cudaError_t workspace_alloc(void **p, size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
-inline cudaError_t workspace_free(void *p, cudaStream_t) { return cudaFree(p); }
-#else
-inline cudaError_t workspace_alloc(void **p, size_t bytes, cudaStream_t s) { return cudaMallocAsync(p, bytes, s); }
-inline cudaError_t workspace_free(void *p, cudaStream_t s) { return cudaFreeAsync(p, s); }
-#endif
-
 template <typename T>
 int grad_weight(const void *x, const void *grad, void *gw, const Geom &g, cudaStream_t stream)
 {
@@ -435,7 +425,7 @@ int grad_weight(const void *x, const void *grad, void *gw, const Geom &g, cudaSt
     T *out = static_cast<T *>(gw);
     if (p.slices > 1) {   // one slice: the tiles kernel writes the gradient itself
         void *ws = nullptr;
-        if (cudaError_t e = workspace_alloc(&ws, p.slices * weights * sizeof(T), stream))
+        if (cudaError_t e = cudaMallocAsync(&ws, p.slices * weights * sizeof(T), stream))
             return vc::status(e);
         out = static_cast<T *>(ws);
     }
@@ -450,7 +440,7 @@ int grad_weight(const void *x, const void *grad, void *gw, const Geom &g, cudaSt
                 out, static_cast<T *>(gw), weights, p.slices);
             e = cudaGetLastError();
         }
-        const cudaError_t f = workspace_free(out, stream);
+        const cudaError_t f = cudaFreeAsync(out, stream);
         e = e ? e : f;
     }
     return vc::status(e);
