@@ -123,7 +123,7 @@ def test_the_choice_of_each_case(cuda_plugin, device):
         ((1, 2, 6, 7, 9), (2, 1, 3, 3, 3), 2, (1, 2, 1), [FORWARD, GRAD_INPUT, GRAD_WEIGHT]),
         ((1, 2, 5, 6, 7), (3, 2, 3, 3, 3), 1, 1, [FORWARD, FORWARD, GRAD_WEIGHT]),
         ((2, 8, 5, 6, 7), (8, 4, 3, 3, 3), 2, 1, []),   # C / groups and O / groups 4: cuDNN
-        ((1, 1, 5, 6, 7), (2, 1, 1, 2, 3), 1, 1, [DEPTHWISE, DEPTHWISE, GRAD_WEIGHT]),
+        ((1, 1, 5, 6, 7), (2, 1, 3, 2, 3), 1, 1, [DEPTHWISE, DEPTHWISE, GRAD_WEIGHT]),
         ((1, 1, 5, 6, 7), (2, 1, 1, 1, 1), 1, 1, [DEPTHWISE, GRAD_INPUT, GRAD_WEIGHT]),   # its gradient: a crop
     ]
     for x_shape, w_shape, groups, stride, expected in cases:
