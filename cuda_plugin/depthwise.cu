@@ -6,8 +6,8 @@
 // outside the volume, and that plane's kh x kw weights into shared memory; each thread then slides every kernel
 // row along its strip of S outputs along W from a register window of 2 S inputs (S new inputs per S taps), so
 // the inner loop is S x S multiply-adds on registers with fixed indices and one weight broadcast per tap, and
-// has no bounds checks (only the final store has). Dilation costs nothing: a block takes the outputs of one
-// residue class (ow % dw, oh % dh), whose taps are neighbours in its tile.
+// has no bounds checks (only the final store has). Dilation keeps the register window: a block takes the outputs
+// of one residue class (ow % dw, oh % dh), whose taps are neighbours in its tile (its loads are strided).
 #include "vc_common.cuh"
 
 #if defined(__CUDACC__)
