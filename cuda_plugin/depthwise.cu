@@ -28,9 +28,9 @@ constexpr int TY = 16;       // threads (= output rows) along H
 constexpr int TW = TX * S;
 constexpr long long MAX_SHARED = 96 * 1024;   // opted into beyond 48 KiB; within every GPU from sm_80 on
 
-// The tile's row length: the strip's last window reads S - 1 columns past the kernel's reach (their taps are
-// skipped); a multiple of 4 so that every strip starts 16-byte aligned (vector loads from shared memory).
-__host__ __device__ inline long long tile_w(long long kw) { return (TW + kw - 1 + S + 3) / 4 * 4; }
+// The tile's row length, whole strips of S: the last window of a thread reads up to S - 1 columns past the
+// kernel's reach (their taps are skipped).
+__host__ __device__ inline long long tile_w(long long kw) { return (TX + kw / S + 1) * S; }
 __host__ __device__ inline long long tile_h(long long kh) { return TY + kh - 1; }
 // A kernel row in shared memory: padded to a multiple of S (aligned vector loads of its last taps).
 __host__ __device__ inline long long row_w(long long kw) { return (kw + S - 1) / S * S; }
@@ -45,32 +45,61 @@ long long shared_bytes(const Geom &g)
     return (tile_h(g.kh) * tile_w(g.kw) + g.kh * row_w(g.kw)) * (long long)sizeof(T);
 }
 
-// S consecutive values of shared memory, 16-byte aligned, into registers by 16-byte loads (LDS.128).
+// A tile row is strips of S values, each V vectors of E values (16 bytes: one LDS.128). Vector c of strip m is
+// stored at place c ^ swizzle(m) in its strip, so that the 8 lanes of a quarter warp, reading vector c of 8
+// consecutive strips, hit 8 distinct groups of banks (unswizzled: 2-way conflicts in float32, 4-way in float64).
 template <typename T>
-__device__ __forceinline__ void load_strip(const T *p, T *dst)
-{
-    struct alignas(16) Vec { T v[16 / sizeof(T)]; };
-    VC_UNROLL
-    for (int q = 0; q < S * (int)sizeof(T) / 16; q++) {
-        const Vec u = reinterpret_cast<const Vec *>(p)[q];
+struct Strips {
+    static constexpr int E = 16 / sizeof(T), V = S / E;
+    struct alignas(16) Vec { T v[E]; };
+    __device__ __forceinline__ static int swizzle(int m) { return (m / (8 / V)) % V; }
+    // where column j of a row is stored
+    __device__ __forceinline__ static int place(int j)
+    {
+        const int m = j / S;
+        return m * S + ((j % S / E) ^ swizzle(m)) * E + j % E;
+    }
+    // strip m of a row into registers (dst[0 .. S) = columns m S .. m S + S - 1)
+    __device__ __forceinline__ static void load(const T *row, int m, T *dst)
+    {
+        const Vec *p = reinterpret_cast<const Vec *>(row + m * S);
         VC_UNROLL
-        for (int i = 0; i < 16 / (int)sizeof(T); i++)
-            dst[q * (16 / sizeof(T)) + i] = u.v[i];
+        for (int c = 0; c < V; c++) {
+            const Vec u = p[c ^ swizzle(m)];
+            VC_UNROLL
+            for (int i = 0; i < E; i++)
+                dst[c * E + i] = u.v[i];
+        }
+    }
+};
+
+// S consecutive values of shared memory, 16-byte aligned, into registers (the same address in every thread: a
+// broadcast, no swizzle).
+template <typename T>
+__device__ __forceinline__ void load_weights(const T *p, T *dst)
+{
+    using Vec = typename Strips<T>::Vec;
+    VC_UNROLL
+    for (int c = 0; c < Strips<T>::V; c++) {
+        const Vec u = reinterpret_cast<const Vec *>(p)[c];
+        VC_UNROLL
+        for (int i = 0; i < Strips<T>::E; i++)
+            dst[c * Strips<T>::E + i] = u.v[i];
     }
 }
 
-// acc[s] += sum over the kw taps e of row[s + e] * wr[e], for s < S: row is the thread's strip in the tile, wr the
-// kernel row (both 16-byte aligned, wr padded to a multiple of S).
+// acc[s] += sum over the kw taps e of row[m S + s + e] * wr[e], for s < S: row is a tile row (swizzled), m the
+// thread's strip, wr the kernel row (16-byte aligned, padded to a multiple of S).
 template <typename T>
-__device__ __forceinline__ void strip_row(const T *row, const T *wr, int kw, T (&acc)[S])
+__device__ __forceinline__ void strip_row(const T *row, int m, const T *wr, int kw, T (&acc)[S])
 {
-    T win[2 * S];   // win[j] = row[e + j]: the inputs of taps e .. e + S - 1 for the whole strip
-    T wt[S];        // the weights of those taps (the same address in every thread: broadcasts)
-    load_strip(row, win);
+    T win[2 * S];   // win[j] = column m S + e + j: the inputs of taps e .. e + S - 1 for the whole strip
+    T wt[S];        // the weights of those taps
+    Strips<T>::load(row, m, win);
     int e = 0;
     for (; e + S <= kw; e += S) {
-        load_strip(row + e + S, win + S);
-        load_strip(wr + e, wt);
+        Strips<T>::load(row, m + e / S + 1, win + S);
+        load_weights(wr + e, wt);
         VC_UNROLL
         for (int t = 0; t < S; t++)
             VC_UNROLL
@@ -81,8 +110,8 @@ __device__ __forceinline__ void strip_row(const T *row, const T *wr, int kw, T (
             win[s] = win[S + s];
     }
     if (e < kw) {   // the last kw % S taps (skipped, not multiplied by zero: an Inf past the kernel stays out)
-        load_strip(row + e + S, win + S);
-        load_strip(wr + e, wt);
+        Strips<T>::load(row, m + e / S + 1, win + S);
+        load_weights(wr + e, wt);
         VC_UNROLL
         for (int t = 0; t < S; t++)
             if (e + t < kw)
@@ -94,9 +123,9 @@ __device__ __forceinline__ void strip_row(const T *row, const T *wr, int kw, T (
 
 // (at most 80 registers in float32, 96 in float64: six / five blocks of 128 threads per SM)
 template <typename T>
-__launch_bounds__(TX * TY, sizeof(T) == 4 ? 6 : 5) __global__ void depthwise_forward_kernel(const T *__restrict__ x, const T *__restrict__ w,
-                                                                       const T *__restrict__ b, T *__restrict__ out,
-                                                                       Geom g)
+__launch_bounds__(TX * TY, sizeof(T) == 4 ? 6 : 5) __global__
+void depthwise_forward_kernel(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ b,
+                              T *__restrict__ out, Geom g)
 {
     VC_DYNAMIC_SHARED(unsigned char, smem);
     const int TWS = (int)tile_w(g.kw), THS = (int)tile_h(g.kh), KWS = (int)row_w(g.kw);
@@ -136,7 +165,7 @@ __launch_bounds__(TX * TY, sizeof(T) == 4 ? 6 : 5) __global__ void depthwise_for
                         for (int i = ty; i < THS; i += TY)
                             VC_ROLLED
                             for (int j = tx; j < TWS; j += TX)
-                                tile[i * TWS + j] = __ldg(xp + (ih0 + i * g.dh) * g.W + iw0 + j * g.dw);
+                                tile[i * TWS + Strips<T>::place(j)] = __ldg(xp + (ih0 + i * g.dh) * g.W + iw0 + j * g.dw);
                     } else {          // zero outside the volume: the padding
                         VC_ROLLED
                         for (int i = ty; i < THS; i += TY) {
@@ -144,7 +173,7 @@ __launch_bounds__(TX * TY, sizeof(T) == 4 ? 6 : 5) __global__ void depthwise_for
                             VC_ROLLED
                             for (int j = tx; j < TWS; j += TX) {
                                 const long long iw = iw0 + j * g.dw;
-                                tile[i * TWS + j] =
+                                tile[i * TWS + Strips<T>::place(j)] =
                                     ih >= 0 && ih < g.H && iw >= 0 && iw < g.W ? __ldg(xp + ih * g.W + iw) : T(0);
                             }
                         }
@@ -154,7 +183,7 @@ __launch_bounds__(TX * TY, sizeof(T) == 4 ? 6 : 5) __global__ void depthwise_for
                             ws[i * KWS + j] = wp[i * kw + j];
                     __syncthreads();
                     for (int bb = 0; bb < kh; bb++)
-                        strip_row(tile + (ty + bb) * TWS + tx * S, ws + bb * KWS, kw, acc);
+                        strip_row(tile + (ty + bb) * TWS, tx, ws + bb * KWS, kw, acc);
                 }
             }
             if (oh < g.Ho) {

@@ -39,9 +39,9 @@ MAX_SHARED = 96 * 1024
 
 
 def depthwise_shared_bytes(kh, kw, itemsize):
-    """Shared memory of a depthwise.cu block: the tile (TY + kh - 1 rows, rows padded for aligned strips) and one
-    kernel plane (rows padded to a multiple of S)."""
-    tile_w = (TX * S + kw - 1 + S + 3) // 4 * 4
+    """Shared memory of a depthwise.cu block: the tile (TY + kh - 1 rows of whole strips past the kernel's reach)
+    and one kernel plane (rows padded to a multiple of S)."""
+    tile_w = (TX + kw // S + 1) * S
     return ((TY + kh - 1) * tile_w + kh * -(-kw // S) * S) * itemsize
 
 
