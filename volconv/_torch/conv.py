@@ -20,8 +20,8 @@ def _forward(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], pads:
              groups: int, mode: str, cval: float, algorithm: str, nthreads: int) -> Tensor:
     s = spec(x.shape, w.shape, stride, pads, dilation, groups, mode, cval)
     if _cuda.is_cuda(x):   # algorithm: "depthwise" or "direct" (cuda_dense.choose)
-        run = cuda_dense.depthwise_forward if algorithm == "depthwise" else cuda.conv3d_forward
-        return run(x.contiguous(), w.contiguous(), None if b is None else b.contiguous(), s)
+        forward = cuda_dense.plugin_forward(algorithm)
+        return forward(x.contiguous(), w.contiguous(), None if b is None else b.contiguous(), s)
     return torch.from_numpy(dense.run(numpy(x), numpy(w), numpy(b), s, algorithm, threads(nthreads),
                                       allow_torch=False))
 
@@ -54,9 +54,9 @@ def _cuda_grad_input(g, w, s, algorithm):
     if s.stride != (1, 1, 1) or min(min(p) for p in pads) < 0:
         return cuda.conv3d_grad_input(g, w, s)
     wt = dense.transposed_weight(w, s.groups).flip((2, 3, 4)).contiguous()
-    run = cuda_dense.depthwise_forward if algorithm == "depthwise" else cuda.conv3d_forward
-    return run(g, wt, None, ConvSpec(tuple(g.shape), tuple(wt.shape), stride=(1, 1, 1), pads=pads,
-                                     dilation=s.dilation, groups=s.groups, mode="constant"))
+    t = ConvSpec(tuple(g.shape), tuple(wt.shape), stride=(1, 1, 1), pads=pads, dilation=s.dilation, groups=s.groups,
+                 mode="constant")
+    return cuda_dense.plugin_forward(algorithm)(g, wt, None, t)
 
 
 def _backward_fake(grad, x, w, stride, pads, dilation, groups, mode, cval, algorithm, need_input, need_weight,

@@ -117,6 +117,11 @@ def depthwise_forward(x, w, b, spec):
     return cuda.launch("conv3d", "vc_depthwise_forward", _cuda.geometry(spec), spec.out_shape, x, w, b)
 
 
+def plugin_forward(algorithm):
+    """The plugin's forward of the operator's algorithm ("depthwise" or "direct"): f(x, w, b, spec)."""
+    return depthwise_forward if algorithm == "depthwise" else cuda.conv3d_forward
+
+
 def fft_conv3d(x, w, b, spec):
     """The convolution by torch.fft (cuFFT on a GPU), differentiable by torch's autograd: the padded input and
     the dilated kernel transformed at fft_lengths, the input spectra times the kernels' conjugate spectra (a
