@@ -36,6 +36,14 @@ int vc_conv3d_grad_input(int dtype, const void *grad, const void *w, void *gx, c
 int vc_conv3d_grad_weight(int dtype, const void *x, const void *grad, void *gw, const long long *geom,
                           void *stream);
 
+/* ---- depthwise (depthwise.cu) ---- */
+/* out = conv3d(x, w, b) at stride 1 (any dilation, groups; made for C / groups == 1 and large kernels): a block
+ * holds an input tile plus halo in shared memory, each thread a strip of 8 outputs along W in registers. The
+ * geometry must have stride 1 and (TY + kh - 1) * tile_w(kw) + kh * kw elements within 96 KiB of shared memory
+ * (depthwise.cu; volconv/_torch/cuda_dense.py mirrors it), else BAD_GEOMETRY. b may be NULL. */
+int vc_depthwise_forward(int dtype, const void *x, const void *w, const void *b, void *out, const long long *geom,
+                         void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,5 +1,7 @@
 """conv3d on tensors: the volconv::conv3d operator (CPU engine or CUDA plugin, chosen below autograd) and the
-entry the front doors call for tensors that need gradients, run on a GPU, or are traced."""
+entry the front doors call for tensors that need gradients, run on a GPU, or are traced. On a GPU the algorithm
+is chosen by cuda_dense.choose: the plugin's depthwise or generic kernel (in the operator), cuDNN or an FFT
+(torch's own ops and autograd)."""
 from typing import List, Optional, Tuple
 
 import torch
@@ -8,7 +10,7 @@ from torch import Tensor
 from .. import _cuda
 from .._validate import TORCH_PAD_MODES, ConvSpec, workers as resolve_workers
 from ..engine import cost, dense
-from . import cuda
+from . import cuda, cuda_dense
 from .common import compiling, compute_dtype, empty, numpy, spec, spec_args, threads, threads_arg
 from .op import Op
 from .reference import padded, reference_conv, reference_grads
@@ -17,8 +19,9 @@ from .reference import padded, reference_conv, reference_grads
 def _forward(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], pads: List[int], dilation: List[int],
              groups: int, mode: str, cval: float, algorithm: str, nthreads: int) -> Tensor:
     s = spec(x.shape, w.shape, stride, pads, dilation, groups, mode, cval)
-    if _cuda.is_cuda(x):
-        return cuda.conv3d_forward(x.contiguous(), w.contiguous(), None if b is None else b.contiguous(), s)
+    if _cuda.is_cuda(x):   # algorithm: "depthwise" or "direct" (cuda_dense.choose)
+        forward = cuda_dense.plugin_forward(algorithm)
+        return forward(x.contiguous(), w.contiguous(), None if b is None else b.contiguous(), s)
     return torch.from_numpy(dense.run(numpy(x), numpy(w), numpy(b), s, algorithm, threads(nthreads),
                                       allow_torch=False))
 
@@ -33,7 +36,7 @@ def _backward(grad: Tensor, x: Tensor, w: Tensor, stride: List[int], pads: List[
     s = spec(x.shape, w.shape, stride, pads, dilation, groups, mode, cval)
     if _cuda.is_cuda(x):
         g = grad.contiguous()
-        gx = _cuda_grad_input(g, w.contiguous(), s) if need_input else empty(x)
+        gx = _cuda_grad_input(g, w.contiguous(), s, algorithm) if need_input else empty(x)
         gw = cuda.conv3d_grad_weight(x.contiguous(), g, s) if need_weight else empty(w)
         return gx, gw
     g, n = numpy(grad), threads(nthreads)
@@ -42,16 +45,18 @@ def _backward(grad: Tensor, x: Tensor, w: Tensor, stride: List[int], pads: List[
     return gx, gw
 
 
-def _cuda_grad_input(g, w, s):
-    """The input gradient on the plugin: at stride 1 the forward kernel (weights in shared memory, no div/mod per
-    tap) correlating g with the flipped kernel, input and output channels swapped within each group, padded by
-    the kernel's reach less the forward's padding; the gather kernel at other strides."""
+def _cuda_grad_input(g, w, s, algorithm):
+    """The input gradient on the plugin: at stride 1 the forward's kernel (the depthwise one when it ran the
+    forward, which then sums a multiplier's channels; else the generic one) correlating g with the flipped kernel,
+    input and output channels swapped within each group, padded by the kernel's reach less the forward's padding;
+    the gather kernel at other strides."""
     pads = s.transposed_pads()
     if s.stride != (1, 1, 1) or min(min(p) for p in pads) < 0:
         return cuda.conv3d_grad_input(g, w, s)
     wt = dense.transposed_weight(w, s.groups).flip((2, 3, 4)).contiguous()
-    return cuda.conv3d_forward(g, wt, None, ConvSpec(tuple(g.shape), tuple(wt.shape), stride=(1, 1, 1), pads=pads,
-                                                     dilation=s.dilation, groups=s.groups, mode="constant"))
+    t = ConvSpec(tuple(g.shape), tuple(wt.shape), stride=(1, 1, 1), pads=pads, dilation=s.dilation, groups=s.groups,
+                 mode="constant")
+    return cuda_dense.plugin_forward(algorithm)(g, wt, None, t)
 
 
 def _backward_fake(grad, x, w, stride, pads, dilation, groups, mode, cval, algorithm, need_input, need_weight,
@@ -84,14 +89,19 @@ CONV3D = Op("conv3d", _forward, _forward_fake, _backward, _backward_fake, _setup
 def conv3d(x, w, b, s, algorithm, workers):
     """The convolution of ConvSpec s on tensors (checked by the front door): differentiable, on the CPU or a GPU,
     eager or traced. Computed in float32 / float64, returned in x's dtype. Eager CPU calls with "auto" choose
-    the algorithm for a training step here (oneDNN's own autograd when torch's conv3d is the cheapest)."""
+    the algorithm for a training step here (oneDNN's own autograd when torch's conv3d is the cheapest); on a GPU
+    cuda_dense.choose does (cuDNN's and the FFT's autograd by torch, the plugin's kernels in the operator)."""
     dtype = compute_dtype(x)
     out_dtype, x, w = x.dtype, x.to(dtype), w.to(dtype)
     b = None if b is None else b.to(dtype)
     on_gpu = _cuda.is_cuda(x)
-    if on_gpu and (s.mode != "constant" or s.cval != 0 or min(min(p) for p in s.pads) < 0):
-        x, s = padded(x, s), s.padded()   # the plugin pads with zeros: other modes, a cval, crops by torch here
-    elif not on_gpu and not compiling():
+    if on_gpu:
+        if s.mode != "constant" or s.cval != 0 or min(min(p) for p in s.pads) < 0:
+            x, s = padded(x, s), s.padded()   # the plugin pads with zeros: other modes, a cval, crops by torch here
+        algorithm = cuda_dense.choose(x, w, s, algorithm, tracing=compiling())
+        if algorithm in cuda_dense.TORCH_ALGORITHMS:
+            return cuda_dense.TORCH_ALGORITHMS[algorithm](x, w, b, s).to(out_dtype)
+    elif not compiling():
         torch_reachable = s.mode in TORCH_PAD_MODES and s.cval == 0
         if algorithm == "auto":
             algorithm = cost.choose_algorithm(numpy(x), s, resolve_workers(workers), w=numpy(w),
