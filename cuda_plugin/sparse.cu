@@ -30,7 +30,7 @@ __host__ __device__ inline long long lesser(long long a, long long b) { return a
 // it: the barriers protect the previous chunk and publish this one.
 template <typename T>
 __device__ void stage_forward(const T *values, const long long *coords, long long first, int m, const Geom &g,
-                              T *tv, long long *toff, long long *ta, long long *tb, long long *te)
+                              T *tv, long long *toff, int *ta, int *tb, int *te)
 {
     __syncthreads();
     for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < m; i += blockDim.x * blockDim.y) {
@@ -38,24 +38,25 @@ __device__ void stage_forward(const T *values, const long long *coords, long lon
         const long long a = q[1] * g.dd, bb = q[2] * g.dh, e = q[3] * g.dw;
         tv[i] = values[first + i];
         toff[i] = ((q[0] * g.D + a) * g.H + bb) * g.W + e;
-        ta[i] = a;
-        tb[i] = bb;
-        te[i] = e;
+        ta[i] = (int)a;   // (the host checks that the kernel's reach fits an int)
+        tb[i] = (int)bb;
+        te[i] = (int)e;
     }
     __syncthreads();
 }
 
 // Taps (o, c, a, b, e): list o, tap values (c within the group, a, b, e).
 template <typename T, int R>
-__global__ void sparse_forward_kernel(const T *__restrict__ x, const T *__restrict__ values,
+__global__ void __launch_bounds__(TX * TY, 8)   // 64 registers (no spills in ptxas -v): 8 blocks, half the SM
+    sparse_forward_kernel(const T *__restrict__ x, const T *__restrict__ values,
                                       const long long *__restrict__ taps, const T *__restrict__ b,
                                       T *__restrict__ out, Geom g)
 {
     VC_SHARED(T, tv, [CHUNK]);
     VC_SHARED(long long, toff, [CHUNK]);
-    VC_SHARED(long long, ta, [CHUNK]);
-    VC_SHARED(long long, tb, [CHUNK]);
-    VC_SHARED(long long, te, [CHUNK]);
+    VC_SHARED(int, ta, [CHUNK]);
+    VC_SHARED(int, tb, [CHUNK]);
+    VC_SHARED(int, te, [CHUNK]);
     const long long *coords = taps + g.O + 1;
     const long long Cg = g.C / g.G, Og = g.O / g.G, DHW = g.D * g.H * g.W;
     const long long tiles_w = (g.Wo + TX * R - 1) / (TX * R);
@@ -322,6 +323,8 @@ int forward(const void *x, const void *values, const void *taps, const void *b, 
 {
     if (g.N == 0)
         return 0;
+    if ((g.kd - 1) * g.dd > 0x7fffffffLL || (g.kh - 1) * g.dh > 0x7fffffffLL || (g.kw - 1) * g.dw > 0x7fffffffLL)
+        return vc::BAD_GEOMETRY;   // the staged taps' offsets are ints
     const int R = g.Wo > 2 * TX ? 4 : 1;   // strips of 4 for wide planes; narrow ones keep every thread busy
     const long long tiles = ((g.Wo + TX * R - 1) / (TX * R)) * ((g.Ho + TY - 1) / TY);
     if (tiles > 0x7fffffffLL)
