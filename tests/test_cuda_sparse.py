@@ -129,6 +129,21 @@ def random_case(r):
     return (int(r.integers(1, 3)), C) + shape, (O, C // groups) + k, stride, padding, dilation, groups, mode
 
 
+def exercise_every_kernel(cuda_plugin, device):
+    """One small call through each of sparse.cu's kernels (the forward, the input gradient at stride 1 and 2, the
+    values gradient and its sum over slices), checked: an AssertionError when one of them computes nothing or
+    computes wrong. For checks that empty kernels one at a time (as tests/test_cuda.py does for conv3d.cu)."""
+    r = config_rng(808)
+    x = leaf(r, (1, 2, 5, 6, 7), device, torch.float64)
+    kernel = pattern(r, (2, 2, 3, 3, 3), 0.5)
+    for stride in [1, 2]:
+        check(cuda_plugin, x, kernel, None, stride, 1, 1, 1, "zeros")
+
+
+def test_every_kernel_once(cuda_plugin, device):
+    exercise_every_kernel(cuda_plugin, device)
+
+
 # ---- forward and gradients against torch and the CPU engine ---------------------------------------------------
 
 @pytest.mark.parametrize("case", range(10))

@@ -92,12 +92,13 @@ def _cuda_grad_input(g, values, indices, s):
 
 
 def _cuda_grad_values(x, g, values, indices, s):
-    """Partial sums per slice of the output rows (enough slices to fill a GPU, scratch of at most 2^24 values),
-    then the slices summed in order."""
+    """Partial sums per slice of the output rows, then the slices summed in order: about 1024 blocks (slices x
+    output channels: a GPU filled several times over), at least 16 rows a slice (the reductions amortised), scratch
+    of at most 2^24 values."""
     nnz = int(indices.shape[0])
     taps, order = _forward_taps(indices, s, x.device)
     N, O, Do, Ho, _ = s.out_shape
-    slices = max(1, min(-(-N * Do * Ho // 8), -(-4096 // O), (1 << 24) // max(nnz, 1)))
+    slices = max(1, min(-(-N * Do * Ho // 16), -(-1024 // O), (1 << 24) // max(nnz, 1)))
     gv, _ = cuda.launch("sparse_conv3d backward (values)", "vc_sparse_conv3d_grad_values",
                         _cuda.geometry(s, nnz, slices), [(nnz,), (slices, nnz)], x, g, taps)
     if order is None:

@@ -5,7 +5,8 @@
 direct kernel's machinery (engine/sparse.py, _cpu/sparse.pxi): the same ring of padded planes, and per output row one
 register-blocked pass per non-zero tap (a tap's W offset is a pointer offset into the padded row), so a
 structured shape (a ball, a shell, a dilated kernel) is just a sparse kernel. Duplicate coordinates are summed,
-as torch's coalesce() does.
+as torch's coalesce() does. CUDA tensors run on the CUDA plugin's sparse kernels (cuda_plugin/sparse.cu), also by
+the non-zeros, forward and backward.
 """
 import math
 import numbers
