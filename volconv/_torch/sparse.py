@@ -55,11 +55,18 @@ def _tap_list(key, lists, columns, device):
     order = np.argsort(key, kind="stable")
     ptr = np.searchsorted(key[order], np.arange(lists + 1))
     table = np.concatenate([ptr, np.stack(columns, axis=1)[order].reshape(-1)]).astype(np.int64)
-    return torch.from_numpy(table).to(device), None if np.array_equal(order, np.arange(key.size)) else order
+    return _upload(table, device), None if np.array_equal(order, np.arange(key.size)) else order
+
+
+def _upload(array, device):
+    """An int64 array as a tensor on device: to a GPU from pinned memory, without waiting for the stream (a copy
+    from pageable memory would synchronise it)."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 
 def _ordered(values, order):
-    return values.contiguous() if order is None else values[torch.from_numpy(order).to(values.device)]
+    return values.contiguous() if order is None else values[_upload(order, values.device)]
 
 
 def _forward_taps(indices, s, device):
@@ -103,7 +110,7 @@ def _cuda_grad_values(x, g, values, indices, s):
                         _cuda.geometry(s, nnz, slices), [(nnz,), (slices, nnz)], x, g, taps)
     if order is None:
         return gv
-    return torch.empty_like(gv).index_copy_(0, torch.from_numpy(order).to(gv.device), gv)
+    return torch.empty_like(gv).index_copy_(0, _upload(order, gv.device), gv)
 
 
 def _backward_fake(grad, x, values, indices, shape, stride, pads, dilation, groups, mode, need_input, need_values,
