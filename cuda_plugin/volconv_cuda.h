@@ -31,8 +31,9 @@ int vc_conv3d_grad_input(int dtype, const void *grad, const void *w, void *gx, c
 int vc_conv3d_grad_weight(int dtype, const void *x, const void *grad, void *gw, const long long *geom,
                           void *stream);
 
-/* Sparse kernels (sparse.cu): a weight given by its non-zero taps, cost by the non-zeros. taps (int64): ptr[lists
- * + 1] then 4 values per tap (volconv/_torch/sparse.py builds them); values in the taps' order. */
+/* Sparse kernels (sparse.cu): a weight given by its non-zero taps, cost by the non-zeros.
+ * taps (int64): ptr[lists + 1], then 4 values per tap (volconv/_torch/sparse.py builds them); values: the taps'
+ * values in that order. */
 /* out = conv3d(x, w, b) with list o = output channel o's taps (c within the group, a, b, e); b may be NULL. */
 int vc_sparse_conv3d_forward(int dtype, const void *x, const void *values, const void *taps, const void *b,
                              void *out, const long long *geom, void *stream);
