@@ -44,6 +44,23 @@ int vc_conv3d_grad_weight(int dtype, const void *x, const void *grad, void *gw, 
 int vc_depthwise_forward(int dtype, const void *x, const void *w, const void *b, void *out, const long long *geom,
                          void *stream);
 
+/* ---- sparse (sparse.cu) ---- */
+/* A weight given by its non-zero taps, cost by the non-zeros.
+ * taps (int64): ptr[lists + 1], then 4 values per tap (volconv/_torch/sparse.py builds them); values: the taps'
+ * values in that order. */
+/* out = conv3d(x, w, b) with list o = output channel o's taps (c within the group, a, b, e); b may be NULL. */
+int vc_sparse_conv3d_forward(int dtype, const void *x, const void *values, const void *taps, const void *b,
+                             void *out, const long long *geom, void *stream);
+/* gx = d loss / d x (any stride; geom is the forward's): list c * S + k (S = sd * sh * sw) holds input channel c's
+ * taps of residue class k = (rd * sh + rh) * sw + rw, where a * dd = qd * sd + rd (so b, e), as
+ * (o within the group, qd, qh, qw). At stride 1 the caller may use the forward on the transposed list instead. */
+int vc_sparse_conv3d_grad_input(int dtype, const void *grad, const void *values, const void *taps, void *gx,
+                                const long long *geom, void *stream);
+/* gv = d loss / d values, the forward's list; params: geom, nnz, slices; partial: slices * nnz scratch values.
+ * Per slice of output rows a fixed-order partial sum, then the slices in order (deterministic). */
+int vc_sparse_conv3d_grad_values(int dtype, const void *x, const void *grad, const void *taps, void *gv,
+                                 void *partial, const long long *params, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

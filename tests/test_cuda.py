@@ -370,16 +370,17 @@ def _empty_kernel(source, name):
     raise ValueError(name)
 
 
-def exercise_conv3d(cuda_plugin):
+def exercise_conv3d(cuda_plugin, device):
     """The conv3d kernels' check: stride 2, so the input gradient runs its gather kernel."""
     r = config_rng(705)
-    x, w, b = tensors(r, "cpu", torch.float64, (1, 2, 4, 9, 35), (2, 2, 3, 3, 3), (2,))
+    x, w, b = tensors(r, device, torch.float64, (1, 2, 4, 9, 35), (2, 2, 3, 3, 3), (2,))
     check_on_plugin(cuda_plugin, x, w, b, 2, 1, 1, 1, "zeros")
 
 
-# Every plugin source and its family's check, (test module, function of the cuda_plugin fixture): the check
+# Every plugin source and its family's check, (test module, function of the cuda_plugin and device fixtures): it
 # raises AssertionError when any kernel of that source computes nothing.
-EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d"), "depthwise.cu": ("test_cuda_dense", "exercise_depthwise")}
+EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d"), "depthwise.cu": ("test_cuda_dense", "exercise_depthwise"),
+             "sparse.cu": ("test_cuda_sparse", "exercise_every_kernel")}
 
 
 @pytest.mark.cuda
@@ -409,7 +410,7 @@ def test_every_kernel_is_exercised_emptying_one_fails_the_checks(cuda_plugin, tm
         monkeypatch.setattr(_cuda, "_load_error", None)
         cuda_plugin.calls.clear()
         with pytest.raises(AssertionError):
-            exercise(cuda_plugin)
+            exercise(cuda_plugin, "cpu")
 
 
 @pytest.mark.cuda

@@ -213,7 +213,7 @@ def test_the_plugin_refuses_what_the_depthwise_kernel_cannot_take(cuda_plugin, d
         cuda_dense.depthwise_forward(x.double(), w.double(), None, spec(x.shape, w.shape))
 
 
-def exercise_depthwise(cuda_plugin):
+def exercise_depthwise(cuda_plugin, device):
     """depthwise.cu's check for test_cuda.py's emptied-kernel test (EXERCISES)."""
-    x, w = tensors(config_rng(907), "cpu", torch.float64, (1, 2, 4, 9, 35), (2, 1, 3, 3, 3))
+    x, w = tensors(config_rng(907), device, torch.float64, (1, 2, 4, 9, 35), (2, 1, 3, 3, 3))
     run_and_compare(cuda_plugin, x, w, None, 1, 1, 2)

@@ -73,9 +73,19 @@ class SparseConv3d(torch.nn.Module):
         w = torch.zeros(self.weight_shape, dtype=self.values.dtype, device=self.values.device)
         return w.index_put((*self.indices.T,), self.values, accumulate=True)
 
+    def _host_indices(self):
+        """The pattern as a numpy array, copied from the device once per change of the buffer (not at every
+        forward: a copy to the host waits for the GPU)."""
+        if self.indices.is_inference():   # (no version counter to tell a change by)
+            return self.indices.cpu().numpy()
+        cached = getattr(self, "_host_cache", None)
+        if cached is None or cached[0] is not self.indices or cached[1] != self.indices._version:
+            cached = self._host_cache = (self.indices, self.indices._version, self.indices.cpu().numpy())
+        return cached[2]
+
     @torch_batching()
     def forward(self, input):
-        indices = self.indices if compiling() else self.indices.cpu().numpy()   # traced: a tensor for the operator
+        indices = self.indices if compiling() else self._host_indices()   # traced: a tensor for the operator
         return pattern_conv3d(input, indices, self.values, self.weight_shape, self.bias, self.stride, self.padding,
                               self.dilation, self.groups, self.padding_mode, self.workers)
 

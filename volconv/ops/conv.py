@@ -28,10 +28,8 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     caller's type, dtype and device; differentiable on torch tensors (backward by volconv's own kernels; with
     create_graph=True, by torch's differentiable conv3d, so gradient penalties work). NaN and Inf
     propagate as in torch (algorithm="fft" spreads them over the whole output). CUDA tensors run on the GPU by
-    the CUDA plugin (`algorithm` and `workers` do not apply there)."""
-    if _cuda.is_cuda(input) or compiling() and is_tensor(input) and is_tensor(weight):
-        return _tensor_conv3d(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm,
-                              workers)
+    the CUDA plugin (`workers` does not apply there; `algorithm` chooses among the plugin's kernels, cuDNN
+    ("torch") and torch.fft ("fft"): volconv/_torch/cuda_dense.py)."""
     if getattr(weight, "ndim", None) == 5 and type(weight).__name__ in ("CPKernel", "TuckerKernel"):
         run_factored = lowrank.cp_conv3d if type(weight).__name__ == "CPKernel" else lowrank.tucker_conv3d
         if groups != 1:
@@ -43,7 +41,7 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
                                     padding_mode=padding_mode, workers=workers)
     if isinstance(weight, Kernel):
         return _kernel_conv3d(input, weight, bias, stride, padding, dilation, padding_mode, algorithm, workers)
-    if wants_autograd(input, weight, bias):
+    if _cuda.is_cuda(input) or wants_autograd(input, weight, bias):
         return _tensor_conv3d(input, weight, bias, stride, padding, dilation, groups, padding_mode, algorithm,
                               workers)
     caller = Caller("conv3d", [input, weight, bias], ["input", "weight", "bias"])
@@ -74,7 +72,7 @@ def _kernel_conv3d(input, kernel, bias, stride, padding, dilation, padding_mode,
     kernels by 1-D passes."""
     C = five_d(input)[1]
     kernel = as_separable(kernel)
-    if not isinstance(kernel, SeparableKernel) or wants_autograd(input, bias):
+    if not isinstance(kernel, SeparableKernel) or _cuda.is_cuda(input) or wants_autograd(input, bias):
         dense_k = kernel.to_dense()
         weight = np.ascontiguousarray(np.broadcast_to(dense_k, (C, 1) + dense_k.shape))
         if is_tensor(input):

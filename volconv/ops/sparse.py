@@ -5,14 +5,16 @@
 direct kernel's machinery (engine/sparse.py, _cpu/sparse.pxi): the same ring of padded planes, and per output row one
 register-blocked pass per non-zero tap (a tap's W offset is a pointer offset into the padded row), so a
 structured shape (a ball, a shell, a dilated kernel) is just a sparse kernel. Duplicate coordinates are summed,
-as torch's coalesce() does.
+as torch's coalesce() does. CUDA tensors run on the CUDA plugin's sparse kernels (cuda_plugin/sparse.cu), also by
+the non-zeros, forward and backward.
 """
 import math
 import numbers
 
 import numpy as np
 
-from .._dispatch import Caller, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
+from .. import _cuda
+from .._dispatch import Caller, check_devices, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
 from .._validate import conv_spec, five_d, workers as resolve_workers
 from ..engine import sparse
 from ..engine.sparse import dense_weight
@@ -146,12 +148,15 @@ def pattern_conv3d(input, indices, values, shape, bias=None, stride=1, padding=0
                    padding_mode="zeros", workers=None):
     """sparse_conv3d of a fixed pattern: coalesced indices (nnz, 5) sorted by output channel, of a weight of this
     shape, and their values (an array, a tensor such as vc.nn.SparseConv3d's trainable values, or a torch sparse
-    weight whose coalesced values they are). Differentiable in input, bias and values."""
-    if wants_autograd(input, bias, values):
+    weight whose coalesced values they are). Differentiable in input, bias and values. CUDA tensors run on the
+    CUDA plugin (`workers` does not apply there)."""
+    if _cuda.is_cuda(input) or wants_autograd(input, bias, values):
         from .._torch import sparse as torch_sparse
 
         if not compiling():
-            check_tensors("sparse_conv3d", [input, bias], ["input", "bias"])
+            check_tensors("sparse_conv3d", [input, bias], ["input", "bias"], cuda=True)
+            if is_tensor(values):
+                check_devices("sparse_conv3d", [input, values], ["input", "values"], cuda=True)
         spec = conv_spec(tuple(input.shape), tuple(shape), bias, stride, padding, dilation, groups, padding_mode)
         return torch_sparse.sparse_conv3d(input, indices, values, bias, spec, workers)
     if is_tensor(values) and values.is_sparse:
