@@ -185,13 +185,16 @@ def test_nested_layer_trains_on_the_plugin(small_tiles, cuda_plugin, device):
 
 @pytest.mark.parametrize("combine", ["concat", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_depthwise_branches_fused_against_torch_and_the_cpu(combine, dtype, small_tiles, cuda_plugin, device):
+def test_depthwise_branches_fused_against_torch_and_the_cpu(combine, dtype, small_tiles, cuda_plugin, device,
+                                                            monkeypatch):
     """Three branches (3^3, 5 x 3 x 1 dilated (1, 2, 3), 1^3) on one input read, groups == channels, 2 output
     channels per input channel (1 for the concatenated middle branch), a bias missing: forward by the fused
-    kernel, gradients on the conv3d kernels, against torch's parallel conv3d and the CPU path."""
+    kernel, gradients on the conv3d kernels, against torch's parallel conv3d and the CPU path. Two chunks of 6
+    planes: longer than the ring (5 planes), so the smaller branch's window wraps around it."""
+    monkeypatch.setattr(cuda_nested, "MIN_CHUNK", 6)
     r = config_rng(1605, int(combine == "sum"), int(dtype == torch.float64))
     C = 3
-    x = leaves(r, device, dtype, [(2, C, 7, 6, 11)])[0]
+    x = leaves(r, device, dtype, [(2, C, 11, 6, 11)])[0]
     mult = (2, 2, 2) if combine == "sum" else (2, 1, 2)
     ws = leaves(r, device, dtype, [(m * C, 1) + k for m, k in zip(mult, ((3, 3, 3), (5, 3, 1), (1, 1, 1)))])
     bs = leaves(r, device, dtype, [(m * C,) if i != 1 else None for i, m in enumerate(mult)])
