@@ -18,12 +18,13 @@ namespace {
 
 constexpr int THREADS = 256;
 constexpr int MAX_STAGES = 4, MAX_BRANCHES = 8;
+constexpr int STRIP = 4;   // outputs per thread along W (tile widths and computed ring widths are multiples)
 constexpr long long SHARED_BYTES = 48 * 1024;   // no opt-in: several blocks per SM
 
 struct Chain {
     int N, C, D, H, W, L, act, TH, TW, CD;
     int k[MAX_STAGES][3], p[MAX_STAGES][3];   // stage kernel sizes, 'same' pads before ((k - 1) / 2)
-    int rh[MAX_STAGES + 1], rw[MAX_STAGES + 1];  // level l's region: rows, columns (level 0: the input)
+    int rh[MAX_STAGES + 1], rw[MAX_STAGES + 1];  // level l's region: rows, columns (computed levels: STRIP's multiple)
     int oh[MAX_STAGES + 1], ow[MAX_STAGES + 1];  // ... starting this far before the tile's first row, column
     int ring[MAX_STAGES];                        // level l's ring in shared memory (elements), l < L
     int wsh[MAX_STAGES];                         // stage s's taps in shared memory
@@ -63,25 +64,47 @@ __device__ void load_plane(T *dst, const T *__restrict__ xc, int d, int D, int H
     }
 }
 
-// The taps w (kd x kh x kw, dilation dil) on a ring of R planes of `plane` elements, rows of rw: the window's
-// first plane in `slot`, its corner at (y, x). Ring slots advance with a compare, not a modulo.
+// S outputs along a row (a thread's strip) += the taps w (kd x kh x kw, dilation dil) on a ring of R planes of
+// `plane` elements, rows of rw: the first output's window has its first plane in `slot`, its corner at (y, x).
+// Undilated rows slide a register window: kw + S - 1 shared loads and kw weight loads for S * kw products (one
+// output per thread would load 2 * kw). Ring slots advance with a compare, not a modulo.
 template <typename T>
-__device__ inline T window(const T *ring, int R, int plane, int slot, int rw, int y, int x, const T *w, const int *k,
-                           const int *dil)
+__device__ inline void window(T (&acc)[STRIP], const T *ring, int R, int plane, int slot, int rw, int y, int x,
+                              const T *w, const int *k, const int *dil)
 {
-    T acc = 0;
     for (int a = 0; a < k[0]; a++) {
         const T *rows = ring + slot * plane + y * rw + x;
-        for (int b = 0; b < k[1]; b++) {
+        for (int b = 0; b < k[1]; b++, w += k[2]) {
             const T *row = rows + b * dil[1] * rw;
-            for (int e = 0; e < k[2]; e++)
-                acc += w[e] * row[e * dil[2]];
-            w += k[2];
+            if (dil[2] == 1) {
+                T win[STRIP];
+#pragma unroll
+                for (int j = 0; j < STRIP; j++)
+                    win[j] = row[j];
+                for (int e = 0;; e++) {
+                    const T wv = w[e];
+#pragma unroll
+                    for (int j = 0; j < STRIP; j++)
+                        acc[j] += wv * win[j];
+                    if (e + 1 == k[2])
+                        break;   // (no read past the strip's last tap)
+#pragma unroll
+                    for (int j = 0; j + 1 < STRIP; j++)
+                        win[j] = win[j + 1];
+                    win[STRIP - 1] = row[e + STRIP];
+                }
+            } else {
+                for (int e = 0; e < k[2]; e++) {
+                    const T wv = w[e];
+#pragma unroll
+                    for (int j = 0; j < STRIP; j++)
+                        acc[j] += wv * row[j + e * dil[2]];
+                }
+            }
         }
         slot += dil[0];
         slot -= slot >= R ? R : 0;   // dil[0] < R whenever a second plane is read
     }
-    return acc;
 }
 
 // Level l's plane d of the chain (l = 0: the input; l = L: the output, written to global memory). lo: the first
@@ -99,19 +122,26 @@ __device__ void chain_plane(const Chain &g, T *sh, const T *__restrict__ xc, T *
     const int slot = (d - g.p[s][0] - lo[s]) % R;   // the first plane stage s reads
     const int one[3] = {1, 1, 1};
     const T *w = sh + g.wsh[s], bias = sh[g.taps + s];
-    const int rh = g.rh[l], rw = g.rw[l], hs = h0 - g.oh[l], ws = w0 - g.ow[l];
+    const int rh = g.rh[l], rw = g.rw[l], hs = h0 - g.oh[l], ws = w0 - g.ow[l], strips = rw / STRIP;
     const bool plane_in = d >= 0 && d < g.D;
     T *dst = l < g.L ? sh + g.ring[l] + ((d - lo[l]) % g.k[l][0]) * rh * rw : nullptr;
-    for (int i = threadIdx.x; i < rh * rw; i += blockDim.x) {
-        const int y = i / rw, x = i - y * rw, h = hs + y, w_ = ws + x;
-        const bool in = plane_in && h >= 0 && h < g.H && w_ >= 0 && w_ < g.W;
-        if (l == g.L) {
-            if (in)
-                oc[((long long)d * g.H + h) * g.W + w_] =
-                    bias + window(sh + g.ring[s], R, plane, slot, g.rw[s], y, x, w, g.k[s], one);
-        } else {   // an intermediate: zero outside the volume (the next stage's padding)
-            dst[i] = in ? activate(bias + window(sh + g.ring[s], R, plane, slot, g.rw[s], y, x, w, g.k[s], one), g.act)
-                        : T(0);
+    for (int i = threadIdx.x; i < rh * strips; i += blockDim.x) {
+        const int y = i / strips, x = (i - y * strips) * STRIP, h = hs + y;
+        T acc[STRIP];
+#pragma unroll
+        for (int j = 0; j < STRIP; j++)
+            acc[j] = bias;
+        window(acc, sh + g.ring[s], R, plane, slot, g.rw[s], y, x, w, g.k[s], one);
+#pragma unroll
+        for (int j = 0; j < STRIP; j++) {
+            const int w_ = ws + x + j;
+            const bool in = plane_in && h >= 0 && h < g.H && w_ >= 0 && w_ < g.W;
+            if (l == g.L) {
+                if (in)
+                    oc[((long long)d * g.H + h) * g.W + w_] = acc[j];
+            } else {   // an intermediate: zero outside the volume (the next stage's padding)
+                dst[y * rw + x + j] = in ? activate(acc[j], g.act) : T(0);
+            }
         }
     }
 }
@@ -136,7 +166,7 @@ __global__ void nested_depthwise_kernel(const T *__restrict__ x, const T *__rest
             if (threadIdx.x == 0)
                 sh[g.taps + s] = bg[(long long)s * g.C + c];
         }
-        __syncthreads();
+        __syncthreads();   // (a chunk's first step loads an input plane and syncs, but no stage should rely on it)
         for (int d0 = blockIdx.y * g.CD; d0 < g.D; d0 += gridDim.y * g.CD) {
             const int d1 = min(g.D, d0 + g.CD);
             int lo[MAX_STAGES + 1], next[MAX_STAGES + 1];
@@ -187,29 +217,35 @@ __global__ void multiscale_depthwise_kernel(const T *__restrict__ x, const T *__
                     load_plane(ring + ((next - lo) % R) * plane, xc, next, g.D, g.H, g.W, h0 - g.P[1], w0 - g.P[2],
                                g.rh, g.rw);
                 __syncthreads();
-                const int first = (od - g.P[0] - lo) % R;
-                for (int i = threadIdx.x; i < g.TH * g.TW; i += blockDim.x) {
-                    const int y = i / g.TW, xx = i - y * g.TW, h = h0 + y, w = w0 + xx;
+                const int first = (od - g.P[0] - lo) % R, strips = g.TW / STRIP;
+                for (int i = threadIdx.x; i < g.TH * strips; i += blockDim.x) {
+                    const int y = i / strips, xx = (i - y * strips) * STRIP, h = h0 + y, w = w0 + xx;
                     if (h >= g.H || w >= g.W)
                         continue;   // (no barrier in this loop)
                     const long long at = ((long long)od * g.H + h) * g.W + w;
-                    for (int j = 0; j < (g.sum ? g.m[0] : 0); j++) {   // summed: the branches in order
-                        T acc = 0;
-                        for (int b = 0; b < g.B; b++) {
+                    const int last = min(STRIP, g.W - w);   // outputs of the strip inside the volume
+                    T acc[STRIP];
+                    // summed: one pass of every branch per output channel; concatenated: each branch its channels
+                    for (int o = 0; o < (g.sum ? g.m[0] : g.B); o++) {
+                        for (int q = 0; q < (g.sum ? g.B : g.m[o]); q++) {
+                            const int b = g.sum ? q : o, j = g.sum ? o : q;
+                            if (!g.sum || q == 0) {
+#pragma unroll
+                                for (int t = 0; t < STRIP; t++)
+                                    acc[t] = 0;
+                            }
                             const int taps = g.k[b][0] * g.k[b][1] * g.k[b][2], s = first + g.off[b][0];
-                            acc += sh[g.bsh[b] + j] + window(ring, R, plane, s - (s >= R ? R : 0), g.rw,
-                                                             y + g.off[b][1], xx + g.off[b][2],
-                                                             sh + g.wsh[b] + j * taps, g.k[b], g.dil[b]);
+#pragma unroll
+                            for (int t = 0; t < STRIP; t++)
+                                acc[t] += sh[g.bsh[b] + j];
+                            window(acc, ring, R, plane, s - (s >= R ? R : 0), g.rw, y + g.off[b][1],
+                                   xx + g.off[b][2], sh + g.wsh[b] + j * taps, g.k[b], g.dil[b]);
+                            if (g.sum && q + 1 < g.B)
+                                continue;   // more branches to add
+                            T *dst = out + (n * O + (g.sum ? 0 : g.ooff[b]) + (long long)c * g.m[b] + j) * volume + at;
+                            for (int t = 0; t < last; t++)
+                                dst[t] = acc[t];
                         }
-                        out[((n * O + (long long)c * g.m[0] + j) * volume) + at] = acc;
-                    }
-                    for (int b = 0; b < (g.sum ? 0 : g.B); b++) {   // concatenated: each branch its channels
-                        const int taps = g.k[b][0] * g.k[b][1] * g.k[b][2], s = first + g.off[b][0];
-                        for (int j = 0; j < g.m[b]; j++)
-                            out[((n * O + g.ooff[b] + (long long)c * g.m[b] + j) * volume) + at] =
-                                sh[g.bsh[b] + j] + window(ring, R, plane, s - (s >= R ? R : 0), g.rw,
-                                                          y + g.off[b][1], xx + g.off[b][2],
-                                                          sh + g.wsh[b] + j * taps, g.k[b], g.dil[b]);
                     }
                 }
                 __syncthreads();   // every thread is done with the ring's oldest plane
@@ -235,7 +271,8 @@ inline bool sizes_ok(const long long *q)
     for (int i = 0; i < 10; i++)   // N, C, D, H, W, count, flag, TH, TW, CD
         if (q[i] < 0 || q[i] > 0x7fffffffLL)
             return false;
-    return q[1] > 0 && q[2] > 0 && q[3] > 0 && q[4] > 0 && q[7] > 0 && q[8] > 0 && q[9] > 0;
+    return q[1] > 0 && q[2] > 0 && q[3] > 0 && q[4] > 0 && q[7] > 0 && q[8] > 0 && q[8] % STRIP == 0 && q[9] > 0 &&
+           q[7] * q[8] <= 1 << 20;
 }
 
 // params: N, C, D, H, W, L, activation (0 none, 1 relu, 2 gelu, 3 silu), TH, TW, CD, then kd, kh, kw per stage.
@@ -260,8 +297,10 @@ bool read_chain(const long long *q, Chain *g, long long *smem_elems)
     }
     g->taps = (int)taps;
     g->rh[g->L] = g->TH, g->rw[g->L] = g->TW;   // level L: the output tile
-    for (int l = g->L - 1; l >= 0; l--) {       // level l: what stage l reads for level l + 1
+    for (int l = g->L - 1; l >= 0; l--) {       // level l: what stage l reads for level l + 1's strips
         g->rh[l] = g->rh[l + 1] + g->k[l][1] - 1, g->rw[l] = g->rw[l + 1] + g->k[l][2] - 1;
+        if (l > 0)   // computed in strips (level 0, the input, is loaded)
+            g->rw[l] = (g->rw[l] + STRIP - 1) / STRIP * STRIP;
         g->oh[l] = g->oh[l + 1] + g->p[l][1], g->ow[l] = g->ow[l + 1] + g->p[l][2];
     }
     long long at = taps + g->L;

@@ -27,14 +27,17 @@ SHARED_BYTES = 48 * 1024
 TARGET_BLOCKS = 2048      # split D into chunks until the grid has about this many blocks (an H200 has 132 SMs)
 MIN_CHUNK = 8             # ... but no chunk under 8 planes (each chunk recomputes the chain's halo along D)
 MAX_STAGES, MAX_BRANCHES = 4, 8
+STRIP = 4                 # nested.cu's outputs per thread along W
 
 
 def _rings_fit(extents, reads, itemsize, TH, TW, weights):
-    """Shared memory of a block: `weights` values, then one ring per level (reads[l] planes of the tile widened
-    by the extents of the levels above, extents[l] = (kh, kw) of what reads it)."""
+    """Shared memory of a block (as nested.cu sizes it): `weights` values, then one ring per level (reads[l]
+    planes of the tile widened by the extents of the levels above, extents[l] = (kh, kw) of what reads it; the
+    levels computed in strips, all but the input, as wide as a multiple of the strip)."""
     total, rh, rw = weights, TH, TW
-    for (kh, kw), planes in zip(reversed(extents), reversed(reads)):
+    for level, ((kh, kw), planes) in reversed(list(enumerate(zip(extents, reads)))):
         rh, rw = rh + kh - 1, rw + kw - 1
+        rw = -(-rw // STRIP) * STRIP if level > 0 else rw
         total += planes * rh * rw
     return total * itemsize <= SHARED_BYTES
 
