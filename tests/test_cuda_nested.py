@@ -161,6 +161,24 @@ def test_gradcheck_and_bitwise_determinism(small_tiles, cuda_plugin, device, mon
     assert all(torch.equal(a, b) for res in results[1:] for a, b in zip(results[0], res))
 
 
+def test_double_backward_through_the_chain_and_the_branches(small_tiles, cuda_plugin, device):
+    """create_graph=True: the gradients by torch's differentiable references, differentiable again (gradient
+    penalties), as torch's own chain and branches give them."""
+    r = config_rng(1608)
+    x = leaves(r, device, torch.float64, [(1, 2, 3, 4, 9)])[0]
+    ws, bs = depthwise_chain(r, device, torch.float64, 2, [(3, 3, 3), (1, 3, 3)])
+    for ours, ref in ((lambda x, w: vc.nested_conv3d(x, [w, ws[1]], bs, "gelu", 2),
+                       lambda x, w: chain_reference(x, [w, ws[1]], bs, "gelu", 2)),
+                      (lambda x, w: vc.multiscale_conv3d(x, [w, ws[1]], [1, 2], 2, "sum"),
+                       lambda x, w: branches_reference(x, [w, ws[1]], [1, 2], 2, "sum", [None, None]))):
+        second = []
+        for f in (ours, ref):
+            (gx,) = torch.autograd.grad(f(x, ws[0]).square().sum(), (x,), create_graph=True)
+            second.append(torch.autograd.grad(gx.square().sum(), (ws[0],))[0])
+        close(*second, torch.float64, 10)
+    assert {CHAIN, BRANCHES} <= set(cuda_plugin.names())
+
+
 def test_nested_layer_trains_on_the_plugin(small_tiles, cuda_plugin, device):
     """vc.nn.NestedConv3d, depthwise (7^3 then 3^3) and channel-mixing: a training step's loss and parameter
     gradients as the same layer's on the CPU engine; the depthwise forward by the fused kernel."""
@@ -272,16 +290,18 @@ def test_the_kernels_refuse_what_they_cannot_take(cuda_plugin, device):
 
 @pytest.mark.skipif(not EMULATOR, reason="plants empty kernels in the emulated plugin (VOLCONV_CUDA_EMULATOR=1)")
 def test_emptying_either_kernel_fails_the_checks(small_tiles, cuda_plugin, tmp_path, monkeypatch):
+    """Each kernel of nested.cu emptied in turn (built with plugin.cu alone: the forwards need nothing else): the
+    forward checks fail."""
     from test_cuda import _empty_kernel, _kernel_names
 
     plugin_dir = emulator_builder().PLUGIN
     sources = {n: open(os.path.join(plugin_dir, n)).read() for n in os.listdir(plugin_dir)
-               if n.endswith((".cu", ".cuh", ".h"))}
+               if n.endswith((".cuh", ".h")) or n in ("nested.cu", "plugin.cu")}
     kernels = _kernel_names(sources["nested.cu"])
     assert kernels == ["nested_depthwise_kernel", "multiscale_depthwise_kernel"]
     r = config_rng(1607)
-    x = leaves(r, "cpu", torch.float64, [(1, 2, 4, 5, 9)])[0]
-    ws, bs = depthwise_chain(r, "cpu", torch.float64, 2, [(3, 3, 3), (3, 1, 3)])
+    x = torch.from_numpy(r.standard_normal((1, 2, 4, 5, 9)))
+    ws = [torch.from_numpy(r.standard_normal(s)) for s in ((2, 1, 3, 3, 3), (2, 1, 3, 1, 3))]
     for kernel in kernels:
         d = tmp_path / kernel
         d.mkdir()
@@ -291,7 +311,8 @@ def test_emptying_either_kernel_fails_the_checks(small_tiles, cuda_plugin, tmp_p
         monkeypatch.setattr(_cuda, "_lib", None)
         monkeypatch.setattr(_cuda, "_load_error", None)
         with pytest.raises(AssertionError):
-            check_chain(cuda_plugin, x, ws, bs, "relu", 2, fused=True)
-            with torch.no_grad():
-                out = vc.multiscale_conv3d(x, ws, None, 2, "sum")
-            close(out, branches_reference(x, ws, [1, 1], 2, "sum", [None, None]), torch.float64)
+            close(vc.nested_conv3d(x, ws, None, "relu", 2), chain_reference(x, ws, [None, None], "relu", 2),
+                  torch.float64)
+            close(vc.multiscale_conv3d(x, ws, None, 2, "sum"),
+                  branches_reference(x, ws, [1, 1], 2, "sum", [None, None]), torch.float64)
+        assert cuda_plugin.names()[-1] == (CHAIN if kernel.startswith("nested") else BRANCHES)

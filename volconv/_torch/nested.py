@@ -121,7 +121,7 @@ class _Eager(torch.autograd.Function):
 
 
 def nested_conv3d(input, weights, biases, activation, groups, algorithm, workers):
-    """The chain on tensors that need gradients (or are traced); checked by the front door. Computed in
+    """The chain on tensors that need gradients, are on a GPU or are traced; checked by the front door. Computed in
     float32 / float64, returned in the input's dtype."""
     dtype = compute_dtype(input)
     x = operand(input, dtype)
