@@ -12,11 +12,13 @@
 // Zero padding: input planes, rows and columns outside the volume are zeros, and so are the intermediates there
 // (the chain pads every stage's input, as the sequential torch.conv3d chain does).
 // Weights and biases of the block's channel sit in shared memory too (a warp reads one weight: a broadcast).
+// Each thread computes strips of STRIP outputs along W from a sliding register window; a block has one thread per
+// strip of its largest computed plane (64 to 256 threads: more would idle while stage 0, the costly one, runs).
 #include "vc_common.cuh"
 
 namespace {
 
-constexpr int THREADS = 256;
+constexpr int MAX_THREADS = 256;
 constexpr int MAX_STAGES = 4, MAX_BRANCHES = 8;
 constexpr int STRIP = 4;   // outputs per thread along W (tile widths and computed ring widths are multiples)
 constexpr long long SHARED_BYTES = 48 * 1024;   // no opt-in: several blocks per SM
@@ -30,10 +32,11 @@ struct Chain {
     int wsh[MAX_STAGES];                         // stage s's taps in shared memory
     long long wg[MAX_STAGES];                    // stage s's weights in the flat global array
     int taps;                                    // taps of every stage (then L biases)
+    int threads;                                 // the block: one thread per strip of level 1 (stage 0's work)
 };
 
 struct Branches {
-    int N, C, D, H, W, B, sum, TH, TW, CD, E[3], P[3], rh, rw, ring, nw;
+    int N, C, D, H, W, B, sum, TH, TW, CD, E[3], P[3], rh, rw, ring, nw, threads;
     int m[MAX_BRANCHES], k[MAX_BRANCHES][3], dil[MAX_BRANCHES][3];
     int off[MAX_BRANCHES][3];   // a branch's first tap in the ring's region (its centre aligned with the largest)
     int wsh[MAX_BRANCHES], bsh[MAX_BRANCHES], ooff[MAX_BRANCHES];   // taps, biases in shared memory; output channel
@@ -266,6 +269,13 @@ inline bool grid_of(int N, int C, int D, int H, int W, int TH, int TW, int CD, d
     return true;
 }
 
+// Warps enough for one strip per thread of the largest computed plane (more would idle), at most MAX_THREADS.
+inline int threads_for(long long strips)
+{
+    const long long warps = (strips + 31) / 32 * 32;
+    return (int)(warps < 64 ? 64 : warps > MAX_THREADS ? MAX_THREADS : warps);
+}
+
 inline bool sizes_ok(const long long *q)
 {
     for (int i = 0; i < 10; i++)   // N, C, D, H, W, count, flag, TH, TW, CD
@@ -309,6 +319,7 @@ bool read_chain(const long long *q, Chain *g, long long *smem_elems)
         at += (long long)g->k[l][0] * g->rh[l] * g->rw[l];
     }
     *smem_elems = at;
+    g->threads = threads_for((long long)g->rh[1] * (g->rw[1] / STRIP));
     return true;
 }
 
@@ -351,6 +362,7 @@ bool read_branches(const long long *q, Branches *g, long long *smem_elems)
         g->bsh[i] += (int)wsh;
     g->rh = g->TH + g->E[1] - 1, g->rw = g->TW + g->E[2] - 1;
     g->ring = (int)(wsh + bsh);
+    g->threads = threads_for((long long)g->TH * (g->TW / STRIP));
     *smem_elems = wsh + bsh + (long long)g->E[0] * g->rh * g->rw;
     return true;
 }
@@ -365,7 +377,7 @@ int launch(void (*kernel)(const T *, const T *, const T *, T *, Geometry), const
         return vc::BAD_ARGUMENT;
     if (g.N == 0)
         return 0;
-    VC_LAUNCH(kernel, grid, THREADS, (size_t)bytes, stream)(static_cast<const T *>(x), static_cast<const T *>(w),
+    VC_LAUNCH(kernel, grid, g.threads, (size_t)bytes, stream)(static_cast<const T *>(x), static_cast<const T *>(w),
                                                             static_cast<const T *>(b), static_cast<T *>(out), g);
     return vc::status(cudaGetLastError());
 }

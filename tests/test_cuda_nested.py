@@ -122,7 +122,8 @@ def test_channel_mixing_chains_stage_by_stage(small_tiles, cuda_plugin, device):
 
 
 def test_default_tiles_and_a_chain_too_large_to_fuse(cuda_plugin, device):
-    """The default 16 x 32 tile over a 18 x 35 plane (2 x 2 tiles); a 15^3 float64 chain, whose rings exceed 48
+    """The default 16 x 32 tile over a 18 x 35 plane (2 x 2 tiles), with a halo so wide that a block's threads
+    take two rounds of stage 0's strips; a 15^3 float64 chain, whose rings exceed 48
     KiB in every tile, and algorithm='stages' run stage by stage; 'composed' as one conv3d."""
     r = config_rng(1603)
     x = leaves(r, device, torch.float32, [(1, 2, 3, 18, 35)])[0]
@@ -130,6 +131,8 @@ def test_default_tiles_and_a_chain_too_large_to_fuse(cuda_plugin, device):
     assert cuda_nested.TILES[0] == (16, 32)
     check_chain(cuda_plugin, x, ws, bs, "relu", 2, fused=True)
     check_chain(cuda_plugin, x, ws, bs, "relu", 2, fused=False, algorithm="stages")
+    ws, bs = depthwise_chain(r, device, torch.float32, 2, [(1, 11, 11), (1, 11, 11)])   # 26 x 11 strips: 2 rounds
+    check_chain(cuda_plugin, x, ws, bs, None, 2, fused=True)
     x = leaves(r, device, torch.float64, [(1, 1, 4, 5, 6)])[0]
     ws, bs = depthwise_chain(r, device, torch.float64, 1, [(15, 15, 15), (3, 3, 3)])
     check_chain(cuda_plugin, x, ws, bs, "silu", 1, fused=False)
