@@ -36,7 +36,7 @@ struct Chain {
 };
 
 struct Branches {
-    int N, C, D, H, W, B, sum, TH, TW, CD, E[3], P[3], rh, rw, ring, nw, threads;
+    int N, C, D, H, W, B, sum, TH, TW, CD, E[3], P[3], rh, rw, ring, threads;
     int m[MAX_BRANCHES], k[MAX_BRANCHES][3], dil[MAX_BRANCHES][3];
     int off[MAX_BRANCHES][3];   // a branch's first tap in the ring's region (its centre aligned with the largest)
     int wsh[MAX_BRANCHES], bsh[MAX_BRANCHES], ooff[MAX_BRANCHES];   // taps, biases in shared memory; output channel
@@ -357,7 +357,6 @@ bool read_branches(const long long *q, Branches *g, long long *smem_elems)
         for (int i = 0; i < g->B; i++)
             g->off[i][a] = g->P[a] - (int)((ext[i][a] - 1) / 2);
     }
-    g->nw = (int)wsh;
     for (int i = 0; i < g->B; i++)
         g->bsh[i] += (int)wsh;
     g->rh = g->TH + g->E[1] - 1, g->rw = g->TW + g->E[2] - 1;
