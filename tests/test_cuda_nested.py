@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import volconv as vc
 from volconv import _cuda
 from volconv._torch import cuda_nested
+from volconv.engine.nested import stage_specs
 
 from conftest import EMULATOR, config_rng, emulator_builder
 
@@ -33,6 +34,7 @@ ACT = {None: lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 def small_tiles(monkeypatch):
     monkeypatch.setattr(cuda_nested, "TILES", ((4, 8),) + cuda_nested.TILES)
     monkeypatch.setattr(cuda_nested, "MIN_CHUNK", 3)
+    monkeypatch.setattr(cuda_nested, "MAX_RECOMPUTE", float("inf"))   # (small tiles recompute a wide halo)
 
 
 def chain_reference(x, weights, biases, activation, groups):
@@ -124,7 +126,8 @@ def test_channel_mixing_chains_stage_by_stage(small_tiles, cuda_plugin, device):
 def test_default_tiles_and_a_chain_too_large_to_fuse(cuda_plugin, device):
     """The default 16 x 32 tile over a 18 x 35 plane (2 x 2 tiles), with a halo so wide that a block's threads
     take two rounds of stage 0's strips; a 15^3 float64 chain, whose rings exceed 48
-    KiB in every tile, and algorithm='stages' run stage by stage; 'composed' as one conv3d."""
+    KiB in every tile, and algorithm='stages' run stage by stage (as a float32 15^3 -> 3^3 chain would: its tile
+    would recompute stage 0 2.25 times); 'composed' as one conv3d."""
     r = config_rng(1603)
     x = leaves(r, device, torch.float32, [(1, 2, 3, 18, 35)])[0]
     ws, bs = depthwise_chain(r, device, torch.float32, 2, [(3, 5, 3), (3, 3, 3)])
@@ -132,10 +135,15 @@ def test_default_tiles_and_a_chain_too_large_to_fuse(cuda_plugin, device):
     check_chain(cuda_plugin, x, ws, bs, "relu", 2, fused=True)
     check_chain(cuda_plugin, x, ws, bs, "relu", 2, fused=False, algorithm="stages")
     ws, bs = depthwise_chain(r, device, torch.float32, 2, [(1, 11, 11), (1, 11, 11)])   # 26 x 11 strips: 2 rounds
-    check_chain(cuda_plugin, x, ws, bs, None, 2, fused=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cuda_nested, "MAX_RECOMPUTE", 2.5)   # (2.23: stage by stage otherwise)
+        check_chain(cuda_plugin, x, ws, bs, None, 2, fused=True)
     x = leaves(r, device, torch.float64, [(1, 1, 4, 5, 6)])[0]
     ws, bs = depthwise_chain(r, device, torch.float64, 1, [(15, 15, 15), (3, 3, 3)])
     check_chain(cuda_plugin, x, ws, bs, "silu", 1, fused=False)
+    for k, fused in ((13, True), (15, False)):   # float32 15^3 -> 3^3 fits 4 x 8 tiles only, recomputing 2.25x
+        specs = stage_specs((1, 4, 64, 64, 64), [np.empty((4, 1, k, k, k)), np.empty((4, 1, 3, 3, 3))], 4)
+        assert (cuda_nested.fused_chain_plan(torch.empty(1, 4, 64, 64, 64), specs) is not None) == fused
     with torch.no_grad():
         cuda_plugin.calls.clear()
         out = vc.nested_conv3d(x, ws, bs, None, 1, algorithm="composed")

@@ -4,10 +4,12 @@ both recomputing what the forward did not store, per stage or branch on the conv
 fixed-order reductions, the branches' input gradients summed in branch order).
 
 What runs where:
-- a chain whose every stage is depthwise (groups == channels == output channels, at most 4 stages) and whose
-  rings fit 48 KiB of shared memory (kernels up to about 7^3 + 5^3 in float32): the fused kernel, one input
-  read, no full-size intermediate; any other chain (channel mixing, larger kernels, algorithm="stages"): stage
-  by stage, each on vc_conv3d_forward with the activation by torch in between (intermediates stored);
+- a chain whose every stage is depthwise (groups == channels == output channels, at most 4 stages) whose rings
+  fit 48 KiB of shared memory in a tile large enough that stage 0 recomputes at most MAX_RECOMPUTE times its
+  outputs (the later stages' halo around the tile; float32: up to 13^3 -> 3^3, 7^3 -> 3^3 in 16 x 32 tiles at
+  1.27; float64: 7^3 -> 3^3 in 8 x 16 tiles at 1.56): the fused kernel, one input read, no full-size
+  intermediate; any other chain (channel mixing, larger kernels, algorithm="stages"): stage by stage, each on
+  vc_conv3d_forward with the activation by torch in between (intermediates stored);
 - branches reading one input channel each (groups == channels, at most 8 branches) that fit: the fused kernel,
   one input read for every branch; others: the caller's conv3d path (merged kernel or branch by branch)."""
 import math
@@ -27,6 +29,7 @@ SHARED_BYTES = 48 * 1024
 TARGET_BLOCKS = 2048      # split D into chunks until the grid has about this many blocks (an H200 has 132 SMs)
 MIN_CHUNK = 8             # ... but no chunk under 8 planes (each chunk recomputes the chain's halo along D)
 MAX_STAGES, MAX_BRANCHES = 4, 8
+MAX_RECOMPUTE = 2.0       # a fused chain's stage-0 outputs per final output, at most (a guess until timed on a GPU)
 STRIP = 4                 # nested.cu's outputs per thread along W
 
 
@@ -59,12 +62,19 @@ def depthwise_chain(specs):
     return len(specs) <= MAX_STAGES and all(s.groups == s.x_shape[1] == s.w_shape[0] for s in specs)
 
 
-def _fused_chain_plan(x, specs):
+def fused_chain_plan(x, specs):
+    """(TH, TW, CD) when the fused chain kernel takes this chain on x, else None."""
     if not depthwise_chain(specs):
         return None
     ks = [s.w_shape[2:] for s in specs]
-    return _plan(tuple(x.shape), [k[1:] for k in ks], [k[0] for k in ks], x.element_size(),
+    plan = _plan(tuple(x.shape), [k[1:] for k in ks], [k[0] for k in ks], x.element_size(),
                  sum(int(np.prod(k)) for k in ks) + len(ks))
+    if plan is None or len(ks) == 1:
+        return plan
+    TH, TW = plan[:2]   # stage 0 computes its output on the tile widened by the later stages' halo (strips of W)
+    rows = TH + sum(k[1] - 1 for k in ks[1:])
+    cols = -(-(TW + sum(k[2] - 1 for k in ks[1:])) // STRIP) * STRIP
+    return plan if rows * cols <= MAX_RECOMPUTE * TH * TW else None
 
 
 def _flat_biases(biases, specs, like):
@@ -84,7 +94,7 @@ def nested_forward(x, weights, biases, activation, specs, algorithm):
                         groups=specs[0].groups, mode="constant")
         return cuda.conv3d_forward(x, torch.from_numpy(w).to(x), None if b is None else torch.from_numpy(b).to(x),
                                    spec)
-    plan = _fused_chain_plan(x, specs) if algorithm != "stages" else None
+    plan = fused_chain_plan(x, specs) if algorithm != "stages" else None
     if plan is None:
         y = x
         for i, (w, b, spec) in enumerate(zip(weights, biases, specs)):
