@@ -72,8 +72,9 @@ def fused_chain_plan(x, specs):
     if plan is None or len(ks) == 1:
         return plan
     TH, TW = plan[:2]   # stage 0 computes its output on the tile widened by the later stages' halo (strips of W)
-    rows = TH + sum(k[1] - 1 for k in ks[1:])
-    cols = -(-(TW + sum(k[2] - 1 for k in ks[1:])) // STRIP) * STRIP
+    rows, cols = TH, TW
+    for k in reversed(ks[1:]):
+        rows, cols = rows + k[1] - 1, -(-(cols + k[2] - 1) // STRIP) * STRIP
     return plan if rows * cols <= MAX_RECOMPUTE * TH * TW else None
 
 
