@@ -61,6 +61,21 @@ int vc_sparse_conv3d_grad_input(int dtype, const void *grad, const void *values,
 int vc_sparse_conv3d_grad_values(int dtype, const void *x, const void *grad, const void *taps, void *gv,
                                  void *partial, const long long *params, void *stream);
 
+/* ---- nested (nested.cu) ---- */
+/* Nested chains and multi-scale branches, depthwise (groups == channels, one input channel per output
+ * channel), 'same' zero padding, stride 1. params: N, C, D, H, W, count, flag, TH, TW, CD (output tile rows and
+ * columns per block, output planes per block's chunk: chosen by the caller so that the rings fit 48 KiB), then
+ * per stage / branch the values below. BAD_ARGUMENT when the shared memory would not fit.
+ * Chain: count = L stages (<= 4), flag = activation between stages (0 none, 1 relu, 2 gelu, 3 silu); per stage
+ * kd, kh, kw; w: every stage's (C, 1, k) weights one after another; b: L * C biases (zeros for none). */
+int vc_nested_depthwise_forward(int dtype, const void *x, const void *w, const void *b, void *out,
+                                const long long *params, void *stream);
+/* Branches: count = B branches (<= 8), flag = 1 summed, 0 concatenated (branch order); per branch m (output
+ * channels per input channel), kd, kh, kw, dd, dh, dw; w: every branch's (m * C, 1, k) weights one after another;
+ * b: every branch's m * C biases. */
+int vc_multiscale_depthwise_forward(int dtype, const void *x, const void *w, const void *b, void *out,
+                                    const long long *params, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -380,7 +380,8 @@ def exercise_conv3d(cuda_plugin, device):
 # Every plugin source and its family's check, (test module, function of the cuda_plugin and device fixtures): it
 # raises AssertionError when any kernel of that source computes nothing.
 EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d"), "depthwise.cu": ("test_cuda_dense", "exercise_depthwise"),
-             "sparse.cu": ("test_cuda_sparse", "exercise_every_kernel")}
+             "sparse.cu": ("test_cuda_sparse", "exercise_every_kernel"),
+             "nested.cu": ("test_cuda_nested", "exercise_every_kernel")}
 
 
 @pytest.mark.cuda

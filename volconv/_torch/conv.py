@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _cuda
-from .._validate import TORCH_PAD_MODES, ConvSpec, workers as resolve_workers
+from .._validate import TORCH_PAD_MODES, workers as resolve_workers
 from ..engine import cost, dense
 from . import cuda, cuda_dense
 from .common import compiling, compute_dtype, empty, numpy, spec, spec_args, threads, threads_arg
@@ -36,27 +36,13 @@ def _backward(grad: Tensor, x: Tensor, w: Tensor, stride: List[int], pads: List[
     s = spec(x.shape, w.shape, stride, pads, dilation, groups, mode, cval)
     if _cuda.is_cuda(x):
         g = grad.contiguous()
-        gx = _cuda_grad_input(g, w.contiguous(), s, algorithm) if need_input else empty(x)
+        gx = cuda_dense.grad_input(g, w.contiguous(), s, algorithm) if need_input else empty(x)
         gw = cuda.conv3d_grad_weight(x.contiguous(), g, s) if need_weight else empty(w)
         return gx, gw
     g, n = numpy(grad), threads(nthreads)
     gx = torch.from_numpy(dense.backward_input(g, numpy(w), s, algorithm, n)) if need_input else empty(x)
     gw = torch.from_numpy(dense.backward_weight(numpy(x), g, s, n, algorithm)) if need_weight else empty(w)
     return gx, gw
-
-
-def _cuda_grad_input(g, w, s, algorithm):
-    """The input gradient on the plugin: at stride 1 the forward's kernel (the depthwise one when it ran the
-    forward, which then sums a multiplier's channels; else the generic one) correlating g with the flipped kernel,
-    input and output channels swapped within each group, padded by the kernel's reach less the forward's padding;
-    the gather kernel at other strides."""
-    pads = s.transposed_pads()
-    if s.stride != (1, 1, 1) or min(min(p) for p in pads) < 0:
-        return cuda.conv3d_grad_input(g, w, s)
-    wt = dense.transposed_weight(w, s.groups).flip((2, 3, 4)).contiguous()
-    t = ConvSpec(tuple(g.shape), tuple(wt.shape), stride=(1, 1, 1), pads=pads, dilation=s.dilation, groups=s.groups,
-                 mode="constant")
-    return cuda_dense.plugin_forward(algorithm)(g, wt, None, t)
 
 
 def _backward_fake(grad, x, w, stride, pads, dilation, groups, mode, cval, algorithm, need_input, need_weight,

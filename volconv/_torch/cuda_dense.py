@@ -20,6 +20,7 @@ import math
 import torch
 
 from .. import _cuda
+from .._validate import ConvSpec
 from ..engine import dense
 from . import cuda
 
@@ -120,6 +121,20 @@ def depthwise_forward(x, w, b, spec):
 def plugin_forward(algorithm):
     """The plugin's forward of the operator's algorithm ("depthwise" or "direct"): f(x, w, b, spec)."""
     return depthwise_forward if algorithm == "depthwise" else cuda.conv3d_forward
+
+
+def grad_input(g, w, s, algorithm="direct"):
+    """The input gradient on the plugin: at stride 1 the forward's kernel (the depthwise one when it ran the
+    forward, which then sums a multiplier's channels; else the generic one) correlating g with the flipped kernel,
+    input and output channels swapped within each group, padded by the kernel's reach less the forward's padding;
+    the gather kernel at other strides."""
+    pads = s.transposed_pads()
+    if s.stride != (1, 1, 1) or min(min(p) for p in pads) < 0:
+        return cuda.conv3d_grad_input(g, w, s)
+    wt = dense.transposed_weight(w, s.groups).flip((2, 3, 4)).contiguous()
+    t = ConvSpec(tuple(g.shape), tuple(wt.shape), stride=(1, 1, 1), pads=pads, dilation=s.dilation, groups=s.groups,
+                 mode="constant")
+    return plugin_forward(algorithm)(g, wt, None, t)
 
 
 def fft_conv3d(x, w, b, spec):

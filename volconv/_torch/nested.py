@@ -1,13 +1,16 @@
 """nested_conv3d on tensors: the volconv::nested_conv3d operator (forward by the chosen algorithm, nothing stored
-but the input and the parameters; backward recomputing the intermediates slab by slab) and the front doors'
-entry. Its weights and biases are lists, which an autograd.Function cannot see into: the eager binding takes
-them flattened, so the one formula (_grads) is bound here by hand rather than by op.Op."""
+but the input and the parameters; backward recomputing the intermediates slab by slab; on the CPU engine, or
+for CUDA tensors on the plugin: cuda_nested) and the front doors' entry. Its weights and biases are lists, which
+an autograd.Function cannot see into: the eager binding takes them flattened, so the one formula (_grads) is
+bound here by hand rather than by op.Op."""
 from typing import List, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import _cuda
 from ..engine import nested
+from . import cuda_nested
 from .common import compiling, compute_dtype, empty, numpy, operand, threads, threads_arg
 from .reference import nested_reference, reference_grads
 
@@ -23,6 +26,8 @@ def _biases(biases):
 
 def _forward(x: Tensor, weights: List[Tensor], biases: List[Tensor], activation: str, groups: int,
              algorithm: str, nthreads: int) -> Tensor:
+    if _cuda.is_cuda(x):
+        return cuda_nested.nested_forward(x, weights, biases, activation, _specs(x, weights, groups), algorithm)
     ws = [numpy(w) for w in weights]
     return torch.from_numpy(nested.run(numpy(x), ws, _biases(biases), activation or None, _specs(x, ws, groups),
                                        algorithm, threads(nthreads)))
@@ -30,6 +35,10 @@ def _forward(x: Tensor, weights: List[Tensor], biases: List[Tensor], activation:
 
 def _backward(grad: Tensor, x: Tensor, weights: List[Tensor], biases: List[Tensor], activation: str, groups: int,
               need_input: bool, nthreads: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    if _cuda.is_cuda(x):
+        gx, gws, gbs = cuda_nested.nested_backward(x, weights, biases, activation, _specs(x, weights, groups), grad,
+                                                   need_input)
+        return empty(x) if gx is None else gx, gws, gbs
     ws = [numpy(w) for w in weights]
     gx, gws, gbs = nested.backward(numpy(x), ws, _biases(biases), activation or None, _specs(x, ws, groups),
                                    numpy(grad), need_input, threads(nthreads))
@@ -112,12 +121,12 @@ class _Eager(torch.autograd.Function):
 
 
 def nested_conv3d(input, weights, biases, activation, groups, algorithm, workers):
-    """The chain on tensors that need gradients (or are traced); checked by the front door. Computed in
+    """The chain on tensors that need gradients, are on a GPU or are traced; checked by the front door. Computed in
     float32 / float64, returned in the input's dtype."""
     dtype = compute_dtype(input)
     x = operand(input, dtype)
-    ws = [operand(w, dtype) for w in weights]
-    bs = [x.new_empty(0) if b is None else operand(b, dtype) for b in biases]
+    ws = [operand(w, dtype).to(x.device) for w in weights]
+    bs = [x.new_empty(0) if b is None else operand(b, dtype).to(x.device) for b in biases]
     nested.check_biases(biases, _specs(x, ws, groups))
     args = (activation or "", groups, algorithm, threads_arg(workers))
     out = _op(x, ws, bs, *args) if compiling() else _Eager.apply(args, x, *ws, *bs)

@@ -28,7 +28,8 @@ class NestedConv3d(torch.nn.Module):
     """Stages of 'same' convolutions (stride 1, zero padding), kernel_sizes[0] first, `activation` between
     them, `groups` on every stage; channels: the output channels of every stage (an int) or of each stage (a
     sequence). Runs vc.nested_conv3d: one pass without full-size intermediates; backward recomputes them slab by
-    slab. Parameters: weights[i], biases[i] (torch.nn.Conv3d's initialisation)."""
+    slab (on a GPU: the fused kernel for depthwise chains, groups == channels; others stage by stage).
+    Parameters: weights[i], biases[i] (torch.nn.Conv3d's initialisation)."""
 
     def __init__(self, in_channels, channels, kernel_sizes=(7, 3), activation="relu", groups=1, bias=True, *,
                  algorithm="auto", workers=None, device=None, dtype=None):
@@ -80,7 +81,8 @@ class NestedConv3d(torch.nn.Module):
 class MultiScaleConv3d(torch.nn.Module):
     """Parallel branches with kernel_sizes[i] and dilations[i] ('same' zero padding each) on one input, combined
     by "concat" (out_channels_per_branch x branches channels) or "sum" (out_channels_per_branch). Runs
-    vc.multiscale_conv3d: one convolution with the merged kernel (dense or sparse by the cost model).
+    vc.multiscale_conv3d: one convolution with the merged kernel (dense or sparse by the cost model; on a GPU
+    with groups == in_channels, one fused pass reading the input once for every branch).
     Parameters: weights[i], biases[i]."""
 
     def __init__(self, in_channels, out_channels_per_branch, kernel_sizes=(3, 5, 7), dilations=None,

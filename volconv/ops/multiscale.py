@@ -6,11 +6,14 @@ Both combinations are one convolution with the merged kernel (`merge`): every br
 between its taps) and centred in the largest extent. Summed branches add into the same taps (the exact
 re-parameterisation RepLKNet / UniRepLKNet use); concatenated branches stack as output channels. The merged
 kernel is structurally sparse, so vc.conv3d's cost model may run it on the sparse path (the branches' taps
-only, one read of each input tile) or densely; "branches" runs each branch on its own instead.
+only, one read of each input tile) or densely; "branches" runs each branch on its own instead. CUDA tensors
+with branches reading one input channel each (groups == channels): "auto" runs the plugin's fused kernel, one
+read of the input for every branch (_torch/cuda_nested.py); other branches take the merged or branch path.
 """
 import numpy as np
 
-from .._dispatch import all_finite, compiling, torch_batching, torch_module
+from .. import _cuda
+from .._dispatch import all_finite, check_tensors, compiling, torch_batching, torch_module
 from .._validate import ConvSpec, triple, workers as resolve_workers
 from ..engine import cost
 from ..engine.nested import same_pads
@@ -105,6 +108,10 @@ def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat"
         if o % groups:
             raise ValueError(f"groups={groups} must divide weights[{i}]'s {o} output channels")
     bias_list = [None] * len(weights) if biases is None else list(biases)
+    if algorithm == "auto" and _cuda.is_cuda(input) and not compiling():
+        out = _fused_on_cuda(input, weights, dil, groups, combine, bias_list)
+        if out is not None:
+            return out
     if algorithm == "auto":
         # traced by torch.compile / export: the merged kernel (the cost model reads arrays the tracer cannot).
         # Non-finite input: the branches, as torch runs them (a dilated branch never reads the voxels between its
@@ -119,6 +126,23 @@ def multiscale_conv3d(input, weights, dilations=None, groups=1, combine="concat"
         inverse = np.argsort(_group_order(outs, groups))
         out = out[:, torch_module().as_tensor(inverse) if not isinstance(out, np.ndarray) else inverse]
     return out
+
+
+def _fused_on_cuda(input, weights, dil, groups, combine, biases):
+    """The branches by the plugin's fused kernel (one input read for all), or None when it does not take them
+    (channel mixing, too many branches, rings beyond its shared memory): the merged or branch path then."""
+    from .._torch import cuda_nested
+    from .._torch.common import compute_dtype, operand
+
+    names = [f"weights[{i}]" for i in range(len(weights))] + [f"biases[{i}]" for i in range(len(biases))]
+    check_tensors("multiscale_conv3d", [input, *weights, *biases], ["input"] + names, cuda=True)
+    x = operand(input, compute_dtype(input))
+    plan = cuda_nested.fused_branches_plan(x, weights, dil, groups)
+    if plan is None:
+        return None
+    ws = [operand(w, x.dtype).to(x.device) for w in weights]
+    bs = [None if b is None else operand(b, x.dtype).to(x.device) for b in biases]
+    return cuda_nested.multiscale_conv3d(x, ws, bs, dil, groups, combine, plan).to(input.dtype)
 
 
 def _branches(input, weights, dil, groups, combine, biases, workers):

@@ -1,9 +1,11 @@
 """vc.nested_conv3d: a large kernel, then smaller ones on its output, as one operation ('same' zero padding at
 every stage, torch's chain of conv3d(padding=k // 2) for odd k, padding='same' for even k), checked here and run
-by the engine (engine/nested.py: the algorithms "fused", "stages" and "composed") or the torch adapter; and
+by the engine (engine/nested.py: the algorithms "fused", "stages" and "composed") or the torch adapter (CUDA
+tensors: the plugin's fused depthwise kernel, other chains stage by stage: _torch/cuda_nested.py); and
 vc.nested.compose, the single kernel of a linear chain."""
 import numpy as np
 
+from .. import _cuda
 from .._dispatch import Caller, check_tensors, compiling, torch_batching, wants_autograd
 from .._validate import five_d, workers as resolve_workers
 from ..engine import nested
@@ -30,14 +32,14 @@ def nested_conv3d(input, weights, biases=None, activation=None, groups=1, *, alg
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     if algorithm == "composed" and activation is not None:
         raise ValueError("algorithm='composed' needs a linear chain (activation=None)")
-    if wants_autograd(input, *weights, *bias_list):
+    if wants_autograd(input, *weights, *bias_list) or _cuda.is_cuda(input):
         from .._torch import nested as torch_nested
 
-        if algorithm == "composed":
+        if algorithm == "composed" and wants_autograd(input, *weights, *bias_list):
             raise ValueError("algorithm='composed' is for inference (it differs from the chain near the border); "
                              "use 'auto', 'fused' or 'stages' with gradients")
         if not compiling():
-            check_tensors("nested_conv3d", [input], ["input"])
+            check_tensors("nested_conv3d", [input], ["input"], cuda=True)
         return torch_nested.nested_conv3d(input, list(weights), bias_list, activation, groups, algorithm, workers)
     w_names = [f"weights[{i}]" for i in range(L)]
     b_names = [f"biases[{i}]" for i in range(L)]
