@@ -23,10 +23,12 @@ constexpr long long SMEM_DEFAULT = 48 * 1024;   // dynamic shared memory without
 constexpr long long SMEM_CAP = 160 * 1024;      // the most the forward opts into (sm_80 allows 163 KiB)
 constexpr long long MIN_BLOCKS = 2048;          // split output planes into chunks until the grid has this many
 
+// (__launch_bounds__: at most 64 registers, so 4 blocks of 256 threads share an SM)
 template <typename T>
 __global__ void __launch_bounds__(256, 4) separable_forward_kernel(const T *__restrict__ x, const T *__restrict__ fd,
-                                         const T *__restrict__ fh, const T *__restrict__ fw, T *__restrict__ out,
-                                         Geom g, int R, int SH, long long dchunk)
+                                                                   const T *__restrict__ fh,
+                                                                   const T *__restrict__ fw, T *__restrict__ out,
+                                                                   Geom g, int R, int SH, long long dchunk)
 {
     VC_DYNAMIC_SHARED(unsigned char, smem);
     const int TY = blockDim.y, nt = TX * TY, tid = threadIdx.y * TX + threadIdx.x;
@@ -48,14 +50,12 @@ __global__ void __launch_bounds__(256, 4) separable_forward_kernel(const T *__re
             f[i] = i < kd ? fd[c * kd + i] : i < kd + kh ? fh[c * kh + i - kd] : fw[c * kw + i - kd - kh];
         __syncthreads();
         const T *xc = x + nc * g.D * plane_size;
-        long long next = od0 * g.sd - g.pd;   // the next input plane to filter into the ring, and its slot
-        int slot = 0;
+        long long next = od0 * g.sd - g.pd;   // the next input plane to filter into the ring, and its slot,
+        int slot = 0;                          // which holds plane next - R: the oldest
         for (long long od = od0; od < od1; od++) {
             const long long lo = od * g.sd - g.pd, hi = lo + (kd - 1) * (long long)dd;
-            if (next < lo) {   // a stride beyond the reach: nothing in the ring is used again, it restarts
-                next = lo;
-                slot = 0;
-            }
+            if (next < lo)   // a stride beyond the reach: planes no output reads are skipped (the ring
+                next = lo;   // is refilled whole, which brings `slot` back round to plane lo's)
             for (; next <= hi; next++) {   // the planes lo .. hi not yet in the ring (block-uniform loop)
                 T v = 0;
                 if (next >= 0 && next < g.D) {   // (block-uniform: every thread reaches the barriers inside)
@@ -106,8 +106,9 @@ struct FactorGeom {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(256) separable_grad_factor_partial_kernel(const T *__restrict__ y, const T *__restrict__ g,
-                                                     T *__restrict__ partials, FactorGeom f)
+__global__ void __launch_bounds__(RT) separable_grad_factor_partial_kernel(const T *__restrict__ y,
+                                                                           const T *__restrict__ g,
+                                                                           T *__restrict__ partials, FactorGeom f)
 {
     VC_SHARED(T, part, [KT][RT]);
     const int tid = threadIdx.x, nt = blockDim.x;   // nt: a power of two

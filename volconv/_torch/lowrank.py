@@ -161,3 +161,23 @@ def factored_conv3d(input, bias, s, workers, in_f, out_f, spatial, core):
         out = torch.einsum("or,nrdhw->nodhw", factor(out_f), u)
         return (out if b is None else out + b.reshape(1, -1, 1, 1, 1)).to(input.dtype)
     return ProjectFunction.apply(u, factor(out_f), b).to(input.dtype)
+
+
+def separable_kernel_conv3d(x, kernel, spec, workers):
+    """A vc.SeparableKernel applied to every channel of tensor x (depthwise; ConvSpec spec: the whole 3-D
+    kernel's geometry, any mode and cval) as its terms' separable passes (volconv::separable_conv3d, on the CUDA
+    plugin for a GPU tensor), summed; differentiable in x. Computed in float32 / float64, returned in x's dtype.
+    For the front doors' tensor paths (vc.conv3d / vc.correlate with a SeparableKernel on a GPU)."""
+    dtype = compute_dtype(x)
+    z = x.to(dtype)
+    if spec.mode != "constant" or spec.cval != 0:   # padded by torch first (the op's padding is zeros)
+        z, spec = padded(z, spec), spec.padded()
+    C = z.shape[1]
+    stride, pads, dilation, _, mode, _ = spec_args(spec)
+    out = None
+    for weight, factors in kernel.terms():
+        fd, fh, fw = (torch.as_tensor(f * (weight if axis == 0 else 1), dtype=dtype, device=z.device).expand(C, -1)
+                      .contiguous() for axis, f in enumerate(factors))
+        y = SEPARABLE_CONV3D(z.contiguous(), fd, fh, fw, stride, pads, dilation, mode, threads_arg(workers))
+        out = y if out is None else out + y
+    return out.to(x.dtype)
