@@ -131,6 +131,17 @@ def test_separable_pass_interior_and_boundary_tiles(dtype, cuda_plugin, device):
     assert out.shape == (2, 2, 12, 10, 37)
 
 
+@pytest.mark.parametrize("shape, k, stride, pads, dilation", [
+    ((1, 2, 10, 9, 11), (2, 3, 1), (3, 2, 3), ((2, 0), (1, 1), (0, 2)), (3, 2, 1)),
+    ((2, 1, 7, 5, 2), (3, 1, 2), (2, 3, 3), ((0, 1), (0, 0), (1, 0)), (2, 1, 1))])
+def test_separable_pass_strided_input_gradient_phases(shape, k, stride, pads, dilation, cuda_plugin, device):
+    """The input gradient's phases: a stride sharing a factor with the dilation (phases no tap reaches: zero),
+    a stride beyond the factor's length, an axis shorter than its stride."""
+    r = config_rng(1610, shape[0])
+    z, fd, fh, fw = leaves(r, device, torch.float64, shape, *((shape[1], n) for n in k))
+    check_separable(cuda_plugin, z, fd, fh, fw, stride, pads, dilation)
+
+
 @pytest.mark.parametrize("reach, dtype", [(25, torch.float64), (201, torch.float64), (701, torch.float64)])
 def test_separable_pass_every_ring_size(reach, dtype, cuda_plugin, device):
     """A D reach (kd - 1) * dd + 1 whose ring of filtered planes needs fewer tile rows (25 planes: 4 rows in
@@ -293,7 +304,8 @@ def test_separable_kernel_on_the_plugin(mode, cval, cuda_plugin, device):
     out = separable_kernel_conv3d(x, kernel, spec, None)
     g = torch.randn_like(out)
     ours, = torch.autograd.grad(out, x, g)
-    assert set(cuda_plugin.names()) == {FORWARD} and len(cuda_plugin.names()) == 4   # two terms, forward + input
+    # two terms: a forward pass each, and the input gradient's two phases of the H stride each
+    assert cuda_plugin.names() == [FORWARD] * 6
     w = torch.from_numpy(kernel.to_dense()).float().expand(2, 1, -1, -1, -1)
     flat = [p for lh in reversed(pads) for p in lh]
     xp = F.pad(x, flat, mode="constant", value=cval) if mode == "constant" else F.pad(x, flat, mode="reflect")

@@ -1,6 +1,7 @@
 """volconv::separable_conv3d on the CUDA plugin (separable.cu): the fused forward, the input gradient (the same
 pass with the reversed factors) and the factors' gradients (deterministic 1-D reductions), zero padding (the
 caller pads other modes first)."""
+import itertools
 import math
 
 import torch
@@ -57,16 +58,36 @@ def _dense(fd, fh, fw):
 
 
 def _grad_input(g, fd, fh, fw, spec):
-    """The transposed pass: g spread to the stride's grid (zeros between: a strided input gradient costs the
-    stride's product more), correlated at stride 1 with the reversed factors, padded by the reach less the
-    forward's padding (negative: cropped), over the input's shape."""
-    if spec.stride != (1, 1, 1):
-        up = g.new_zeros(g.shape[:2] + tuple((n - 1) * s + 1 for n, s in zip(g.shape[2:], spec.stride)))
-        up[:, :, ::spec.stride[0], ::spec.stride[1], ::spec.stride[2]] = g
-        g = up
-    pads = tuple(before for before, _ in spec.transposed_pads())
-    flipped = (f.flip(1).contiguous() for f in (fd, fh, fw))
-    return _pass(g, *flipped, (1, 1, 1), pads, spec.dilation, spec.x_shape[2:])
+    """The transposed pass, phase by phase: the input positions i = phase + stride * j of each axis are reached
+    by the taps a0, a0 + t, ... (t = stride / gcd(stride, dilation)) from g[j + c0], [j + c0 - dilation / gcd]...,
+    so each combination of phases is one stride-1 pass of g with those taps reversed, written to its strided
+    slice of the gradient (no zeros between g's values: the work of the forward, not stride^3 times it). At
+    stride 1: one pass, the reversed factors padded by the reach less the forward's padding (negative: a crop)."""
+    axes = [_phases(n, f, s, d, lo) for n, f, s, d, (lo, _) in
+            zip(spec.x_shape[2:], (fd, fh, fw), spec.stride, spec.dilation, spec.pads)]
+    if spec.stride == (1, 1, 1):   # every tap reaches the one phase
+        _, taps, pads, dil, n = zip(*(a[0] for a in axes))
+        return _pass(g, *taps, (1, 1, 1), pads, dil, n)
+    gz = g.new_zeros(spec.x_shape)   # (positions no tap reaches stay zero)
+    sd, sh, sw = spec.stride
+    for phases in itertools.product(*axes):
+        first, taps, pads, dil, n = zip(*phases)
+        gz[:, :, first[0]::sd, first[1]::sh, first[2]::sw] = _pass(g, *taps, (1, 1, 1), pads, dil, n)
+    return gz
+
+
+def _phases(n, f, s, d, lo):
+    """Per phase of an axis of n input positions at stride s, dilation d, before-pad lo, the phases some tap of
+    factor f (C, k) reaches: (first position, the taps reversed, the pass's before-pad, dilation, length)."""
+    k, t, step = f.shape[1], s // math.gcd(s, d), d // math.gcd(s, d)
+    found = []
+    for first in range(min(s, n)):
+        a0 = next((a for a in range(min(t, k)) if (first + lo - a * d) % s == 0), None)
+        if a0 is not None:   # taps a0, a0 + t, ... read g[j + c0 - m * step] for position first + s * j
+            taps = f[:, a0::t].flip(1).contiguous()
+            c0 = (first + lo - a0 * d) // s
+            found.append((first, taps, (taps.shape[1] - 1) * step - c0, step, -(-(n - first) // s)))
+    return found
 
 
 def _grad_factors(g, z, factors, spec):
