@@ -76,6 +76,18 @@ int vc_nested_depthwise_forward(int dtype, const void *x, const void *w, const v
 int vc_multiscale_depthwise_forward(int dtype, const void *x, const void *w, const void *b, void *out,
                                     const long long *params, void *stream);
 
+/* ---- separable (separable.cu): depthwise rank-1 components, the spatial part of CP convolutions ---- */
+/* out[n, c] = z[n, c] correlated with fd[c] (x) fh[c] (x) fw[c]; fd (C, kd), fh (C, kh), fw (C, kw); geom as
+ * above with O = groups = C, (kd, kh, kw) the factors' lengths; the before-pads may be negative (a crop). */
+int vc_separable_forward(int dtype, const void *z, const void *fd, const void *fh, const void *fw, void *out,
+                         const long long *geom, void *stream);
+/* gf (C, k) = d loss / d factor of one axis: y (z filtered along the other two axes) as (N, C, P, L, M), grad as
+ * (N, C, P, Lo, M), gf[c, a] = sum grad[n, c, p, o, m] y[n, c, p, o * s - pad + a * dil, m] (zero outside L).
+ * params (int64[11]): N, C, P, L, M, Lo, k, s, pad, dil, chunks; partials (C, k, chunks): the workspace of the
+ * fixed-order reduction (deterministic). */
+int vc_separable_grad_factor(int dtype, const void *y, const void *grad, void *partials, void *gf,
+                             const long long *params, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

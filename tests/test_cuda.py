@@ -355,13 +355,16 @@ def test_ops_without_a_cuda_version_say_so(cuda_plugin, device):
 emulator_only = pytest.mark.skipif(not EMULATOR, reason="checks of the CPU emulator (VOLCONV_CUDA_EMULATOR=1)")
 
 
+KERNEL = r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?"   # a kernel's name follows
+
+
 def _kernel_names(source):
-    return re.findall(r"__global__\s+void\s+(\w+)\s*\(", source)
+    return re.findall(KERNEL + r"(\w+)\s*\(", source)
 
 
 def _empty_kernel(source, name):
     """source with the body of __global__ kernel `name` emptied."""
-    start = source.index("{", re.search(r"__global__\s+void\s+" + name + r"\s*\(", source).end())
+    start = source.index("{", re.search(KERNEL + name + r"\s*\(", source).end())
     depth = 0
     for i in range(start, len(source)):
         depth += {"{": 1, "}": -1}.get(source[i], 0)
@@ -381,7 +384,8 @@ def exercise_conv3d(cuda_plugin, device):
 # raises AssertionError when any kernel of that source computes nothing.
 EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d"), "depthwise.cu": ("test_cuda_dense", "exercise_depthwise"),
              "sparse.cu": ("test_cuda_sparse", "exercise_every_kernel"),
-             "nested.cu": ("test_cuda_nested", "exercise_every_kernel")}
+             "nested.cu": ("test_cuda_nested", "exercise_every_kernel"),
+             "separable.cu": ("test_cuda_lowrank", "exercise_every_kernel")}
 
 
 @pytest.mark.cuda

@@ -1,17 +1,19 @@
 """CP and Tucker convolutions on tensors: the volconv::separable_conv3d operator (depthwise rank-1 components by
-the fused separable kernel, forward and backward), the channel projections, and the front doors' entry."""
+the fused separable kernel, forward and backward, on the CPU engine or the CUDA plugin), the channel projections
+(matrix products: cuBLAS on a GPU), and the front doors' entry."""
 from typing import List, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _cuda
 from .._validate import ConvSpec
 from ..engine import separable
-from . import conv
+from . import conv, cuda_lowrank
 from .common import compiling, compute_dtype, empty, numpy, operand, spec, spec_args, threads, threads_arg
 from .op import Op
-from .reference import reference_grads, separable_reference, twice_differentiable
+from .reference import padded, reference_grads, separable_reference, twice_differentiable
 
 
 def _spec(z, fd, fh, fw, stride, pads, dilation, mode):
@@ -22,8 +24,17 @@ def _spec(z, fd, fh, fw, stride, pads, dilation, mode):
 def _forward(z: Tensor, fd: Tensor, fh: Tensor, fw: Tensor, stride: List[int], pads: List[int],
              dilation: List[int], mode: str, nthreads: int) -> Tensor:
     s = _spec(z, fd, fh, fw, stride, pads, dilation, mode)
+    if _cuda.is_cuda(z):
+        return cuda_lowrank.forward(z, fd, fh, fw, _zero_padded(s))
     return torch.from_numpy(separable.separable_conv3d(numpy(z), numpy(fd), numpy(fh), numpy(fw), s,
                                                        threads(nthreads)))
+
+
+def _zero_padded(s):
+    """s, which the plugin computes (zero padding): factored_conv3d pads other modes with torch first."""
+    if s.mode != "constant":
+        raise ValueError(f"volconv's CUDA separable pass pads with zeros; pad {s.mode!r} first")
+    return s
 
 
 def _forward_fake(z, fd, fh, fw, stride, pads, dilation, mode, nthreads):
@@ -34,6 +45,9 @@ def _backward(grad: Tensor, z: Tensor, fd: Tensor, fh: Tensor, fw: Tensor, strid
               dilation: List[int], mode: str, need_input: bool, need_factors: bool,
               nthreads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     s = _spec(z, fd, fh, fw, stride, pads, dilation, mode)
+    if _cuda.is_cuda(z):
+        grads = cuda_lowrank.backward(grad.contiguous(), z, fd, fh, fw, _zero_padded(s), need_input, need_factors)
+        return tuple(empty(like) if a is None else a for a, like in zip(grads, (z, fd, fh, fw)))
     grads = separable.backward(numpy(z), numpy(grad), numpy(fd), numpy(fh), numpy(fw), s, threads(nthreads),
                                need_input, need_factors)
     return tuple(empty(like) if a is None else torch.from_numpy(a) for a, like in zip(grads, (z, fd, fh, fw)))
@@ -99,8 +113,12 @@ class ProjectFunction(torch.autograd.Function):
 
 
 def _project(w, x, b=None):
-    """w (O, C) applied to the channels of x (N, C, ...), into a fresh numpy-allocated tensor."""
+    """w (O, C) applied to the channels of x (N, C, ...), into a fresh numpy-allocated tensor (on a GPU: one
+    batched matrix product by cuBLAS)."""
     x = x.contiguous()
+    if _cuda.is_cuda(x):
+        out = torch.matmul(w, x.flatten(2)).reshape((x.shape[0], w.shape[0]) + tuple(x.shape[2:]))
+        return out if b is None else out.add_(b.reshape((1, -1) + (1,) * (x.dim() - 2)))
     out = torch.from_numpy(np.empty((x.shape[0], w.shape[0]) + tuple(x.shape[2:]), x.numpy().dtype))
     X, Y = x.flatten(2), out.flatten(2)
     for n in range(x.shape[0]):
@@ -112,27 +130,54 @@ def _project(w, x, b=None):
 
 def factored_conv3d(input, bias, s, workers, in_f, out_f, spatial, core):
     """vc.cp_conv3d / vc.tucker_conv3d of ConvSpec s (the whole weight's geometry) on tensors that need
-    gradients (the input, the bias, or factors given as tensors, as vc.nn.CPConv3d and TuckerConv3d do) or are
-    traced: projections by torch, the spatial part by volconv's operators."""
+    gradients (the input, the bias, or factors given as tensors, as vc.nn.CPConv3d and TuckerConv3d do), are on
+    a GPU or are traced: projections by torch, the spatial part by volconv's operators (on the GPU, the factors
+    go to the input's device)."""
     traced = compiling()
     dtype = compute_dtype(input)
     x = operand(input, dtype)
-    z = torch.einsum("cr,ncdhw->nrdhw", operand(in_f, dtype), x) if traced else \
-        ProjectFunction.apply(x, operand(in_f, dtype).T, None)
+
+    def factor(a):
+        return operand(a, dtype).to(x.device)
+
+    z = torch.einsum("cr,ncdhw->nrdhw", factor(in_f), x) if traced else \
+        ProjectFunction.apply(x, factor(in_f).T, None)
     if spatial is not None:
-        fd, fh, fw = (operand(f, dtype) for f in spatial)
+        fd, fh, fw = (factor(f) for f in spatial)
         R = z.shape[1]
         sspec = ConvSpec(tuple(z.shape), (R, 1) + tuple(s.w_shape[2:]), stride=s.stride, pads=s.pads,
                          dilation=s.dilation, groups=R, mode=s.mode)
+        if _cuda.is_cuda(z) and s.mode != "constant":   # the plugin pads with zeros: other modes by torch here
+            z, sspec = padded(z, sspec), sspec.padded()
         stride, pads, dilation, _, mode, _ = spec_args(sspec)
         u = SEPARABLE_CONV3D(z.contiguous(), fd, fh, fw, stride, pads, dilation, mode, threads_arg(workers))
     else:
-        c = operand(core, dtype)
+        c = factor(core)
         cspec = ConvSpec(tuple(z.shape), tuple(c.shape), stride=s.stride, pads=s.pads, dilation=s.dilation,
                          groups=1, mode=s.mode)
         u = conv.conv3d(z, c, None, cspec, "direct", workers)   # oneDNN's 3-D backward is slower here
     b = None if bias is None else operand(bias, dtype)
     if traced:
-        out = torch.einsum("or,nrdhw->nodhw", operand(out_f, dtype), u)
+        out = torch.einsum("or,nrdhw->nodhw", factor(out_f), u)
         return (out if b is None else out + b.reshape(1, -1, 1, 1, 1)).to(input.dtype)
-    return ProjectFunction.apply(u, operand(out_f, dtype), b).to(input.dtype)
+    return ProjectFunction.apply(u, factor(out_f), b).to(input.dtype)
+
+
+def separable_kernel_conv3d(x, kernel, spec, workers):
+    """A vc.SeparableKernel applied to every channel of tensor x (depthwise; ConvSpec spec: the whole 3-D
+    kernel's geometry, any mode and cval) as its terms' separable passes (volconv::separable_conv3d, on the CUDA
+    plugin for a GPU tensor), summed; differentiable in x. Computed in float32 / float64, returned in x's dtype.
+    For the front doors' tensor paths (vc.conv3d / vc.correlate with a SeparableKernel on a GPU)."""
+    dtype = compute_dtype(x)
+    z = x.to(dtype)
+    if spec.mode != "constant" or spec.cval != 0:   # padded by torch first (the op's padding is zeros)
+        z, spec = padded(z, spec), spec.padded()
+    C = z.shape[1]
+    stride, pads, dilation, _, mode, _ = spec_args(spec)
+    out = None
+    for weight, factors in kernel.terms():
+        fd, fh, fw = (torch.as_tensor(f * (weight if axis == 0 else 1), dtype=dtype, device=z.device).expand(C, -1)
+                      .contiguous() for axis, f in enumerate(factors))
+        y = SEPARABLE_CONV3D(z.contiguous(), fd, fh, fw, stride, pads, dilation, mode, threads_arg(workers))
+        out = y if out is None else out + y
+    return out.to(x.dtype)

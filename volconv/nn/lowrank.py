@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from .. import _cuda
 from .._dispatch import torch_batching, wants_autograd
 from .._validate import positive_int, triple
 from ..ops.lowrank import factored_conv3d
@@ -32,8 +33,8 @@ class _Factored(torch.nn.Module):
 
     @torch_batching()
     def _run(self, input, in_f, out_f, spatial, core):
-        if not wants_autograd(input, self.bias, in_f, out_f, core, *(spatial or ())):
-            # inference: the numpy path, whose fused kernels need no intermediate for autograd
+        if not wants_autograd(input, self.bias, in_f, out_f, core, *(spatial or ())) and not _cuda.is_cuda(input):
+            # inference on the CPU: the numpy path, whose fused kernels need no intermediate for autograd
             as_np = lambda t: None if t is None else t.detach().cpu().double().numpy()  # noqa: E731
             in_f, out_f, core = as_np(in_f), as_np(out_f), as_np(core)
             spatial = None if spatial is None else tuple(as_np(f) for f in spatial)

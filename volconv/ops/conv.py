@@ -72,6 +72,14 @@ def _kernel_conv3d(input, kernel, bias, stride, padding, dilation, padding_mode,
     kernels by 1-D passes."""
     C = five_d(input)[1]
     kernel = as_separable(kernel)
+    if isinstance(kernel, SeparableKernel) and _cuda.is_cuda(input):   # the plugin's separable passes
+        from .._torch.lowrank import separable_kernel_conv3d
+
+        check_tensors("conv3d", [input, bias], ["input", "bias"], cuda=True)
+        spec = conv_spec(tuple(input.shape), (C, 1) + tuple(kernel.shape), bias, stride, padding, dilation, C,
+                         padding_mode)
+        out = separable_kernel_conv3d(input, kernel, spec, workers)
+        return out if bias is None else out + bias.to(out.dtype).reshape(1, -1, 1, 1, 1)
     if not isinstance(kernel, SeparableKernel) or _cuda.is_cuda(input) or wants_autograd(input, bias):
         dense_k = kernel.to_dense()
         weight = np.ascontiguousarray(np.broadcast_to(dense_k, (C, 1) + dense_k.shape))

@@ -21,7 +21,8 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
     on_gpu = _cuda.is_cuda(volume)   # the CUDA plugin's conv3d, the volume padded by torch (_torch.conv)
     tensor_path = on_gpu or wants_autograd(volume)
     kernel = as_separable(kernel)
-    separable = kernel if isinstance(kernel, SeparableKernel) and not tensor_path else None
+    # separable kernels run as 1-D passes on the CPU engine and on the GPU (not in CPU autograd)
+    separable = kernel if isinstance(kernel, SeparableKernel) and (on_gpu or not tensor_path) else None
     sparse_k = kernel if isinstance(kernel, SparseKernel) and not tensor_path else None
     if isinstance(kernel, Kernel):  # factored kernels are never built: a zero-stride stand-in gives the shape
         kernel = _stand_in(kernel) if separable is not None or sparse_k is not None else kernel.to_dense()
@@ -53,9 +54,15 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
     origins = filter_origins(origins, k.shape, flip=flip, given=origin)
     if flip:  # convolution = correlation with the flipped kernel
         k = k[::-1, ::-1, ::-1]
+        if separable is not None:
+            separable = SeparableKernel([f[:, ::-1] for f in separable.factors], separable.weights)
     pads = tuple((lo - hlo, hi - hhi) for (lo, hi), (hlo, hhi) in zip(filter_pads(k.shape, origins), halo))
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
                     groups=1, mode=mode, cval=real_number(cval, "cval"))
+    if on_gpu and separable is not None:
+        from .._torch.lowrank import separable_kernel_conv3d
+
+        return separable_kernel_conv3d(volume[None, None], separable, spec, workers)[0, 0]
     if on_gpu or wants_autograd(volume, kernel):
         from .._torch import conv
         from .._torch.common import tensor
@@ -72,8 +79,6 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
         out = sparse_engine.run(v[None, None], idx5, sparse_k.values[order].astype(v.dtype), None, spec,
                                 resolve_workers(workers))
     elif separable is not None:
-        if flip:
-            separable = SeparableKernel([f[:, ::-1] for f in separable.factors], separable.weights)
         out = run_separable(v[None, None], separable, spec, dense.resolve_algorithm(algorithm),
                             resolve_workers(workers))
     else:

@@ -3,6 +3,7 @@ factor and never rebuilt densely: a channel projection, the spatial part (separa
 core) and a projection into the output channels."""
 import numpy as np
 
+from .. import _cuda
 from .._dispatch import Caller, check_tensors, compiling, torch_batching, wants_autograd
 from .._validate import ConvSpec, conv_spec, five_d, workers as resolve_workers
 from ..engine import dense
@@ -18,7 +19,8 @@ def cp_conv3d(input, cp, bias=None, stride=1, padding=0, dilation=1, *, padding_
     never rebuilt: the input channels are projected on the R components (one matrix product), each component
     is filtered by its three 1-D factors in one fused pass (the separable kernel, with the layer's stride,
     dilation and padding), and the components are combined into the output channels. A CP of a single 3-D
-    kernel acts as a (1, 1, kd, kh, kw) weight. Differentiable on torch tensors."""
+    kernel acts as a (1, 1, kd, kh, kw) weight. Differentiable on torch tensors; CUDA tensors run on the GPU
+    (the separable pass by the CUDA plugin, the projections by cuBLAS through torch)."""
     from ..decompose import CPKernel
 
     if not isinstance(cp, CPKernel):
@@ -34,7 +36,8 @@ def tucker_conv3d(input, tk, bias=None, stride=1, padding=0, dilation=1, *, padd
     x_2 U_d x_3 U_h x_4 U_w (a mode whose factor is None is kept in the core). Executed as: the input channels
     projected on the Rin input ranks, a small dense convolution Rin -> Rout with the core (its spatial modes
     expanded by their factors: a (Rout, Rin, kd, kh, kw) kernel, never the Cout x Cin one), and the Rout
-    results combined into the output channels. A Tucker of a single 3-D kernel acts as a (1, 1, ...) weight."""
+    results combined into the output channels. A Tucker of a single 3-D kernel acts as a (1, 1, ...) weight.
+    CUDA tensors run on the GPU (the core by the CUDA plugin's conv3d, the projections by cuBLAS)."""
     from ..decompose import TuckerKernel
 
     if not isinstance(tk, TuckerKernel):
@@ -64,11 +67,12 @@ def factored_conv3d(op, input, bias, stride, padding, dilation, padding_mode, wo
     """in projection (Cin -> R), the spatial part (separable factors per component, or a dense core R -> R'),
     out projection (R' -> Cout) + bias."""
     five_d(input)
-    if wants_autograd(input, bias, in_f, out_f, core, *(spatial or ())):   # (vc.nn's layers: factors as tensors)
+    # the torch adapter: gradients (vc.nn's layers: factors as tensors), a GPU (the CUDA plugin), tracing
+    if _cuda.is_cuda(input) or wants_autograd(input, bias, in_f, out_f, core, *(spatial or ())):
         from .._torch import lowrank
 
         if not compiling():
-            check_tensors(op, [input, bias], ["input", "bias"])
+            check_tensors(op, [input, bias], ["input", "bias"], cuda=True)
         spec = conv_spec(tuple(input.shape), tuple(w_shape), bias, stride, padding, dilation, 1, padding_mode)
         return lowrank.factored_conv3d(input, bias, spec, workers, in_f, out_f, spatial, core)
     caller = Caller(op, [input, bias], ["input", "bias"])
