@@ -298,3 +298,19 @@ def test_conv3d_with_a_sparse_weight_runs_the_sparse_kernels(cuda_plugin, device
         cuda_plugin.calls.clear()
         close(vc.conv3d(x, weight, padding=1), ref, tolerance(torch.float64))
         assert cuda_plugin.names() == [FORWARD], cuda_plugin.names()
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant", "nearest", "mirror", "wrap"])
+def test_correlate_and_convolve_with_a_sparse_kernel_against_scipy(mode, cuda_plugin, device):
+    """vc.correlate / vc.convolve given a 3-D SparseKernel on a CUDA tensor run the sparse kernels (cost by the
+    non-zeros), with every scipy mode and a cval, against scipy.ndimage with the dense kernel."""
+    from scipy import ndimage
+
+    r = config_rng(810, ["reflect", "constant", "nearest", "mirror", "wrap"].index(mode))
+    kernel = pattern(r, (4, 3, 5), 0.3)
+    v = r.standard_normal((7, 9, 11))
+    for op, ref in ((vc.correlate, ndimage.correlate), (vc.convolve, ndimage.convolve)):
+        cuda_plugin.calls.clear()
+        got = op(torch.from_numpy(v).to(device), kernel, mode=mode, cval=0.5)
+        assert cuda_plugin.names() == [FORWARD], cuda_plugin.names()
+        close(got, torch.from_numpy(ref(v, kernel.to_dense(), mode=mode, cval=0.5)), tolerance(torch.float64))

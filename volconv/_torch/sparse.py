@@ -156,8 +156,8 @@ def sparse_conv3d(input, indices, values, bias, s, workers):
     v = v.to(x.device)
     b = None if bias is None else operand(bias, dtype)
     idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
-    if _cuda.is_cuda(x) and (s.mode != "constant" or min(min(p) for p in s.pads) < 0):
-        x, s = padded(x, s), s.padded()   # the plugin pads with zeros: other modes, crops by torch here
+    if _cuda.is_cuda(x) and (s.mode != "constant" or s.cval != 0 or min(min(p) for p in s.pads) < 0):
+        x, s = padded(x, s), s.padded()   # the plugin pads with zeros: other modes, a cval, crops by torch here
     stride, pads, dilation, groups, mode, _ = spec_args(s)
     return SPARSE_CONV3D(x, v, b, idx, list(s.w_shape), stride, pads, dilation, groups, mode,
                          threads_arg(workers)).to(input.dtype)

@@ -21,9 +21,9 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
     on_gpu = _cuda.is_cuda(volume)   # the CUDA plugin's conv3d, the volume padded by torch (_torch.conv)
     tensor_path = on_gpu or wants_autograd(volume)
     kernel = as_separable(kernel)
-    # separable kernels run as 1-D passes on the CPU engine and on the GPU (not in CPU autograd)
+    # separable and sparse kernels run as such on the CPU engine and on the GPU (not in CPU autograd)
     separable = kernel if isinstance(kernel, SeparableKernel) and (on_gpu or not tensor_path) else None
-    sparse_k = kernel if isinstance(kernel, SparseKernel) and not tensor_path else None
+    sparse_k = kernel if isinstance(kernel, SparseKernel) and (on_gpu or not tensor_path) else None
     if isinstance(kernel, Kernel):  # factored kernels are never built: a zero-stride stand-in gives the shape
         kernel = _stand_in(kernel) if separable is not None or sparse_k is not None else kernel.to_dense()
     if on_gpu:   # checked where they are; zero-stride stand-ins give the shapes below
@@ -59,10 +59,19 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
     pads = tuple((lo - hlo, hi - hhi) for (lo, hi), (hlo, hhi) in zip(filter_pads(k.shape, origins), halo))
     spec = ConvSpec((1, 1) + v.shape, (1, 1) + k.shape, stride=(1, 1, 1), pads=pads, dilation=(1, 1, 1),
                     groups=1, mode=mode, cval=real_number(cval, "cval"))
+    if sparse_k is not None:   # (1, 1, ...) taps sorted as the sparse kernels take them
+        idx = np.array(sparse_k.shape) - 1 - sparse_k.indices if flip else sparse_k.indices
+        order = np.lexsort(idx.T[::-1])
+        idx5 = np.concatenate([np.zeros((idx.shape[0], 2), np.int64), idx[order]], axis=1)
+        values = sparse_k.values[order]
     if on_gpu and separable is not None:
         from .._torch.lowrank import separable_kernel_conv3d
 
         return separable_kernel_conv3d(volume[None, None], separable, spec, workers)[0, 0]
+    if on_gpu and sparse_k is not None:
+        from .._torch.sparse import sparse_conv3d
+
+        return sparse_conv3d(volume[None, None], idx5, values, None, spec, workers)[0, 0]
     if on_gpu or wants_autograd(volume, kernel):
         from .._torch import conv
         from .._torch.common import tensor
@@ -73,11 +82,7 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
                            dense.resolve_algorithm(algorithm), workers)[0, 0]
     v = caller.cast(v, "volume")
     if sparse_k is not None:
-        idx = np.array(sparse_k.shape) - 1 - sparse_k.indices if flip else sparse_k.indices
-        order = np.lexsort(idx.T[::-1])
-        idx5 = np.concatenate([np.zeros((idx.shape[0], 2), np.int64), idx[order]], axis=1)
-        out = sparse_engine.run(v[None, None], idx5, sparse_k.values[order].astype(v.dtype), None, spec,
-                                resolve_workers(workers))
+        out = sparse_engine.run(v[None, None], idx5, values.astype(v.dtype), None, spec, resolve_workers(workers))
     elif separable is not None:
         out = run_separable(v[None, None], separable, spec, dense.resolve_algorithm(algorithm),
                             resolve_workers(workers))
