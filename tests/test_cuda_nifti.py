@@ -1,5 +1,5 @@
-"""filter_nifti(device="cuda") and `volconv filter --device cuda`: each slab filtered by the CUDA plugin's conv3d,
-against the same call on volconv's CPU engine (device=None) and scipy.ndimage, through the slab path (a small
+"""filter_nifti(device="cuda") and `volconv filter --device cuda`: each slab filtered by the CUDA plugin (a Gaussian by
+its separable passes, a dense kernel by the one-channel kernel), against the same call on volconv's CPU engine (device=None) and scipy.ndimage, through the slab path (a small
 max_memory), masks, normalising and every NaN rule; refusals named. On the CPU emulator the device is "cpu" (CPU
 tensors count as CUDA tensors there) and the command's "cuda" is redirected to it.
 
@@ -19,7 +19,7 @@ from volconv.io import filtering
 from conftest import EMULATOR, config_rng
 
 pytestmark = pytest.mark.cuda
-FORWARD = "vc_conv3d_forward"
+DEPTHWISE, SEPARABLE = "vc_depthwise_forward", "vc_separable_forward"   # a dense kernel; a Gaussian's 1-D passes
 
 
 def nifti(path, data, zooms=(1.0, 1.2, 0.9)):
@@ -45,7 +45,7 @@ def test_filter_nifti_on_the_plugin_matches_the_cpu_engine_and_scipy(mode, max_m
     kernel = vc.kernels.gaussian(1.3, truncate=2.0)
     got = vc.io.filter_nifti(src, tmp_path / "gpu.nii.gz", kernel, mode=mode, cval=3.5, max_memory=max_memory,
                              device=device)
-    assert [n for n, _ in cuda_plugin.calls] and {n for n, _ in cuda_plugin.calls} == {FORWARD}
+    assert [n for n, _ in cuda_plugin.calls] and {n for n, _ in cuda_plugin.calls} == {SEPARABLE}
     with cuda_plugin.cpu_engine():
         cpu = vc.io.filter_nifti(src, tmp_path / "cpu.nii.gz", kernel, mode=mode, cval=3.5,
                                  max_memory=max_memory)
@@ -64,7 +64,7 @@ def test_masks_normalising_and_nan_rules_on_the_plugin(nan, cuda_plugin, device,
     kernel = np.ones((3, 5, 3), np.float32) / 45   # every weight non-zero: NaN spreads the same way on a GPU
     args = dict(mask=mask, normalize=True, outside="zero", nan=nan, max_memory="24KiB")
     got = vc.io.filter_nifti(src, tmp_path / "gpu.nii", kernel, device=device, **args)
-    assert cuda_plugin.calls
+    assert {n for n, _ in cuda_plugin.calls} == {DEPTHWISE}
     with cuda_plugin.cpu_engine():
         cpu = vc.io.filter_nifti(src, tmp_path / "cpu.nii", kernel, **args)
     np.testing.assert_array_equal(np.isnan(got.data), np.isnan(cpu.data))
@@ -77,7 +77,7 @@ def test_the_command_filters_on_the_plugin(cuda_plugin, device, tmp_path, monkey
     data = volume(3)
     src = nifti(tmp_path / "in.nii.gz", data)
     assert main(["filter", src, str(tmp_path / "gpu.nii.gz"), "--fwhm", "3mm", "--device", "cuda", "-q"]) == 0
-    assert {n for n, _ in cuda_plugin.calls} == {FORWARD}
+    assert {n for n, _ in cuda_plugin.calls} == {SEPARABLE}
     with cuda_plugin.cpu_engine():
         assert main(["filter", src, str(tmp_path / "cpu.nii.gz"), "--fwhm", "3mm", "-q"]) == 0
     close(nib.load(str(tmp_path / "gpu.nii.gz")).get_fdata(), nib.load(str(tmp_path / "cpu.nii.gz")).get_fdata())
