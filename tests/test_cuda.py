@@ -115,6 +115,7 @@ def tolerance(dtype):
 
 def close(a, ref, tol, factor=1.0):
     """|a - ref| within tol of ref's scale; NaN (an output no kernel wrote) fails."""
+    a, ref = a.detach().cpu().double(), ref.detach().cpu().double()
     assert a.shape == ref.shape, (a.shape, ref.shape)
     assert not a.isnan().any(), "NaN in the plugin's result"
     err = (a - ref).abs().max().item() if a.numel() else 0.0

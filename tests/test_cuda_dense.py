@@ -8,18 +8,15 @@ ones, interior tiles (no bounds checks) and boundary ones (zero-filled halo), di
 
 Tolerances (test_cuda's `close`): of the reference's scale, float64 1e-10, float32 1e-4; gradients 10x that (sums
 in another order than torch's)."""
-import os
-
 import pytest
 import torch
 
 import volconv as vc
-from volconv import _cuda
 from volconv._torch import cuda_dense
 from volconv._validate import ConvSpec
 
-from conftest import EMULATOR, config_rng, emulator_builder
-from test_cuda import FORWARD, GRAD_INPUT, GRAD_WEIGHT, _empty_kernel, close, tensors, tolerance, torch_reference
+from conftest import config_rng
+from test_cuda import FORWARD, GRAD_INPUT, GRAD_WEIGHT, close, tensors, tolerance, torch_reference
 
 pytestmark = pytest.mark.cuda
 DEPTHWISE = "vc_depthwise_forward"

@@ -21,6 +21,7 @@ from volconv._torch.lowrank import SEPARABLE_CONV3D
 from volconv.decompose import CPKernel, TuckerKernel
 
 from conftest import config_rng
+from test_cuda import close, tolerance
 
 pytestmark = pytest.mark.cuda
 
@@ -32,19 +33,6 @@ MODES = ["zeros", "reflect", "replicate", "circular"]
 def no_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
-def tolerance(dtype):
-    return 1e-10 if dtype == torch.float64 else 1e-4
-
-
-def close(a, ref, tol, factor=1.0):
-    """|a - ref| within tol of ref's scale; NaN (an output no kernel wrote) fails."""
-    a, ref = a.detach().cpu().double(), ref.detach().cpu().double()
-    assert a.shape == ref.shape, (a.shape, ref.shape)
-    assert not a.isnan().any(), "NaN in the plugin's result"
-    err = (a - ref).abs().max().item() if a.numel() else 0.0
-    assert err <= tol * factor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0), err
 
 
 def leaves(r, device, dtype, *shapes):

@@ -9,8 +9,6 @@ one case runs the default tiles.
 
 Tolerances: float64 within 1e-10 of the reference's largest magnitude; float32 within 1e-4 per stage (sums of a
 few hundred float32 products in another order than torch's); gradients 10x those."""
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -21,7 +19,8 @@ from volconv import _cuda
 from volconv._torch import cuda_nested
 from volconv.engine.nested import stage_specs
 
-from conftest import EMULATOR, config_rng, emulator_builder
+import test_cuda
+from conftest import config_rng
 
 pytestmark = pytest.mark.cuda
 
@@ -56,11 +55,7 @@ def branches_reference(x, weights, dilations, groups, combine, biases):
 
 
 def close(a, ref, dtype, factor=1.0):
-    assert a.shape == ref.shape, (a.shape, ref.shape)
-    assert not a.isnan().any(), "NaN in the plugin's result (an output no kernel wrote)"
-    tol = (1e-10 if dtype == torch.float64 else 1e-4) * factor
-    err = (a.double() - ref.double()).abs().max().item()
-    assert err <= tol * max(1.0, ref.abs().max().item()), err
+    test_cuda.close(a, ref, test_cuda.tolerance(dtype), factor)
 
 
 def leaves(r, device, dtype, shapes):
@@ -194,6 +189,22 @@ def test_double_backward_through_the_chain_and_the_branches(small_tiles, cuda_pl
     assert {CHAIN, BRANCHES} <= set(cuda_plugin.names())
 
 
+def training_step_as_on_the_cpu(cuda_plugin, layer, x):
+    """A training step's loss and parameter gradients on the plugin, checked against the same layer's on the CPU
+    engine; returns the plugin functions the forward ran."""
+    cuda_plugin.calls.clear()
+    loss = layer(x).square().mean()
+    forward = cuda_plugin.names()
+    grads = torch.autograd.grad(loss, list(layer.parameters()))
+    with cuda_plugin.cpu_engine():
+        cpu_loss = layer(x).square().mean()
+        cpu_grads = torch.autograd.grad(cpu_loss, list(layer.parameters()))
+    close(loss.detach(), cpu_loss.detach(), torch.float64)
+    for a, c in zip(grads, cpu_grads):
+        close(a, c, torch.float64, 10)
+    return forward
+
+
 def test_nested_layer_trains_on_the_plugin(small_tiles, cuda_plugin, device):
     """vc.nn.NestedConv3d, depthwise (7^3 then 3^3) and channel-mixing: a training step's loss and parameter
     gradients as the same layer's on the CPU engine; the depthwise forward by the fused kernel."""
@@ -202,16 +213,7 @@ def test_nested_layer_trains_on_the_plugin(small_tiles, cuda_plugin, device):
                       (dict(channels=(3, 2), kernel_sizes=(3, 1), groups=1), False)):
         layer = vc.nn.NestedConv3d(2, device=device, dtype=torch.float64, **kw)
         x = torch.randn(2, 2, 5, 6, 9, device=device, dtype=torch.float64)
-        cuda_plugin.calls.clear()
-        loss = layer(x).square().mean()
-        assert (cuda_plugin.names()[0] == CHAIN) == fused
-        grads = torch.autograd.grad(loss, list(layer.parameters()))
-        with cuda_plugin.cpu_engine():
-            cpu_loss = layer(x).square().mean()
-            cpu_grads = torch.autograd.grad(cpu_loss, list(layer.parameters()))
-        close(loss.detach(), cpu_loss.detach(), torch.float64)
-        for a, c in zip(grads, cpu_grads):
-            close(a, c, torch.float64, 10)
+        assert (training_step_as_on_the_cpu(cuda_plugin, layer, x)[0] == CHAIN) == fused
 
 
 # ---- multi-scale branches ------------------------------------------------------------------------------------
@@ -278,16 +280,7 @@ def test_multiscale_layer_trains_on_the_plugin(small_tiles, cuda_plugin, device)
     layer = vc.nn.MultiScaleConv3d(2, 4, kernel_sizes=(1, 3, 5), dilations=(1, 2, 1), combine="sum", groups=2,
                                    device=device, dtype=torch.float64)
     x = torch.randn(2, 2, 5, 6, 9, device=device, dtype=torch.float64)
-    cuda_plugin.calls.clear()
-    loss = layer(x).square().mean()
-    assert cuda_plugin.names() == [BRANCHES]
-    grads = torch.autograd.grad(loss, list(layer.parameters()))
-    with cuda_plugin.cpu_engine():
-        cpu_loss = layer(x).square().mean()
-        cpu_grads = torch.autograd.grad(cpu_loss, list(layer.parameters()))
-    close(loss.detach(), cpu_loss.detach(), torch.float64)
-    for a, c in zip(grads, cpu_grads):
-        close(a, c, torch.float64, 10)
+    assert training_step_as_on_the_cpu(cuda_plugin, layer, x)[0] == BRANCHES
 
 
 def test_the_kernels_refuse_what_they_cannot_take(cuda_plugin, device):

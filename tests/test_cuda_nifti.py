@@ -1,5 +1,5 @@
-"""filter_nifti(device="cuda") and `volconv filter --device cuda`: each slab filtered by the CUDA plugin (a Gaussian by
-its separable passes, a dense kernel by the one-channel kernel), against the same call on volconv's CPU engine (device=None) and scipy.ndimage, through the slab path (a small
+"""filter_nifti(device="cuda") and `volconv filter --device cuda`: each slab filtered by the CUDA plugin (a
+Gaussian by its separable passes, a dense kernel by the one-channel kernel), against the same call on volconv's CPU engine (device=None) and scipy.ndimage, through the slab path (a small
 max_memory), masks, normalising and every NaN rule; refusals named. On the CPU emulator the device is "cpu" (CPU
 tensors count as CUDA tensors there) and the command's "cuda" is redirected to it.
 

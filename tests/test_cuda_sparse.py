@@ -23,6 +23,7 @@ from volconv import SparseKernel
 from volconv.ops.sparse import pattern_conv3d
 
 from conftest import config_rng
+from test_cuda import close, tolerance
 
 pytestmark = pytest.mark.cuda
 
@@ -34,18 +35,6 @@ MODES = ["zeros", "reflect", "replicate", "circular"]
 @pytest.fixture(autouse=True)
 def no_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
-def tolerance(dtype):
-    return 1e-10 if dtype == torch.float64 else 1e-4
-
-
-def close(a, ref, tol, factor=1.0):
-    """|a - ref| within tol of ref's scale; NaN (an output no kernel wrote) fails."""
-    assert a.shape == ref.shape, (a.shape, ref.shape)
-    assert not a.isnan().any(), "NaN in the plugin's result"
-    err = (a - ref).abs().max().item() if a.numel() else 0.0
-    assert err <= tol * factor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0), err
 
 
 def pattern(r, shape, density):
