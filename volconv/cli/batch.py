@@ -139,7 +139,7 @@ def _batch_on_cluster(args, choice, in_dir, out_dir, names, reporter):
     options = argparse.Namespace(mode=args.mode, cval=args.cval, normalize=args.normalize, outside=args.outside,
                                  mask=None if args.mask is None else os.path.abspath(args.mask), odt=args.odt,
                                  force=args.force, workers=1 if args.workers is None else args.workers,
-                                 nan=args.nan, max_memory=args.max_memory)
+                                 nan=args.nan, max_memory=args.max_memory, device=args.device)
 
     def given(text):
         for path in sorted(as_given, key=len, reverse=True):
