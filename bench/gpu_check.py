@@ -22,7 +22,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # compute-sanitizer's subset: every kernel of every family once (each family's every_kernel_once, conv3d's modes)
 SANITIZER_SUBSET = "every_kernel_once or padding_mode_and_dtype or depthwise_kernel_against_torch"
 BENCH_BUDGET_S = 240   # the benchmarks stop starting cases after this (the rest are listed as not run)
-NOT_YET = ["dynamic kernels (issue 17; anchor: torch's unfold)"]
 
 
 def cases(torch, vc):
@@ -77,6 +76,26 @@ def cases(torch, vc):
         return (lambda: vc.correlate(v, k, mode="reflect")), "cupyx.scipy.ndimage", \
             (lambda: cnd.correlate(cv, ck, mode="reflect")), None
 
+    def dynamic(backward):
+        def build():
+            x = torch.randn(1, 16, 64, 64, 64, device=dev)
+            field = torch.randn(1, 1, 125, 64, 64, 64, device=dev) / 125   # (N, G, k^3, D, H, W): one group
+
+            def unfold(x, field):   # torch's way: every voxel's 5^3 patch materialised
+                p = F.pad(x, (2,) * 6).unfold(2, 5, 1).unfold(3, 5, 1).unfold(4, 5, 1)   # (N, C, D, H, W, 5, 5, 5)
+                return torch.einsum("ncdhwt,ntdhw->ncdhw", p.flatten(5), field[:, 0])
+            return (lambda: vc.dynamic_conv3d(x, field, 5, padding="same")), "torch unfold", \
+                (lambda: unfold(x, field)), (x, field) if backward else None
+        return build
+
+    def adaptive():
+        brain = vc.io.load(ROOT / "sample_volumes" / "mni_icbm152_t1_tal_nlin_sym_09a.nii.gz")
+        v = torch.from_numpy(brain.data).float().to(dev)
+        sigma = torch.linspace(0.5, 3.0, v.shape[2], device=dev).expand(v.shape).contiguous()
+        gauss = vc.kernels.gaussian(2.0, brain.zooms)
+        return (lambda: vc.adaptive_filter(v, sigma, brain.zooms)), "constant-sigma Gaussian (same GPU)", \
+            (lambda: vc.correlate(v, gauss)), None
+
     return [
         dense((1, 1, 256, 256, 256), (1, 1, 7, 7, 7), 3, 3.0, "one channel 256^3 k=7"),
         dense((1, 1, 256, 256, 256), (1, 1, 15, 15, 15), 7, 3.0, "one channel 256^3 k=15"),
@@ -91,6 +110,10 @@ def cases(torch, vc):
         ("low-rank", "CPConv3d 32->32 k=7 rank 16, 64^3", 3.0, lowrank("cp")),
         ("low-rank", "TuckerConv3d 32->32 k=7 ranks (8, 8, 4, 4, 4), 64^3", 3.0, lowrank("tucker")),
         ("filtering", "correlate 256^3 Gaussian sigma 2 (reflect)", 3.0, correlate),
+        ("dynamic", "dynamic_conv3d 16 ch 64^3 k=5 G=1", 20.0, dynamic(False)),
+        ("dynamic", "dynamic_conv3d 16 ch 64^3 k=5 G=1, fwd+bwd (goal 10x)", 20.0, dynamic(True)),
+        # the adaptive filter's goal: within 3x of a constant Gaussian, ratio >= 0.33 (its numbers differ: no error)
+        ("dynamic", "adaptive_filter, 1 mm brain, sigma 0.5-3 mm", 0.33, adaptive),
     ]
 
 
@@ -121,24 +144,36 @@ def timed(torch, fn, rounds):
     return sorted(times)[len(times) // 2]
 
 
+def peak_mib(torch, fn):
+    """MiB one call of fn allocates at its peak beyond what is allocated before it (its output included)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def benchmarks(torch, vc, quick):
     """One table row per case: times, ratio (anchor / volconv: > 1 means volconv is faster), goal, error."""
     torch.backends.cudnn.benchmark = True
     rows, start, rounds = [], time.perf_counter(), 3 if quick else 7
     for family, label, goal, build in cases(torch, vc):
         if time.perf_counter() - start > BENCH_BUDGET_S:
-            rows.append(f"| {label} | not run: the benchmarks' {BENCH_BUDGET_S} s were spent | | | | | |")
+            rows.append(f"| {label} | not run: the benchmarks' {BENCH_BUDGET_S} s were spent | | | | | | |")
             continue
         try:
             built = build()
             if built is None:
-                rows.append(f"| {label} | not run: its anchor is not installed | | | | | |")
+                rows.append(f"| {label} | not run: its anchor is not installed | | | | | | |")
                 continue
             ours_fn, anchor_name, anchor_fn, grads = built
             with torch.no_grad():
                 got, ref = ours_fn(), torch.as_tensor(anchor_fn(), device="cuda")
                 error = float((got - ref).abs().max() / ref.abs().max())
             ours, anchor = timed(torch, ours_fn, rounds), timed(torch, anchor_fn, rounds)
+            peaks = [peak_mib(torch, f) for f in (ours_fn, anchor_fn)]
             row = f"| {label} | {anchor_name} | {ours:.2f} | {anchor:.2f} | **{anchor / ours:.2f}x** (goal {goal:g}x)"
             if grads is not None:
                 for t in grads:
@@ -148,9 +183,9 @@ def benchmarks(torch, vc, quick):
                 row += f" | **{anchor_b / ours_b:.2f}x** ({ours_b:.1f} / {anchor_b:.1f} ms)"
             else:
                 row += " | -"
-            rows.append(row + f" | {error:.1e} |")
+            rows.append(row + f" | {peaks[0]:.0f} / {peaks[1]:.0f} | {error:.1e} |")
         except Exception as e:   # one failing case must not hide the others' numbers
-            rows.append(f"| {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | | |")
+            rows.append(f"| {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | | | |")
         torch.cuda.empty_cache()
     return rows
 
@@ -192,11 +227,9 @@ def main(argv=None):
         lines.append("- compute-sanitizer: not on PATH")
     lines.append("")
     lines.append("| float32 | anchor | volconv ms | anchor ms | fwd ratio | fwd+bwd ratio (volconv / anchor) | "
-                 "max rel. difference |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|")
+                 "peak MiB beyond the inputs, volconv / anchor | max rel. difference |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     lines += benchmarks(torch, vc, a.quick)
-    lines.append("")
-    lines.append(f"No CUDA version yet (not timed): {', '.join(NOT_YET)}.")
     text = "\n".join(lines) + "\n"
     print(text)
     out = pathlib.Path(a.out)
