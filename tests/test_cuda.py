@@ -88,6 +88,25 @@ def test_the_plugin_uses_no_cuda_syntax_the_emulator_cannot_compile():
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("mode", ["reflect", "mirror", "nearest", "wrap", "constant"])
+def test_the_gpu_padding_has_a_fixed_order_backward_equal_to_index_selects(mode):
+    """_torch.reference._Gather (the GPU's padding: its backward adds the pads' planes in turn instead of
+    index_select's atomics) against index_select, values and gradients, pads wider than the axis and crops, and
+    twice differentiable."""
+    from volconv._torch.reference import _Gather
+    from volconv._validate import pad_index
+
+    r = config_rng(706, ["reflect", "mirror", "nearest", "wrap", "constant"].index(mode))
+    for lo, hi in [(3, 2), (0, 4), (-1, 2), (5, 0), (-2, -1), (7, 9)]:
+        x = torch.from_numpy(r.standard_normal((2, 3, 6))).requires_grad_()
+        idx = pad_index(6, lo, hi, mode)
+        ours, ref = _Gather.apply(x, 2, idx, lo), x.index_select(2, torch.from_numpy(np.maximum(idx, 0)))
+        g = torch.from_numpy(r.standard_normal(ref.shape)) * torch.from_numpy(idx >= 0)   # (constants: masked)
+        assert torch.equal(ours, ref)
+        assert torch.allclose(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-12)
+        assert torch.autograd.gradgradcheck(lambda x: _Gather.apply(x, 2, idx, lo), (x,))
+
+
 def random_case(r):
     groups = int(r.choice([1, 2, 4]))
     C, O = groups * int(r.integers(1, 3)), groups * int(r.integers(1, 3))

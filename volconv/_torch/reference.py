@@ -14,14 +14,41 @@ ACTIVATION_FUNCTIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "s
 
 
 def padded(x, spec):
-    """x padded (negative pads: cropped) by spec.pads in spec's boundary mode, by differentiable indexing."""
+    """x padded (negative pads: cropped) by spec.pads in spec's boundary mode, by differentiable indexing (on a
+    GPU with a deterministic backward: _Gather)."""
+    from .. import _cuda
+
     for axis, (n, (lo, hi)) in enumerate(zip(x.shape[2:], spec.pads), start=2):
-        idx = torch.from_numpy(pad_index(n, lo, hi, spec.mode)).to(x.device)
-        x = x.index_select(axis, idx.clamp(min=0))
+        index = pad_index(n, lo, hi, spec.mode)
+        idx = torch.from_numpy(index).to(x.device)
+        x = _Gather.apply(x, axis, index, lo) if _cuda.is_cuda(x) else x.index_select(axis, idx.clamp(min=0))
         if spec.mode == "constant":
             outside = (idx < 0).reshape([-1 if a == axis else 1 for a in range(x.dim())])
             x = x.masked_fill(outside, spec.cval)
     return x
+
+
+class _Gather(torch.autograd.Function):
+    """x.index_select(axis, index) for pad_index's map of an axis padded by lo before (-1 read as 0), whose
+    backward adds in a fixed order: torch's index_select backward on a GPU adds the padding's repeated sources
+    with atomics, so the gradient's last bits would change from run to run. Here the volume's own run is one
+    copy, then each pad position's plane is added in turn (a pad's width of small adds)."""
+
+    @staticmethod
+    def forward(ctx, x, axis, index, lo):
+        ctx.axis, ctx.index, ctx.lo, ctx.n = axis, index, lo, x.shape[axis]
+        return x.index_select(axis, torch.from_numpy(np.maximum(index, 0)).to(x.device))
+
+    @staticmethod
+    def backward(ctx, g):
+        axis, index, lo, n = ctx.axis, ctx.index, ctx.lo, ctx.n
+        gx = g.new_zeros(g.shape[:axis] + (n,) + g.shape[axis + 1:])
+        first, last = max(lo, 0), min(lo + n, index.size)   # positions of the volume itself: index q - lo
+        if last > first:
+            gx.narrow(axis, first - lo, last - first).copy_(g.narrow(axis, first, last - first))
+        for q in [q for q in range(index.size) if index[q] >= 0 and not first <= q < last]:   # pads, in order
+            gx.select(axis, int(index[q])).add_(g.select(axis, q))
+        return gx, None, None, None
 
 
 def reference_conv(x, w, b, spec):
