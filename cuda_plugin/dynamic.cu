@@ -43,26 +43,29 @@ __global__ void dynamic_forward_kernel(const T *__restrict__ x, const T *__restr
          i += (long long)gridDim.x * blockDim.x) {
         const long long p = i % P, no = i / P, o = no % g.O, n = no / g.O;   // once per output, not per tap
         const long long ow = p % g.Wo, oh = (p / g.Wo) % g.Ho, od = p / (g.Wo * g.Ho);
-        const long long id0 = od * g.sd - g.pd, ih0 = oh * g.sh - g.ph, iw0 = ow * g.sw - g.pw;
+        // (positions and taps in ints: a volume's extents fit one; offsets in 64 bits)
+        const int id0 = (int)(od * g.sd - g.pd), ih0 = (int)(oh * g.sh - g.ph), iw0 = (int)(ow * g.sw - g.pw);
+        const int kd = (int)g.kd, kh = (int)g.kh, kw = (int)g.kw, dd = (int)g.dd, dh = (int)g.dh, dw = (int)g.dw;
+        const int D = (int)g.D, H = (int)g.H, W = (int)g.W;
         const Pairs q = pairs_of(o, g, S, full);
         T acc = 0;
         for (long long j = 0; j < q.count; j++) {
             const T *xc = x + (n * g.C + q.c0 + j) * DHW;
-            const T *kp = K + (n * S + q.s0 + j * q.sstep) * T_ * P + p;   // tap t at kp[t * P]
-            for (long long a = 0; a < g.kd; a++) {
-                const long long id = id0 + a * g.dd;
-                if (id < 0 || id >= g.D)
+            const T *kq = K + (n * S + q.s0 + j * q.sstep) * T_ * P + p;   // this tap's field value; P per tap
+            for (int a = 0, id = id0; a < kd; a++, id += dd) {
+                if (id < 0 || id >= D) {
+                    kq += kh * kw * P;
                     continue;
-                for (long long b = 0; b < g.kh; b++) {
-                    const long long ih = ih0 + b * g.dh;
-                    if (ih < 0 || ih >= g.H)
+                }
+                for (int b = 0, ih = ih0; b < kh; b++, ih += dh) {
+                    if (ih < 0 || ih >= H) {
+                        kq += kw * P;
                         continue;
-                    const T *xr = xc + (id * g.H + ih) * g.W, *kr = kp + (a * g.kh + b) * g.kw * P;
-                    for (long long e = 0; e < g.kw; e++) {
-                        const long long iw = iw0 + e * g.dw;
-                        if (iw >= 0 && iw < g.W)
-                            acc += __ldg(kr + e * P) * __ldg(xr + iw);
                     }
+                    const T *xr = xc + ((long long)id * H + ih) * W;
+                    for (int e = 0, iw = iw0; e < kw; e++, iw += dw, kq += P)
+                        if (iw >= 0 && iw < W)
+                            acc += __ldg(kq) * __ldg(xr + iw);
                 }
             }
         }
@@ -83,37 +86,39 @@ __host__ __device__ inline Tile tile_of(const Geom &g)
 // Grouped layout: block (tile of the output plane, od, (n, group)). Per chunk of CB channels of the group: the input
 // tile (zeros outside the volume) into shared memory, then each thread's voxel: K[t] read once, used for CB channels.
 template <typename T, int CB>
-__launch_bounds__(FX *FY) __global__ void dynamic_fused_kernel(const T *__restrict__ x, const T *__restrict__ K,
+__launch_bounds__(FX * FY, 4) __global__ void dynamic_fused_kernel(const T *__restrict__ x, const T *__restrict__ K,
                                                                T *__restrict__ out, Geom g, long long S)
 {
     VC_DYNAMIC_SHARED(unsigned char, smem);   // (one byte array for every T: extern shared arrays cannot differ)
     T *tile = reinterpret_cast<T *>(smem);   // CB x planes x rows x cols
     const Tile tl = tile_of(g);
-    const long long plane = tl.rows * tl.cols, chan = tl.planes * plane;
+    // the tile's extents and the taps in ints (the tile fits 48 KiB)
+    const int planes = (int)tl.planes, rows = (int)tl.rows, cols = (int)tl.cols, chan = planes * rows * cols;
+    const int D = (int)g.D, H = (int)g.H, W = (int)g.W;
+    const int kd = (int)g.kd, kh = (int)g.kh, kw = (int)g.kw, dd = (int)g.dd, dh = (int)g.dh, dw = (int)g.dw;
     const long long Cg = g.C / S, P = g.Do * g.Ho * g.Wo, T_ = g.kd * g.kh * g.kw, DHW = g.D * g.H * g.W;
     const long long tiles_w = (g.Wo + FX - 1) / FX;
     const long long oh0 = (blockIdx.x / tiles_w) * FY, ow0 = (blockIdx.x % tiles_w) * FX;
     const long long oh = oh0 + threadIdx.y, ow = ow0 + threadIdx.x;
-    const long long ih0 = oh0 * g.sh - g.ph, iw0 = ow0 * g.sw - g.pw;
+    const int ih0 = (int)(oh0 * g.sh - g.ph), iw0 = (int)(ow0 * g.sw - g.pw);
     const bool mine = oh < g.Ho && ow < g.Wo;
-    const long long mybase = threadIdx.y * g.sh * tl.cols + threadIdx.x * g.sw;   // the thread's first tap in a plane
+    const int mybase = (int)(threadIdx.y * g.sh * cols + threadIdx.x * g.sw);   // the thread's first tap in a plane
     for (long long z = blockIdx.z; z < g.N * S; z += gridDim.z) {
         const long long n = z / S, s = z % S;
         for (long long od = blockIdx.y; od < g.Do; od += gridDim.y) {
-            const long long id0 = od * g.sd - g.pd;
-            const T *kp = K + (n * S + s) * T_ * P + (od * g.Ho + oh) * g.Wo + ow;   // tap t at kp[t * P]
+            const int id0 = (int)(od * g.sd - g.pd);
+            const T *kp = K + (n * S + s) * T_ * P + (od * g.Ho + oh) * g.Wo + ow;   // the voxel's tap 0
             for (long long c0 = 0; c0 < Cg; c0 += CB) {
                 const int nc = (int)lesser(CB, Cg - c0);
                 const T *xc = x + (n * g.C + s * Cg + c0) * DHW;
                 __syncthreads();   // the previous chunk is read
-                for (long long r = threadIdx.y; r < nc * tl.planes * tl.rows; r += FY) {   // one tile row per step
-                    const long long j = r / (tl.planes * tl.rows), a = (r / tl.rows) % tl.planes, rr = r % tl.rows;
-                    const long long id = id0 + a, ih = ih0 + rr;
-                    const bool row_in = id >= 0 && id < g.D && ih >= 0 && ih < g.H;
-                    const T *src = xc + j * DHW + (id * g.H + ih) * g.W;
-                    for (long long q = threadIdx.x; q < tl.cols; q += FX) {
-                        const long long iw = iw0 + q;
-                        tile[r * tl.cols + q] = row_in && iw >= 0 && iw < g.W ? __ldg(src + iw) : T(0);
+                for (int r = threadIdx.y; r < nc * planes * rows; r += FY) {   // one tile row per step
+                    const int j = r / (planes * rows), id = id0 + (r / rows) % planes, ih = ih0 + r % rows;
+                    const bool row_in = id >= 0 && id < D && ih >= 0 && ih < H;
+                    const T *src = xc + j * DHW + ((long long)id * H + ih) * W;
+                    for (int q = threadIdx.x; q < cols; q += FX) {
+                        const int iw = iw0 + q;
+                        tile[r * cols + q] = row_in && iw >= 0 && iw < W ? __ldg(src + iw) : T(0);
                     }
                 }
                 __syncthreads();
@@ -123,16 +128,16 @@ __launch_bounds__(FX *FY) __global__ void dynamic_fused_kernel(const T *__restri
 #pragma unroll
                 for (int j = 0; j < CB; j++)
                     acc[j] = 0;
-                long long t = 0;
-                for (long long a = 0; a < g.kd; a++)
-                    for (long long b = 0; b < g.kh; b++) {
-                        const T *row = tile + a * g.dd * plane + b * g.dh * tl.cols + mybase;
-                        for (long long e = 0; e < g.kw; e++, t++) {
-                            const T kv = __ldg(kp + t * P);
+                const T *kq = kp;   // this tap's field value: P apart
+                for (int a = 0; a < kd; a++)
+                    for (int b = 0; b < kh; b++) {
+                        const T *row = tile + (a * dd * rows + b * dh) * cols + mybase;
+                        for (int e = 0; e < kw; e++, kq += P) {
+                            const T kv = __ldg(kq);
 #pragma unroll
                             for (int j = 0; j < CB; j++)
                                 if (j < nc)
-                                    acc[j] += kv * row[j * chan + e * g.dw];
+                                    acc[j] += kv * row[j * chan + e * dw];
                         }
                     }
                 T *o = out + ((n * g.C + s * Cg + c0) * g.Do + od) * g.Ho * g.Wo + oh * g.Wo + ow;
@@ -164,9 +169,9 @@ __global__ void dynamic_grad_kernels_kernel(const T *__restrict__ x, const T *__
         if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
             // grouped: the group's channels c = o; full: the one pair (o, c) = divmod(s, C)
             const long long c0 = full ? s % g.C : s * Cg, o0 = full ? s / g.C : c0, count = full ? 1 : Cg;
-            const long long at = (id * g.H + ih) * g.W + iw;
-            for (long long j = 0; j < count; j++)
-                acc += __ldg(grad + (n * g.O + o0 + j) * P + p) * __ldg(x + (n * g.C + c0 + j) * DHW + at);
+            const T *gq = grad + (n * g.O + o0) * P + p, *xq = x + (n * g.C + c0) * DHW + (id * g.H + ih) * g.W + iw;
+            for (long long j = 0; j < count; j++, gq += P, xq += DHW)
+                acc += __ldg(gq) * __ldg(xq);
         }
         gK[i] = acc;
     }
@@ -175,13 +180,13 @@ __global__ void dynamic_grad_kernels_kernel(const T *__restrict__ x, const T *__
 // Along one axis, input position i (padded: u = i + pad) is read by output q through tap a when
 // q stride + a dil = u: the taps a0, a0 + astep, ... (astep = stride / gcd) with q stepping down by qstep = dil / gcd.
 struct Residue {
-    long long a0, q0;   // first tap of u's class and its output (a0 = k: none)
+    int a0, q0;   // first tap of u's class and its output (a0 = k: none)
 };
 
-__device__ inline Residue residue(long long u, long long k, long long s, long long dil, long long astep)
+__device__ inline Residue residue(int u, int k, int s, int dil, int astep)
 {
-    for (long long a = 0; a < k && a < astep; a++) {   // at most `stride` tries per voxel and axis, not per tap
-        const long long v = u - a * dil;
+    for (int a = 0; a < k && a < astep; a++) {   // at most `stride` tries per voxel and axis, not per tap
+        const int v = u - a * dil;
         if (v < 0)
             break;
         if (v % s == 0)
@@ -207,31 +212,33 @@ __global__ void dynamic_grad_input_kernel(const T *__restrict__ K, const T *__re
                                           Geom g, long long S, int full)
 {
     const long long P = g.Do * g.Ho * g.Wo, T_ = g.kd * g.kh * g.kw, DHW = g.D * g.H * g.W, total = g.N * g.C * DHW;
-    const long long gd = gcd(g.sd, g.dd), gh = gcd(g.sh, g.dh), gw = gcd(g.sw, g.dw);
-    const long long ad = g.sd / gd, ah = g.sh / gh, aw = g.sw / gw, qd = g.dd / gd, qh = g.dh / gh, qw = g.dw / gw;
+    const int kd = (int)g.kd, kh = (int)g.kh, kw = (int)g.kw, Do = (int)g.Do, Ho = (int)g.Ho, Wo = (int)g.Wo;
+    const int ad = (int)(g.sd / gcd(g.sd, g.dd)), ah = (int)(g.sh / gcd(g.sh, g.dh)), aw = (int)(g.sw / gcd(g.sw, g.dw));
+    const int qd = (int)(g.dd * ad / g.sd), qh = (int)(g.dh * ah / g.sh), qw = (int)(g.dw * aw / g.sw);
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
-        const long long v = i % DHW, nc = i / DHW, c = nc % g.C, n = nc / g.C;
-        const long long iw = v % g.W, ih = (v / g.W) % g.H, id = v / (g.W * g.H);
-        const Residue rd = residue(id + g.pd, g.kd, g.sd, g.dd, ad), rh = residue(ih + g.ph, g.kh, g.sh, g.dh, ah);
-        const Residue rw = residue(iw + g.pw, g.kw, g.sw, g.dw, aw);
+        const long long v = i % DHW, nc = i / DHW, c = nc % g.C, n = nc / g.C;   // once per input voxel
+        const int iw = (int)(v % g.W), ih = (int)((v / g.W) % g.H), id = (int)(v / (g.W * g.H));
+        const Residue rd = residue(id + (int)g.pd, kd, (int)g.sd, (int)g.dd, ad);
+        const Residue rh = residue(ih + (int)g.ph, kh, (int)g.sh, (int)g.dh, ah);
+        const Residue rw = residue(iw + (int)g.pw, kw, (int)g.sw, (int)g.dw, aw);
         // grouped: the one output o = c with slice c / Cg; full: every o with slice o C + c
         const long long o0 = full ? 0 : c, count = full ? g.O : 1, s0 = full ? c : c / (g.C / S);
-        const long long sstep = full ? g.C : 0;
+        const long long sstep = full ? g.C : 0, kstep = aw * P - qw;   // the next tap of the class along W
         T acc = 0;
         for (long long j = 0; j < count; j++) {
             const T *kp = K + (n * S + s0 + j * sstep) * T_ * P, *gp = grad + (n * g.O + o0 + j) * P;
-            for (long long a = rd.a0, od = rd.q0; a < g.kd && od >= 0; a += ad, od -= qd) {
-                if (od >= g.Do)
+            for (int a = rd.a0, od = rd.q0; a < kd && od >= 0; a += ad, od -= qd) {
+                if (od >= Do)
                     continue;
-                for (long long b = rh.a0, oh = rh.q0; b < g.kh && oh >= 0; b += ah, oh -= qh) {
-                    if (oh >= g.Ho)
+                for (int b = rh.a0, oh = rh.q0; b < kh && oh >= 0; b += ah, oh -= qh) {
+                    if (oh >= Ho)
                         continue;
-                    const long long row = (od * g.Ho + oh) * g.Wo;
-                    const T *kr = kp + (a * g.kh + b) * g.kw * P + row;
-                    for (long long e = rw.a0, ow = rw.q0; e < g.kw && ow >= 0; e += aw, ow -= qw)
-                        if (ow < g.Wo)
-                            acc += __ldg(kr + e * P + ow) * __ldg(gp + row + ow);
+                    const long long row = ((long long)od * Ho + oh) * Wo;
+                    const T *kq = kp + ((a * kh + b) * kw + rw.a0) * P + row + rw.q0, *gq = gp + row + rw.q0;
+                    for (int e = rw.a0, ow = rw.q0; e < kw && ow >= 0; e += aw, ow -= qw, kq += kstep, gq -= qw)
+                        if (ow < Wo)
+                            acc += __ldg(kq) * __ldg(gq);
                 }
             }
         }
@@ -251,6 +258,12 @@ int flat(Kernel kernel, long long total, cudaStream_t stream, Args... args)
 // params: the 22 geometry values (the layout's ConvSpec: groups = C grouped, 1 full), then S, full (, CB fused).
 bool dynamic_valid(const Geom &g, long long S, long long full)
 {
+    const long long lim = 1LL << 30;   // the kernels hold positions and taps in ints
+    const long long extents[] = {g.D + g.pd, g.H + g.ph, g.W + g.pw, g.Do, g.Ho, g.Wo, g.kd * g.kh * g.kw,
+                                 g.kd * g.dd, g.kh * g.dh, g.kw * g.dw, g.Do * g.sd, g.Ho * g.sh, g.Wo * g.sw};
+    for (long long e : extents)
+        if (e >= lim)
+            return false;
     return S > 0 && (full ? S == g.O * g.C : g.O == g.C && g.C % S == 0);
 }
 
