@@ -86,8 +86,9 @@ __host__ __device__ inline Tile tile_of(const Geom &g)
 // Grouped layout: block (tile of the output plane, od, (n, group)). Per chunk of CB channels of the group: the input
 // tile (zeros outside the volume) into shared memory, then each thread's voxel: K[t] read once, used for CB channels.
 template <typename T, int CB>
+// (4 blocks of 256 threads per SM: at most 64 registers, no spills on sm_90; 4 x 48 KiB of shared memory fit)
 __launch_bounds__(FX * FY, 4) __global__ void dynamic_fused_kernel(const T *__restrict__ x, const T *__restrict__ K,
-                                                               T *__restrict__ out, Geom g, long long S)
+                                                                  T *__restrict__ out, Geom g, long long S)
 {
     VC_DYNAMIC_SHARED(unsigned char, smem);   // (one byte array for every T: extern shared arrays cannot differ)
     T *tile = reinterpret_cast<T *>(smem);   // CB x planes x rows x cols

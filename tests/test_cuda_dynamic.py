@@ -184,6 +184,21 @@ def test_the_layer_trains_on_the_plugin(tile, cuda_plugin, device):
         assert torch.isfinite(layer(x).detach()).all()
 
 
+def test_half_inputs_without_gradients_and_an_empty_batch(cuda_plugin, device):
+    """float16 computes in float32 on the plugin (no gradient wanted: the front door still takes the plugin's path)
+    and comes back in float16; an empty batch gives an empty result and launches nothing that fails."""
+    r = config_rng(1706)
+    x, K, k, layout = operands(r, device, torch.float32, (1, 4, 3, 5, 6), 3, 1, 1, 1, groups=2)
+    cuda_plugin.calls.clear()
+    out = vc.dynamic_conv3d(x.detach().half(), K.detach().half(), k, 1, 1, 1)
+    assert out.dtype == torch.float16 and cuda_plugin.calls == [(FUSED, 0)]
+    close(out.float(), dynamic_reference(x.detach().half().float(), K.detach().half().float(), layout), 1e-2)
+    e = vc.dynamic_conv3d(x[:0], K[:0], k, 1, 1, 1)
+    assert e.shape == (0, 4, 3, 5, 6)
+    gx, gK = torch.autograd.grad(e.sum(), [x, K])
+    assert not gx.any() and not gK.any()
+
+
 def test_the_kernels_refuse_what_they_cannot_take(cuda_plugin, device):
     """A field whose slices do not match the channels, and a fused tile beyond 48 KiB: errors, not wrong values."""
     from volconv import _cuda
