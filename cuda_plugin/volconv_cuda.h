@@ -88,6 +88,25 @@ int vc_separable_forward(int dtype, const void *z, const void *fd, const void *f
 int vc_separable_grad_factor(int dtype, const void *y, const void *grad, void *partials, void *gf,
                              const long long *params, void *stream);
 
+/* ---- dynamic (dynamic.cu): per-voxel kernels, vc.dynamic_conv3d ---- */
+/* params (int64[24], fused 25): the geometry of the layout's ConvSpec (grouped: O = groups = C, weight (C, 1, k);
+ * full: O output channels, groups 1), then S (kernel slices: G grouped, O * C full), full (0 / 1), and for the
+ * fused forward CB (1, 2 or 4 channels per shared tile). K: (N, S, kd*kh*kw, Do, Ho, Wo); grouped: channel c
+ * uses slice c / (C / S); full: output o, input c use slice o * C + c. BAD_GEOMETRY when S / O do not match. */
+/* out = the dynamic convolution, a thread per output voxel. */
+int vc_dynamic_forward(int dtype, const void *x, const void *K, void *out, const long long *params, void *stream);
+/* The same, grouped layout only: a block's 8 x 32 output tile of one plane reads the input tile plus halo of CB
+ * channels from shared memory, (kd-1)*dd+1 planes x (7 sh + (kh-1) dh + 1) x (31 sw + (kw-1) dw + 1) values per
+ * channel, CB of them within 48 KiB (else BAD_ARGUMENT). */
+int vc_dynamic_forward_fused(int dtype, const void *x, const void *K, void *out, const long long *params,
+                             void *stream);
+/* gK = d loss / d K, a thread per entry (its group's channels summed in order). */
+int vc_dynamic_grad_kernels(int dtype, const void *x, const void *grad, void *gK, const long long *params,
+                            void *stream);
+/* gx = d loss / d x, a gather per input voxel over the taps of its residue class (deterministic). */
+int vc_dynamic_grad_input(int dtype, const void *K, const void *grad, void *gx, const long long *params,
+                          void *stream);
+
 #ifdef __cplusplus
 }
 #endif

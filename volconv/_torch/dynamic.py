@@ -1,12 +1,15 @@
 """dynamic_conv3d on tensors: the volconv::dynamic_conv3d operator (forward, kernel-field gradient and input
-gradient by volconv's per-voxel kernels) and the front doors' entry."""
+gradient by volconv's per-voxel kernels: the CPU engine, or the CUDA plugin's for tensors on a GPU, see
+cuda_dynamic.py) and the front doors' entry."""
 from typing import List, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import _cuda
 from .._validate import triple
 from ..engine import dynamic
+from . import cuda_dynamic
 from .common import compute_dtype, empty, ints, numpy, operand, threads, threads_arg
 from .op import Op
 from .reference import dynamic_reference, reference_grads
@@ -21,6 +24,8 @@ def _layout(x_shape, k_shape, kernel_size, stride, padding, dilation):
 def _forward(x: Tensor, kernels: Tensor, kernel_size: List[int], stride: List[int], padding: str,
              dilation: List[int], nthreads: int) -> Tensor:
     layout = _layout(x.shape, kernels.shape, kernel_size, stride, padding, dilation)
+    if _cuda.is_cuda(x):
+        return cuda_dynamic.forward(x.contiguous(), kernels.contiguous(), layout)
     return torch.from_numpy(dynamic.forward(numpy(x), numpy(kernels), layout, threads(nthreads)))
 
 
@@ -31,9 +36,19 @@ def _forward_fake(x, kernels, kernel_size, stride, padding, dilation, nthreads):
 def _backward(grad: Tensor, x: Tensor, kernels: Tensor, kernel_size: List[int], stride: List[int], padding: str,
               dilation: List[int], need_input: bool, need_kernels: bool, nthreads: int) -> Tuple[Tensor, Tensor]:
     layout = _layout(x.shape, kernels.shape, kernel_size, stride, padding, dilation)
-    gx, gK = dynamic.backward(numpy(x), numpy(kernels), numpy(grad), layout, (need_input, need_kernels),
-                              threads(nthreads))
-    return (empty(x) if gx is None else torch.from_numpy(gx), empty(kernels) if gK is None else torch.from_numpy(gK))
+    gx, gK = backward(x, kernels, grad, layout, (need_input, need_kernels), threads(nthreads))
+    return empty(x) if gx is None else gx, empty(kernels) if gK is None else gK
+
+
+def backward(x, kernels, grad, layout, needs, nthreads):
+    """(input gradient, kernel-field gradient) as tensors, each None unless needs[0] / needs[1]: the plugin's
+    kernels for tensors on a GPU, else the CPU engine's (DynamicConv3d's tiles call this too)."""
+    if _cuda.is_cuda(x):
+        g, x, kernels = grad.contiguous(), x.contiguous(), kernels.contiguous()
+        return (cuda_dynamic.grad_input(kernels, g, layout, x.shape) if needs[0] else None,
+                cuda_dynamic.grad_kernels(x, g, layout, kernels.shape) if needs[1] else None)
+    gx, gK = dynamic.backward(numpy(x), numpy(kernels), numpy(grad), layout, tuple(needs), nthreads)
+    return None if gx is None else torch.from_numpy(gx), None if gK is None else torch.from_numpy(gK)
 
 
 def _backward_fake(grad, x, kernels, kernel_size, stride, padding, dilation, need_input, need_kernels, nthreads):

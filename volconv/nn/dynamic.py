@@ -5,6 +5,7 @@ exists at once."""
 import torch
 
 from .._dispatch import compiling, torch_batching
+from .._torch import dynamic as torch_dynamic
 from .._torch.common import compute_dtype
 from .._torch.reference import no_double_backward, twice_differentiable
 from .._validate import triple, workers as resolve_workers
@@ -132,7 +133,7 @@ class _TiledDynamic(torch.autograd.Function):
         ctx.save_for_backward(x)
         xf = x.to(compute_dtype(x))
         out = torch.empty((x.shape[0], layer.in_channels if layer.out_channels is None else layer.out_channels)
-                          + tuple(x.shape[2:]), dtype=xf.dtype)
+                          + tuple(x.shape[2:]), dtype=xf.dtype, device=x.device)
         with torch.no_grad():
             for a, b, slab, _, _, halo in _tiles(layer, xf, pad):
                 field = layer._tile_field(slab, halo, b - a)
@@ -157,15 +158,16 @@ class _TiledDynamic(torch.autograd.Function):
         for a, b, slab, leaf, lo, halo in _tiles(layer, xf, pad, grad=need_x):
             with torch.enable_grad():
                 field = layer._tile_field(slab, halo, b - a)
-            xs = slab[:, :, halo - r:halo + (b - a) + r].detach().contiguous().numpy()
-            K = field.detach().contiguous().numpy()
-            lay = dynamic.Layout(xs.shape, K.shape, layer.kernel_size, 1, (0,) + pad[1:], layer.dilation)
-            gxs, gK = dynamic.backward(xs, K, g[:, :, a:b].contiguous().numpy(), lay, (need_x, True),
-                                       resolve_workers(layer.workers))
-            grads = torch.autograd.grad(field, [leaf] * need_x + params, torch.from_numpy(gK), allow_unused=True)
+            xs = slab[:, :, halo - r:halo + (b - a) + r].detach()
+            K = field.detach()
+            lay = dynamic.Layout(tuple(xs.shape), tuple(K.shape), layer.kernel_size, 1, (0,) + pad[1:],
+                                 layer.dilation)
+            # the dynamic convolution's backward: the CUDA plugin's kernels for GPU tensors, else the CPU engine's
+            gxs, gK = torch_dynamic.backward(xs, K, g[:, :, a:b], lay, (need_x, True), resolve_workers(layer.workers))
+            grads = torch.autograd.grad(field, [leaf] * need_x + params, gK, allow_unused=True)
             if need_x:   # the application's input planes [a - r, b + r) inside the volume, and kernel_fn's
                 s0, s1 = max(0, a - r), min(x.shape[2], b + r)
-                gx[:, :, s0:s1] += torch.from_numpy(gxs[:, :, s0 - (a - r):s1 - (a - r)])
+                gx[:, :, s0:s1] += gxs[:, :, s0 - (a - r):s1 - (a - r)]
                 gx[:, :, lo:lo + leaf.shape[2]] += grads[0]
             for acc, gq in zip(gparams, grads[need_x:]):
                 if gq is not None:

@@ -7,9 +7,11 @@ vc.dynamic_conv3d(input, kernels, kernel_size, stride, padding, dilation): with 
 - kernels (N, Cout, Cin, T, Do, Ho, Wo): a full per-voxel Cout x Cin kernel,
   out[n, o, p] = sum over c, t of kernels[n, o, c, t, p] * x[n, c, p*stride + t*dilation - padding].
 Zero padding, torch's padding argument (int, triple, "same", "valid"). Checked here, run by engine/dynamic.py
-(memory: the input, the output and the kernel field; no unfolded patches) or the torch adapter."""
+(memory: the input, the output and the kernel field; no unfolded patches) or the torch adapter (tensors that need
+gradients, and CUDA tensors: the plugin's kernels, cuda_plugin/dynamic.cu)."""
 import numpy as np
 
+from .. import _cuda
 from .._dispatch import Caller, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
 from .._validate import real_number, scipy_mode, workers as resolve_workers
 from ..engine import dynamic
@@ -25,11 +27,11 @@ def dynamic_conv3d(input, kernels, kernel_size, stride=1, padding=0, dilation=1,
     if not traced:
         layout = dynamic.Layout(tuple(np.shape(input)), tuple(np.shape(kernels)), kernel_size, stride, padding,
                                 dilation)
-    if traced or wants_autograd(input, kernels):
+    if traced or _cuda.is_cuda(input) or wants_autograd(input, kernels):
         from .._torch import dynamic as torch_dynamic
 
         if not traced:
-            check_tensors("dynamic_conv3d", [input, kernels], ["input", "kernels"])
+            check_tensors("dynamic_conv3d", [input, kernels], ["input", "kernels"], cuda=True)
         return torch_dynamic.dynamic_conv3d(input, kernels, kernel_size, stride, padding, dilation, workers)
     caller = Caller("dynamic_conv3d", [input, kernels], ["input", "kernels"])
     x = caller.cast(caller.arrays[0], "input")
