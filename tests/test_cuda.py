@@ -365,7 +365,7 @@ def test_correlate_and_convolve_on_the_plugin_against_scipy(mode, dtype, cuda_pl
 @pytest.mark.cuda
 def test_ops_without_a_cuda_version_say_so(cuda_plugin, device):
     with pytest.raises(RuntimeError, match="no CUDA version"):
-        vc.dynamic_conv3d(torch.ones(1, 1, 6, 6, 6, device=device), torch.ones(1, 1, 27, 4, 4, 4, device=device), 3)
+        vc.adaptive_filter(torch.ones(6, 6, 6, device=device), torch.ones(6, 6, 6, device=device))
     _cuda.require("conv3d", has_cuda_version=True)
     assert cuda_plugin.calls == []
 
@@ -405,7 +405,8 @@ def exercise_conv3d(cuda_plugin, device):
 EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d"), "depthwise.cu": ("test_cuda_dense", "exercise_depthwise"),
              "sparse.cu": ("test_cuda_sparse", "exercise_every_kernel"),
              "nested.cu": ("test_cuda_nested", "exercise_every_kernel"),
-             "separable.cu": ("test_cuda_lowrank", "exercise_every_kernel")}
+             "separable.cu": ("test_cuda_lowrank", "exercise_every_kernel"),
+             "dynamic.cu": ("test_cuda_dynamic", "exercise_every_kernel")}
 
 
 @pytest.mark.cuda
