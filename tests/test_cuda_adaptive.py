@@ -90,6 +90,15 @@ def test_sigma_zero_keeps_the_voxel_and_a_radius_wider_than_the_volume(cuda_plug
     np.testing.assert_array_equal(got.cpu().numpy(), x)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_reaches_opt_into_shared_memory_or_read_through_the_cache(dtype, cuda_plugin, device):
+    # radius 7: a 15 x 22 x 46 tile, 60 KiB in float32 (opted in), 121 KiB in float64 (past the cap: no tile)
+    x, sigma = case(1708, (4, 10, 35), largest=2.4)
+    sigma[0, 0, 0] = 2.4
+    got, cpu = on_plugin(cuda_plugin, device, x, sigma, dtype, truncate=3.0, mode="wrap")
+    close(got, cpu, tolerance(dtype))
+
+
 def test_no_gradient_half_precision_and_refusals(cuda_plugin, device):
     x, sigma = case(1704, (4, 5, 6))
     xt = torch.from_numpy(x).to(device, torch.float32).requires_grad_()
