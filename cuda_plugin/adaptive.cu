@@ -35,11 +35,21 @@ struct Axis {
     T q, inv_norm;
 };
 
+// a * b rounded on its own (never fused into a following add): the radius as numpy computes it
+__device__ inline double mul_rn(double a, double b)
+{
+#ifdef __CUDA_ARCH__
+    return __dmul_rn(a, b);
+#else
+    return a * b;   // (the emulator's g++ -std=c++20 does not contract)
+#endif
+}
+
 template <typename T>
 __device__ Axis<T> axis_of(double sigma, double zoom, double truncate, long long reach)
 {
     const double s = sigma / zoom;   // (as the CPU engine computes it, in double: the same radius)
-    const double r = floor(truncate * s + 0.5);
+    const double r = floor(mul_rn(truncate, s) + 0.5);
     Axis<T> a;
     a.own = r < (double)reach ? (int)r : (int)reach;
     a.q = s > 0 ? (T)exp(-0.5 / (s * s)) : T(0);   // sigma 0: q = 0, only the centre weighs

@@ -99,6 +99,15 @@ def test_wide_reaches_opt_into_shared_memory_or_read_through_the_cache(dtype, cu
     close(got, cpu, tolerance(dtype))
 
 
+def test_radii_on_their_rounding_boundaries_are_the_cpu_engines(cuda_plugin, device):
+    # truncate * sigma / zoom + 0.5 an integer or within rounding of one: the radius must round as numpy's
+    x, _ = case(1709, (5, 6, 33))
+    sigma = (np.arange(x.size) % 13 / 6.0).reshape(x.shape)
+    for zooms in [(1.0, 1.0, 1.0), (0.9, 1.1, 0.3)]:
+        got, cpu = on_plugin(cuda_plugin, device, x, sigma * zooms[0], torch.float64, zooms=zooms, truncate=3.0)
+        close(got, cpu, 1e-10)
+
+
 def test_no_gradient_half_precision_and_refusals(cuda_plugin, device):
     x, sigma = case(1704, (4, 5, 6))
     xt = torch.from_numpy(x).to(device, torch.float32).requires_grad_()
