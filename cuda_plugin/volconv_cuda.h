@@ -107,6 +107,15 @@ int vc_dynamic_grad_kernels(int dtype, const void *x, const void *grad, void *gK
 int vc_dynamic_grad_input(int dtype, const void *K, const void *grad, void *gx, const long long *params,
                           void *stream);
 
+/* ---- adaptive (adaptive.cu): the spatially varying Gaussian of vc.adaptive_filter ---- */
+/* out (D, H, W) = xp filtered at every voxel p by the normalised separable Gaussian of sigma[p] / zoom per axis,
+ * truncated at the voxel's own radius int(truncate * sigma[p] / zoom + 0.5) (no more than r on that axis), sigma 0:
+ * the voxel itself. xp: the volume padded by (rd, rh, rw) on both sides of each axis (the boundary mode's
+ * extension, done by the caller); sigma (D, H, W) in the volume's dtype. params (int64[10]): D, H, W, rd, rh, rw,
+ * then zd, zh, zw, truncate as the bit patterns of IEEE-754 doubles. */
+int vc_adaptive_gaussian(int dtype, const void *xp, const void *sigma, void *out, const long long *params,
+                         void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -362,14 +362,6 @@ def test_correlate_and_convolve_on_the_plugin_against_scipy(mode, dtype, cuda_pl
           torch.from_numpy(ndimage.correlate(v, gauss.to_dense(), mode=mode)).to(dtype), tolerance(dtype))
 
 
-@pytest.mark.cuda
-def test_ops_without_a_cuda_version_say_so(cuda_plugin, device):
-    with pytest.raises(RuntimeError, match="no CUDA version"):
-        vc.adaptive_filter(torch.ones(6, 6, 6, device=device), torch.ones(6, 6, 6, device=device))
-    _cuda.require("conv3d", has_cuda_version=True)
-    assert cuda_plugin.calls == []
-
-
 # ---- the emulator's own checks ----------------------------------------------------------------------------------
 
 emulator_only = pytest.mark.skipif(not EMULATOR, reason="checks of the CPU emulator (VOLCONV_CUDA_EMULATOR=1)")
@@ -406,7 +398,8 @@ EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d"), "depthwise.cu": ("te
              "sparse.cu": ("test_cuda_sparse", "exercise_every_kernel"),
              "nested.cu": ("test_cuda_nested", "exercise_every_kernel"),
              "separable.cu": ("test_cuda_lowrank", "exercise_every_kernel"),
-             "dynamic.cu": ("test_cuda_dynamic", "exercise_every_kernel")}
+             "dynamic.cu": ("test_cuda_dynamic", "exercise_every_kernel"),
+             "adaptive.cu": ("test_cuda_adaptive", "exercise_every_kernel")}
 
 
 @pytest.mark.cuda

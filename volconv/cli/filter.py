@@ -27,9 +27,8 @@ def add_parser(sub):
     s.set_defaults(run=run, parser=s)
 
 
-def check_device(device, sigma_map=None):
-    """--device cuda needs the CUDA plugin and a GPU, and a kernel (a --sigma-map's per-voxel kernels have no
-    CUDA version yet)."""
+def check_device(device):
+    """--device cuda needs the CUDA plugin and a GPU (a kernel and a --sigma-map both run there)."""
     if device == "cuda":
         from .. import _cuda
 
@@ -37,9 +36,6 @@ def check_device(device, sigma_map=None):
             _cuda.require("volconv --device cuda", has_cuda_version=True)
         except RuntimeError as e:
             raise CommandError(None, str(e)) from None
-        if sigma_map is not None:
-            raise CommandError(None, "--device cuda with --sigma-map: per-voxel (adaptive) kernels have no CUDA "
-                                     "version yet; leave out --device cuda")
 
 
 def nifti_options(options):
@@ -78,7 +74,8 @@ def _adaptive_file(args, src, dst, reporter, on_progress=None):
             warnings.simplefilter("always")
             io.adaptive_filter_nifti(src, dst, args.sigma_map, truncate, mode=args.mode, cval=args.cval,
                                      dtype=args.odt, overwrite=args.force, workers=args.workers,
-                                     progress=on_progress, max_memory=args.max_memory, return_volume=False)
+                                     progress=on_progress, max_memory=args.max_memory, return_volume=False,
+                                     device=None if args.device == "cpu" else args.device)
     except (MemoryError, OSError, ValueError) as e:   # NiftiError is a ValueError
         raise CommandError(*failure(e, src, dst, args.sigma_map)) from e
     report_warnings(reporter, caught)
@@ -92,7 +89,7 @@ def run(args):
     try:
         check_distinct([("IN", src), ("--mask", args.mask), ("--kernel", args.kernel),
                          ("--sigma-map", args.sigma_map)], [("OUT", dst), ("--preview", args.preview)])
-        check_device(args.device, args.sigma_map)
+        check_device(args.device)
         choice = None if args.sigma_map is not None else KernelChoice(args)
         check_output(dst, args.force)
         preview = Preview(args.preview, args.force) if args.preview else None

@@ -132,8 +132,7 @@ def add_filter_options(p, preview):
     o.add_argument("--workers", type=workers_type, metavar="N",
                    help="threads (default: all OpenMP allows; -1 all cores, -2 all but one)")
     o.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where to filter: cpu (default) or cuda (the CUDA plugin on a GPU, slab by slab; not with "
-                        "--sigma-map)")
+                   help="where to filter: cpu (default) or cuda (the CUDA plugin on a GPU, slab by slab)")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     if preview:
         o.add_argument("--preview", metavar="PNG",

@@ -121,13 +121,17 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
 
 
 def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", cval=0.0, dtype=None,
-                          overwrite=False, workers=None, progress=None, max_memory=None, return_volume=True):
+                          overwrite=False, workers=None, progress=None, max_memory=None, return_volume=True,
+                          device=None):
     """vc.adaptive_filter (a Gaussian whose sigma, in mm, varies voxel by voxel) of the NIfTI file `src` into
     `dst`, every 3-D volume of a 4-D file with the same map. sigma_map: a 3-D NIfTI file on src's grid (same
-    shape and affine). Slabbed with a halo under max_memory like filter_nifti (same arguments, same return)."""
+    shape and affine). Slabbed with a halo under max_memory like filter_nifti (same arguments, same return).
+    device: as filter_nifti's (None: volconv's CPU engine; "cuda": each slab and its part of the map filtered
+    by the CUDA plugin, then brought back to be written)."""
     from ..kernels import check_truncate, gaussian_radius
     from ..ops.dynamic import adaptive_filter
 
+    device = filter_device(device, "adaptive_filter_nifti(device='cuda')")
     truncate, mode = check_truncate(truncate), scipy_mode(mode)   # (aliases as their names, as filter_nifti)
     job = _FileJob(src, dst, overwrite, max_memory)
     sigma_map = os.fspath(sigma_map)
@@ -155,7 +159,11 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
             def filter_slab(block, planes, halo):
                 s = slabs.gather(planes, reader)
                 # C-ordered views of the Fortran blocks: adaptive_filter's (D, H, W) with the zooms reversed
-                out = adaptive_filter(block.T, s.T, zooms[::-1], truncate, mode=mode, cval=cval, workers=workers)
+                if device is None:
+                    out = adaptive_filter(block.T, s.T, zooms[::-1], truncate, mode=mode, cval=cval, workers=workers)
+                else:
+                    out = adaptive_filter(on_device(block.T, device), on_device(s.T, device), zooms[::-1], truncate,
+                                          mode=mode, cval=cval).cpu().numpy()
                 return out.T[..., halo[0]:out.shape[0] - halo[1]]
             return filter_slab
 
@@ -236,9 +244,9 @@ class _FileJob:
             return load(self.dst, dtype=None, mmap="r" if not compressed else False)
 
 
-def filter_device(device):
+def filter_device(device, op="filter_nifti(device='cuda')"):
     """filter_nifti's device: None (the CPU engine, on numpy arrays) or a torch.device of type cpu or cuda (each
-    slab filtered there as a tensor; cuda needs the CUDA plugin and a GPU)."""
+    slab filtered there as a tensor; cuda needs the CUDA plugin and a GPU; `op` names the call in the error)."""
     if device is None:
         return None
     try:
@@ -255,7 +263,7 @@ def filter_device(device):
     if device.type == "cuda":
         from .. import _cuda
 
-        _cuda.require("filter_nifti(device='cuda')", has_cuda_version=True)
+        _cuda.require(op, has_cuda_version=True)
     return device
 
 

@@ -45,22 +45,37 @@ def adaptive_filter(volume, sigma_map, zooms=None, truncate=3.0, *, mode="reflec
     truncated at `truncate` sigmas per axis and normalised, as scipy.ndimage.gaussian_filter does; so a
     constant map gives gaussian_filter(volume, sigma / zooms, truncate=truncate, mode=mode). Sigma 0 keeps the
     voxel. `mode` / `cval`: the volume's extension beyond its edges, scipy.ndimage's names. Runs the per-voxel
-    kernel as three 1-D weight fields (no k^3 field), slab by slab of planes."""
-    caller = Caller("adaptive_filter", [volume, sigma_map], ["volume", "sigma_map"])
-    v, s = caller.arrays
+    kernel as three 1-D weight fields (no k^3 field), slab by slab of planes. CUDA tensors (volume and map on
+    one GPU): cuda_plugin/adaptive.cu, each voxel's weights made in the kernel. Never differentiable: a result
+    without gradient whatever the inputs (tensors needing one included)."""
+    from .. import _cuda
+    from .._dispatch import check_devices, check_tensors
+
+    on_gpu = _cuda.is_cuda(volume) or _cuda.is_cuda(sigma_map)
+    if on_gpu:   # checked where they are (the map's values on the device, _torch/cuda_adaptive.py)
+        check_tensors("adaptive_filter", [volume], ["volume"], cuda=True)
+        check_devices("adaptive_filter", [volume, sigma_map], ["volume", "sigma_map"], cuda=True)
+        v, s = volume, sigma_map
+    else:
+        caller = Caller("adaptive_filter", [volume, sigma_map], ["volume", "sigma_map"])
+        v, s = caller.arrays
     if np.ndim(v) != 3:
-        raise ValueError(f"volume must be 3-D (D, H, W), got shape {np.shape(v)}")
-    if np.shape(s) != np.shape(v):
-        raise ValueError(f"sigma_map must have the volume's shape {np.shape(v)}, got {np.shape(s)}")
-    x = caller.cast(v, "volume")
-    sig = np.asarray(s, np.float64)
-    if not np.isfinite(sig).all() or (sig < 0).any():
-        raise ValueError("sigma_map must be finite and >= 0 everywhere (a sigma in mm, or voxels without zooms)")
+        raise ValueError(f"volume must be 3-D (D, H, W), got shape {tuple(np.shape(v))}")
+    if tuple(np.shape(s)) != tuple(np.shape(v)):
+        raise ValueError(f"sigma_map must have the volume's shape {tuple(np.shape(v))}, got {tuple(np.shape(s))}")
     z = np.ones(3) if zooms is None else np.asarray(zooms, np.float64).ravel()
     if z.shape != (3,) or not (z > 0).all():
         raise ValueError(f"zooms must be 3 positive voxel sizes (mm), got {zooms!r}")
     truncate = check_truncate(truncate)
     mode, cval = scipy_mode(mode), real_number(cval, "cval")
+    if on_gpu:
+        from .._torch import cuda_adaptive
+
+        return cuda_adaptive.adaptive_filter(volume, sigma_map, tuple(z), truncate, mode, cval)
+    x = caller.cast(v, "volume")
+    sig = np.asarray(s, np.float64)
+    if not np.isfinite(sig).all() or (sig < 0).any():
+        raise ValueError("sigma_map must be finite and >= 0 everywhere (a sigma in mm, or voxels without zooms)")
     if x.size == 0:   # nothing to filter: an empty result, as scipy.ndimage gives
         return caller.result(x.copy())
     radii = [gaussian_radius(sig.max() / za, truncate, "sigma_map's largest sigma") for za in z]
