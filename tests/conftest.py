@@ -9,6 +9,7 @@ import ctypes
 import importlib.util
 import math
 import os
+import tempfile
 import types
 
 import numpy as np
@@ -337,6 +338,31 @@ def _emulator_errors(library):
     return ctypes.CDLL(library).cuda_emu_errors()
 
 
+def _recording(launch, directory):
+    """launch, also writing each call (its function, dtype code, inputs, output sizes and params) to a file in
+    directory, in the format cuda_plugin/emulator/replay.cpp reads."""
+    import struct
+
+    def record(op, name, params, shape, *inputs):
+        out = launch(op, name, params, shape, *inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        parts = [b"VCR1", struct.pack("<i", len(name)), name.encode(),
+                 struct.pack("<ii", 0 if inputs[0].dtype.itemsize == 4 else 1, len(inputs))]
+        for t in inputs:
+            data = b"" if t is None else t.detach().cpu().contiguous().numpy().tobytes()
+            parts += [struct.pack("<q", -1 if t is None else len(data)), data]
+        parts.append(struct.pack("<i", len(outs)) + b"".join(struct.pack("<q", o.numel() * o.element_size())
+                                                             for o in outs))
+        values = np.ctypeslib.as_array(params).astype("<i8")
+        parts.append(struct.pack("<i", values.size) + values.tobytes())
+        os.makedirs(directory, exist_ok=True)
+        fd, _ = tempfile.mkstemp(suffix=".vcr", prefix=name + "_", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(parts))
+        return out
+    return record
+
+
 @pytest.fixture
 def cuda_plugin(request, monkeypatch):
     """The plugin for a cuda-marked test: the emulated one (seams patched for this test only) or the GPU's."""
@@ -367,6 +393,8 @@ def cuda_plugin(request, monkeypatch):
             torch.cuda, device=lambda device: contextlib.nullcontext(),
             current_stream=lambda device=None: null_stream)))
         errors_before = _emulator_errors(library)
+        if os.environ.get("VOLCONV_CUDA_RECORD"):   # every launch saved for cuda_plugin/emulator/replay.py (TSan)
+            monkeypatch.setattr(tcuda, "launch", _recording(tcuda.launch, os.environ["VOLCONV_CUDA_RECORD"]))
     else:
         plugin = CudaPlugin(False)
     real_call = _cuda.call

@@ -392,6 +392,11 @@ def exercise_conv3d(cuda_plugin, device):
     check_on_plugin(cuda_plugin, x, w, b, 2, 1, 1, 1, "zeros")
 
 
+@pytest.mark.cuda
+def test_every_kernel_once(cuda_plugin, device):
+    exercise_conv3d(cuda_plugin, device)
+
+
 # Every plugin source and its family's check, (test module, function of the cuda_plugin and device fixtures): it
 # raises AssertionError when any kernel of that source computes nothing.
 EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d"), "depthwise.cu": ("test_cuda_dense", "exercise_depthwise"),

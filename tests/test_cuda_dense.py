@@ -214,3 +214,7 @@ def exercise_depthwise(cuda_plugin, device):
     """depthwise.cu's check for test_cuda.py's emptied-kernel test (EXERCISES)."""
     x, w = tensors(config_rng(907), device, torch.float64, (1, 2, 4, 9, 35), (2, 1, 3, 3, 3))
     run_and_compare(cuda_plugin, x, w, None, 1, 1, 2)
+
+
+def test_every_kernel_once(cuda_plugin, device):
+    exercise_depthwise(cuda_plugin, device)
