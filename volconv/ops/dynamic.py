@@ -12,7 +12,7 @@ gradients, and CUDA tensors: the plugin's kernels, cuda_plugin/dynamic.cu)."""
 import numpy as np
 
 from .. import _cuda
-from .._dispatch import Caller, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
+from .._dispatch import Caller, check_devices, check_tensors, compiling, is_tensor, torch_batching, wants_autograd
 from .._validate import real_number, scipy_mode, workers as resolve_workers
 from ..engine import dynamic
 from ..kernels import check_truncate, gaussian_radius
@@ -48,9 +48,6 @@ def adaptive_filter(volume, sigma_map, zooms=None, truncate=3.0, *, mode="reflec
     kernel as three 1-D weight fields (no k^3 field), slab by slab of planes. CUDA tensors (volume and map on
     one GPU): cuda_plugin/adaptive.cu, each voxel's weights made in the kernel. Never differentiable: a result
     without gradient whatever the inputs (tensors needing one included)."""
-    from .. import _cuda
-    from .._dispatch import check_devices, check_tensors
-
     on_gpu = _cuda.is_cuda(volume) or _cuda.is_cuda(sigma_map)
     if on_gpu:   # checked where they are (the map's values on the device, _torch/cuda_adaptive.py)
         check_tensors("adaptive_filter", [volume], ["volume"], cuda=True)
