@@ -6,8 +6,9 @@ from .dynamic import DynamicConv3d
 from .lowrank import CPConv3d, TuckerConv3d
 from .nested import MultiScaleConv3d, NestedConv3d
 from .sparse import SparseConv3d
+from .symmetric import SymmetricConv3d
 from .variable import VariableKernelConv3d
 
 __all__ = ["Conv3d", "SparseConv3d", "CPConv3d", "TuckerConv3d", "NestedConv3d", "MultiScaleConv3d", "DynamicConv3d",
            "VariableKernelConv3d", "Res2Block3d", "ChannelAttention3d", "convert",
-           "ConversionReport"]
+           "ConversionReport", "SymmetricConv3d"]
