@@ -323,3 +323,20 @@ def test_from_conv_needs_a_conv3d():
         vc.nn.SymmetricConv3d.from_conv(torch.nn.Conv2d(1, 1, 3), "mirror")
     with pytest.raises(ValueError, match="cubic kernel"):
         vc.nn.SymmetricConv3d.from_conv(torch.nn.Conv3d(1, 1, (1, 3, 3)), "octahedral")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("symmetry", ["mirror", "octahedral", "radial"])
+def test_on_the_cuda_plugin_forward_and_orbit_gradients(symmetry, cuda_plugin, device):
+    """On the plugin (a GPU, or the CPU emulator): the same output and orbit gradients as the CPU layer."""
+    cpu = layer(2, 3, 3, padding=1, padding_mode="reflect", symmetry=symmetry)
+    gpu = layer(2, 3, 3, padding=1, padding_mode="reflect", symmetry=symmetry).to(device)
+    assert gpu.orbit_index.device.type == torch.device(device).type
+    x = torch.randn(2, 2, 5, 6, 7, dtype=torch.float64)
+    out_cpu, out_gpu = cpu(x), gpu(x.to(device))
+    g = torch.randn_like(out_cpu)
+    (out_cpu * g).sum().backward()
+    (out_gpu * g.to(device)).sum().backward()
+    assert cuda_plugin.calls, "the forward did not run on the plugin"
+    torch.testing.assert_close(out_gpu.detach().cpu(), out_cpu.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gpu.orbit_weight.grad.cpu(), cpu.orbit_weight.grad, rtol=1e-11, atol=1e-11)
