@@ -241,7 +241,8 @@ def test_state_dict_round_trip():
 
 
 def test_it_trains():
-    """A few SGD steps on a target that needs the spatial gate: keep the input only inside a box."""
+    """A few SGD steps towards 0.2 * x (both gates can learn the scaling) reduce the loss, and the spatial
+    convolution's weight gets a gradient."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(ChannelSpatialAttention3d(4, 2, 3, min_hidden=2))
@@ -298,6 +299,8 @@ def test_channel_spatial_attention_errors():
     for layer in (m, SpatialAttention3d()):
         with pytest.raises(ValueError, match="input must be 5-D"):
             layer(torch.zeros(3, 3, 3))
+    with pytest.raises(ValueError, match="at least one channel"):
+        SpatialAttention3d(3)(torch.zeros(1, 0, 3, 3, 3))
 
 
 def test_repr_and_exports():
