@@ -1,5 +1,6 @@
 """PyTorch layers over volconv's ops (torch.nn argument names and defaults; autograd on CPU and CUDA)."""
 from .blocks import ChannelAttention3d, Res2Block3d
+from .blocks import ChannelSpatialAttention3d, SpatialAttention3d
 from .conv import Conv3d
 from .convert import ConversionReport, convert
 from .dynamic import DynamicConv3d
@@ -11,4 +12,4 @@ from .variable import VariableKernelConv3d
 
 __all__ = ["Conv3d", "SparseConv3d", "CPConv3d", "TuckerConv3d", "NestedConv3d", "MultiScaleConv3d", "DynamicConv3d",
            "VariableKernelConv3d", "Res2Block3d", "ChannelAttention3d", "convert",
-           "ConversionReport", "SymmetricConv3d"]
+           "ConversionReport", "SymmetricConv3d", "SpatialAttention3d", "ChannelSpatialAttention3d"]

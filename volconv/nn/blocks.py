@@ -1,11 +1,11 @@
-"""Building blocks of 3D networks over volconv's convolutions: vc.nn.ChannelAttention3d (squeeze-and-excitation)
-and vc.nn.Res2Block3d (a Res2Net bottleneck, its convolutions vc.nn.Conv3d)."""
+"""Building blocks of 3D networks over volconv's convolutions: vc.nn.ChannelAttention3d (squeeze-and-excitation),
+vc.nn.SpatialAttention3d and vc.nn.ChannelSpatialAttention3d (CBAM's spatial gate, and both gates in a row) and
+vc.nn.Res2Block3d (a Res2Net bottleneck, its convolutions vc.nn.Conv3d)."""
 import torch
 
 from .._dispatch import torch_batching
-from .._validate import triple
+from .._validate import positive_int, triple
 from .conv import Conv3d
-from .._validate import positive_int
 
 
 def _check_input(input, channels, owner):
@@ -39,6 +39,68 @@ class ChannelAttention3d(torch.nn.Module):
 
     def extra_repr(self):
         return f"{self.channels}, reduction={self.reduction}, hidden={self.hidden}"
+
+
+def _odd_kernel_size(kernel_size):
+    k = triple(kernel_size, "kernel_size", minimum=1)
+    if any(v % 2 == 0 for v in k):
+        # an even kernel has no centre: no symmetric zero padding keeps the volume's size
+        raise ValueError(f"kernel_size must be a positive odd int (or 3 of them), got {kernel_size!r}")
+    return k
+
+
+class SpatialAttention3d(torch.nn.Module):
+    """The spatial gate of CBAM (Woo et al., 2018), in 3D.
+
+    From the input (N, C, D, H, W), two maps over the voxels: the mean and the max over the channels. They are
+    stacked as 2 channels (mean first) and convolved to 1 channel by ``conv``, a vc.nn.Conv3d(2, 1, kernel_size,
+    padding=kernel_size // 2, bias=False) (zero padding: the map keeps the volume's size; volconv's kernels,
+    on the CPU engine or CUDA); the input is multiplied by sigmoid of that map, the same gate in (0, 1) for
+    every channel of a voxel. Any number of channels; an unbatched (C, D, H, W) input works as in torch.
+    ``algorithm`` and ``workers`` go to the convolution."""
+
+    def __init__(self, kernel_size=7, *, algorithm="auto", workers=None, device=None, dtype=None):
+        super().__init__()
+        self.kernel_size = _odd_kernel_size(kernel_size)
+        self.conv = Conv3d(2, 1, self.kernel_size, padding=tuple(k // 2 for k in self.kernel_size), bias=False,
+                           algorithm=algorithm, workers=workers, device=device, dtype=dtype)
+
+    def gate(self, input):
+        """The (N, 1, D, H, W) gate sigmoid(conv([mean_c(input), max_c(input)])) that forward multiplies on."""
+        pooled = torch.cat([input.mean(dim=1, keepdim=True), input.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(pooled))
+
+    @torch_batching()
+    def forward(self, input):
+        if input.shape[1] < 1:
+            raise ValueError(f"{type(self).__name__}: input needs at least one channel, got shape "
+                             f"{tuple(input.shape)}")
+        return input * self.gate(input)
+
+    def extra_repr(self):
+        k = self.kernel_size
+        return f"kernel_size={k[0] if len(set(k)) == 1 else k}"
+
+
+class ChannelSpatialAttention3d(torch.nn.Module):
+    """CBAM in 3D (Woo et al., 2018): the channel gate, then the spatial gate, in that order.
+
+    ``channel`` is a ChannelAttention3d(channels, reduction, min_hidden=min_hidden): squeeze-and-excitation,
+    which pools each channel by its mean only (CBAM's channel gate also max-pools into the shared MLP); its
+    output goes through ``spatial``, a SpatialAttention3d(kernel_size). state_dict keys: channel.fc1.*,
+    channel.fc2.*, spatial.conv.weight."""
+
+    def __init__(self, channels, reduction=16, kernel_size=7, *, min_hidden=4, algorithm="auto", workers=None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.channel = ChannelAttention3d(channels, reduction, min_hidden=min_hidden, device=device, dtype=dtype)
+        self.spatial = SpatialAttention3d(kernel_size, algorithm=algorithm, workers=workers, device=device,
+                                          dtype=dtype)
+        self.channels = self.channel.channels
+
+    @torch_batching()
+    def forward(self, input):
+        return self.spatial(self.channel(input))
 
 
 class Res2Block3d(torch.nn.Module):
