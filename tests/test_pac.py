@@ -129,9 +129,9 @@ def test_guide_changes_the_result():
 
 @pytest.mark.parametrize("gc,stride,dilation,ks", [(None, 1, 1, 3), (2, 2, 1, 3), (1, 1, 2, 2)])
 def test_gradcheck(gc, stride, dilation, ks):
-    layer = make(2, 2, ks, torch.float64, gc, stride=stride, padding=1, dilation=dilation)
-    x = torch.randn(2, 2, 4, 5, 4, dtype=torch.float64, requires_grad=True)
-    f = None if gc is None else (0.5 * torch.randn(2, gc, 4, 5, 4, dtype=torch.float64)).requires_grad_()
+    layer = make(1, 2, ks, torch.float64, gc, stride=stride, padding=1, dilation=dilation)
+    x = torch.randn(2, 1, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    f = None if gc is None else (0.5 * torch.randn(2, gc, 3, 4, 3, dtype=torch.float64)).requires_grad_()
 
     args = (x, layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_())
     args += () if f is None else (f,)
