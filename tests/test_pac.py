@@ -6,7 +6,8 @@ float64; a constant guide against torch.nn.functional.conv3d; tile= against tile
 arguments.
 
 Tolerances: float64 rtol 1e-10 / atol 1e-10 * max|ref| (both sides sum the same C * T products in different
-orders); float32 rtol 1e-4, atol 1e-5 * (sum |W| |x| bound): the sums have at most C * T <= 3 * 125 terms.
+orders); float32 rtol 1e-4, atol 1e-4 * max(1, max|ref|): the sums have at most C * T <= 3 * 125 terms of
+unit-scale data (measured error ~1e-6). A constant guide against conv3d: 1e-12 in float64.
 gradcheck: eps 1e-6, atol 1e-7, rtol 1e-5 (torch's defaults but atol)."""
 import numpy as np
 import pytest
@@ -49,12 +50,12 @@ def make(cin, cout, ks, dtype, guide_channels=None, bias=True, **conv):
     return layer
 
 
-def check(out, ref, dtype, x=None, W=None):
+def check(out, ref, dtype):
     if dtype == torch.float64:
         tol = 1e-10 * max(1.0, float(ref.abs().max()))
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=tol)
     else:
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max())) * 10)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))
 
 
 CASES = [   # cin, cout, ks, stride, padding, dilation, spatial, batch, guide_channels (None: self-guided)
@@ -99,8 +100,8 @@ def test_random_geometries(i):
     f = torch.from_numpy(0.7 * r.standard_normal((n, gc) + spatial)).to(dtype)
     if i % 4 == 0:   # non-contiguous: a transposed copy transposed back
         x = x.transpose(2, 4).contiguous().transpose(2, 4)
-        f = f[:, :, :, :, :]
-        assert not x.is_contiguous()
+        f = f.transpose(3, 4).contiguous().transpose(3, 4)
+        assert not x.is_contiguous() and not f.is_contiguous()
     out = layer(x, f)
     ref = pac_reference(x, f, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), st, pad,
                         dil)

@@ -31,7 +31,7 @@ class PacConv3d(torch.nn.Module):
     in_channels, its default). f_i is the feature at the window's centre tap (tap k // 2 on each axis, so the
     output voxel's own voxel for odd kernels with padding (k // 2) * dilation); zero padding (padded taps add
     nothing, whatever their K). Scale the features to set the Gaussian's width (pacnet has no learned scale
-    either). A constant guide gives exactly torch.nn.functional.conv3d with W.
+    either). A constant guide gives torch.nn.functional.conv3d with W (K = 1; to rounding).
 
     Arguments as torch.nn.Conv3d (padding: int or triple, zeros). tile: None, or the output planes (along D)
     per step, bounding the per-tap temporaries to a slab. Forward and backward to the weight, the bias, the
