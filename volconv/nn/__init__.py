@@ -6,10 +6,11 @@ from .convert import ConversionReport, convert
 from .dynamic import DynamicConv3d
 from .lowrank import CPConv3d, TuckerConv3d
 from .nested import MultiScaleConv3d, NestedConv3d
+from .pac import PacConv3d
 from .sparse import SparseConv3d
 from .symmetric import SymmetricConv3d
 from .variable import VariableKernelConv3d
 
 __all__ = ["Conv3d", "SparseConv3d", "CPConv3d", "TuckerConv3d", "NestedConv3d", "MultiScaleConv3d", "DynamicConv3d",
-           "VariableKernelConv3d", "Res2Block3d", "ChannelAttention3d", "convert",
+           "VariableKernelConv3d", "PacConv3d", "Res2Block3d", "ChannelAttention3d", "convert",
            "ConversionReport", "SymmetricConv3d", "SpatialAttention3d", "ChannelSpatialAttention3d"]
