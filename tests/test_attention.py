@@ -18,26 +18,9 @@ import volconv as vc  # noqa: E402
 from volconv.nn.blocks import ChannelAttention3d, ChannelSpatialAttention3d, SpatialAttention3d  # noqa: E402
 
 from conftest import config_rng  # noqa: E402
+from test_nn_blocks import strided_input, torch_one_thread  # noqa: E402,F401  (an autouse fixture)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-@pytest.fixture(autouse=True)
-def torch_one_thread():
-    """gradcheck makes hundreds of calls on tiny tensors, where thread barriers cost more than the work."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def strided_input(shape, dtype, generator):
-    """A non-contiguous (N, C, D, H, W) view: W and D swapped, then a slice of D."""
-    N, C, D, H, W = shape
-    base = torch.randn(N, C, W, H, D + 2, dtype=dtype, generator=generator)
-    x = base.transpose(2, 4)[:, :, 1:-1]
-    assert x.shape == shape and not x.is_contiguous()
-    return x
 
 
 def spatial_reference(x, weight):
