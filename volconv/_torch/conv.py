@@ -13,7 +13,7 @@ from ..engine import cost, dense
 from . import cuda, cuda_dense
 from .common import compiling, compute_dtype, empty, numpy, spec, spec_args, threads, threads_arg
 from .op import Op
-from .reference import padded, reference_conv, reference_grads
+from .reference import reference_conv, reference_grads, zero_padded
 
 
 def _forward(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], pads: List[int], dilation: List[int],
@@ -82,8 +82,7 @@ def conv3d(x, w, b, s, algorithm, workers):
     b = None if b is None else b.to(dtype)
     on_gpu = _cuda.is_cuda(x)
     if on_gpu:
-        if s.mode != "constant" or s.cval != 0 or min(min(p) for p in s.pads) < 0:
-            x, s = padded(x, s), s.padded()   # the plugin pads with zeros: other modes, a cval, crops by torch here
+        x, s = zero_padded(x, s)
         algorithm = cuda_dense.choose(x, w, s, algorithm, tracing=compiling())
         if algorithm in cuda_dense.TORCH_ALGORITHMS:
             return cuda_dense.TORCH_ALGORITHMS[algorithm](x, w, b, s).to(out_dtype)

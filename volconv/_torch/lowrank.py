@@ -13,7 +13,7 @@ from ..engine import separable
 from . import conv, cuda_lowrank
 from .common import compiling, compute_dtype, empty, numpy, operand, spec, spec_args, threads, threads_arg
 from .op import Op
-from .reference import padded, reference_grads, separable_reference, twice_differentiable
+from .reference import reference_grads, separable_reference, twice_differentiable, zero_padded
 
 
 def _spec(z, fd, fh, fw, stride, pads, dilation, mode):
@@ -25,12 +25,12 @@ def _forward(z: Tensor, fd: Tensor, fh: Tensor, fw: Tensor, stride: List[int], p
              dilation: List[int], mode: str, nthreads: int) -> Tensor:
     s = _spec(z, fd, fh, fw, stride, pads, dilation, mode)
     if _cuda.is_cuda(z):
-        return cuda_lowrank.forward(z, fd, fh, fw, _zero_padded(s))
+        return cuda_lowrank.forward(z, fd, fh, fw, _zero_padding_checked(s))
     return torch.from_numpy(separable.separable_conv3d(numpy(z), numpy(fd), numpy(fh), numpy(fw), s,
                                                        threads(nthreads)))
 
 
-def _zero_padded(s):
+def _zero_padding_checked(s):
     """s, which the plugin computes (zero padding): factored_conv3d pads other modes with torch first."""
     if s.mode != "constant":
         raise ValueError(f"volconv's CUDA separable pass pads with zeros; pad {s.mode!r} first")
@@ -46,7 +46,8 @@ def _backward(grad: Tensor, z: Tensor, fd: Tensor, fh: Tensor, fw: Tensor, strid
               nthreads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     s = _spec(z, fd, fh, fw, stride, pads, dilation, mode)
     if _cuda.is_cuda(z):
-        grads = cuda_lowrank.backward(grad.contiguous(), z, fd, fh, fw, _zero_padded(s), need_input, need_factors)
+        grads = cuda_lowrank.backward(grad.contiguous(), z, fd, fh, fw, _zero_padding_checked(s), need_input,
+                                      need_factors)
         return tuple(empty(like) if a is None else a for a, like in zip(grads, (z, fd, fh, fw)))
     grads = separable.backward(numpy(z), numpy(grad), numpy(fd), numpy(fh), numpy(fw), s, threads(nthreads),
                                need_input, need_factors)
@@ -147,8 +148,8 @@ def factored_conv3d(input, bias, s, workers, in_f, out_f, spatial, core):
         R = z.shape[1]
         sspec = ConvSpec(tuple(z.shape), (R, 1) + tuple(s.w_shape[2:]), stride=s.stride, pads=s.pads,
                          dilation=s.dilation, groups=R, mode=s.mode)
-        if _cuda.is_cuda(z) and s.mode != "constant":   # the plugin pads with zeros: other modes by torch here
-            z, sspec = padded(z, sspec), sspec.padded()
+        if _cuda.is_cuda(z):
+            z, sspec = zero_padded(z, sspec)
         stride, pads, dilation, _, mode, _ = spec_args(sspec)
         u = SEPARABLE_CONV3D(z.contiguous(), fd, fh, fw, stride, pads, dilation, mode, threads_arg(workers))
     else:
@@ -170,8 +171,7 @@ def separable_kernel_conv3d(x, kernel, spec, workers):
     For the front doors' tensor paths (vc.conv3d / vc.correlate with a SeparableKernel on a GPU)."""
     dtype = compute_dtype(x)
     z = x.to(dtype)
-    if spec.mode != "constant" or spec.cval != 0:   # padded by torch first (the op's padding is zeros)
-        z, spec = padded(z, spec), spec.padded()
+    z, spec = zero_padded(z, spec)   # (the op pads with zeros)
     C = z.shape[1]
     stride, pads, dilation, _, mode, _ = spec_args(spec)
     out = None

@@ -28,6 +28,14 @@ def padded(x, spec):
     return x
 
 
+def zero_padded(x, spec):
+    """(x, spec) as the CUDA plugin's kernels take them, zero padding only: another mode, a cval or a crop is
+    applied here by torch (padded), and spec becomes the padded input's; a zero-padded spec comes back as is."""
+    if spec.mode == "constant" and spec.cval == 0 and min(min(p) for p in spec.pads) >= 0:
+        return x, spec
+    return padded(x, spec), spec.padded()
+
+
 class _Gather(torch.autograd.Function):
     """x.index_select(axis, index) for pad_index's map of an axis padded by lo before (-1 read as 0), whose
     backward adds in a fixed order: torch's index_select backward on a GPU adds the padding's repeated sources

@@ -14,7 +14,7 @@ from ..engine import dense, sparse
 from . import cuda
 from .common import compute_dtype, empty, numpy, operand, spec, spec_args, threads, threads_arg
 from .op import Op
-from .reference import padded, reference_grads, sparse_reference
+from .reference import reference_grads, sparse_reference, zero_padded
 
 
 def _forward(x: Tensor, values: Tensor, b: Optional[Tensor], indices: Tensor, shape: List[int], stride: List[int],
@@ -156,8 +156,8 @@ def sparse_conv3d(input, indices, values, bias, s, workers):
     v = v.to(x.device)
     b = None if bias is None else operand(bias, dtype)
     idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
-    if _cuda.is_cuda(x) and (s.mode != "constant" or s.cval != 0 or min(min(p) for p in s.pads) < 0):
-        x, s = padded(x, s), s.padded()   # the plugin pads with zeros: other modes, a cval, crops by torch here
+    if _cuda.is_cuda(x):
+        x, s = zero_padded(x, s)
     stride, pads, dilation, groups, mode, _ = spec_args(s)
     return SPARSE_CONV3D(x, v, b, idx, list(s.w_shape), stride, pads, dilation, groups, mode,
                          threads_arg(workers)).to(input.dtype)
