@@ -154,10 +154,11 @@ class _Pac(torch.autograd.Function):
     @staticmethod
     def forward(ctx, geo, x, f, weight, bias):
         ctx.geo = geo
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.self_guided = bias is not None, f is x
         ctx.save_for_backward(x, f, weight)
         ks, st, pad, dil, out_shape, _ = geo
-        xp, fp = _pad(x, pad), _pad(f, pad)
+        xp = _pad(x, pad)
+        fp = xp if ctx.self_guided else _pad(f, pad)   # (the input guiding itself: padded once)
         W = weight.reshape(weight.shape[0], weight.shape[1], -1)
         out = torch.zeros((x.shape[0], weight.shape[0]) + tuple(out_shape), dtype=x.dtype, device=x.device)
         centre = tuple((k // 2) * d for k, d in zip(ks, dil))
@@ -178,7 +179,8 @@ class _Pac(torch.autograd.Function):
         x, f, weight = ctx.saved_tensors
         ks, st, pad, dil, out_shape, _ = ctx.geo
         need_x, need_f, need_w = ctx.needs_input_grad[1:4]
-        xp, fp = _pad(x, pad), _pad(f, pad)
+        xp = _pad(x, pad)
+        fp = xp if ctx.self_guided else _pad(f, pad)
         W = weight.reshape(weight.shape[0], weight.shape[1], -1)
         gxp = torch.zeros_like(xp) if need_x else None
         gfp = torch.zeros_like(fp) if need_f else None
