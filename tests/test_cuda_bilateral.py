@@ -123,10 +123,11 @@ def test_nan_and_inf_spread_as_on_the_cpu(dtype, cuda_plugin, device):
     np.testing.assert_array_equal(np.isnan(got), reach)
     agree(got, cpu, dtype)
     g = r.standard_normal(x.shape)
-    g[1, 1, 1] = np.inf   # NaN at its own voxel (inf - inf), weight 0 (exp(-inf), clamped) for its neighbours
+    g[1, 1, 1] = np.inf   # NaN at its own voxel (inf - inf), for its neighbours a weight clamped to ~1e-38
     fn = lambda t, g: vc.bilateral_filter(t, 1.0, 1.0, guide=g, truncate=2.0)   # noqa: E731
     got, cpu = on_plugin(cuda_plugin, device, dtype, fn, r.standard_normal(x.shape), g)
-    assert np.isnan(got[1, 1, 1]) and np.isfinite(np.delete(got.ravel(), np.ravel_multi_index((1, 1, 1), x.shape))).all()
+    others = np.delete(got.ravel(), np.ravel_multi_index((1, 1, 1), x.shape))
+    assert np.isnan(got[1, 1, 1]) and np.isfinite(others).all()
     agree(got, cpu, dtype)
     # an invalid voxel (its guide read as 0) among voxels of guide 1e3: every weight of its window below exp's
     # range, clamped to the smallest normal's as on the CPU (the mean of its neighbours, not 0 / 0)
@@ -147,8 +148,9 @@ def test_infinite_range_is_scipys_gaussian_and_a_constant_comes_back(dtype, cuda
     ref = ndimage.gaussian_filter(x.astype(NUMPY[dtype]).astype(np.float64), [1.5 / z for z in zooms], truncate=2.0,
                                   mode="wrap")
     close(torch.from_numpy(got), torch.from_numpy(ref), 2e-5 if dtype == torch.float32 else 1e-12)
-    const, _ = on_plugin(cuda_plugin, device, dtype, lambda t: vc.bilateral_filter(t, 2.0, 1.0), np.full((4, 5, 7), 4.25))
-    np.testing.assert_array_equal(const, np.full((4, 5, 7), 4.25))
+    c = np.full((4, 5, 7), 4.25)
+    const, _ = on_plugin(cuda_plugin, device, dtype, lambda t: vc.bilateral_filter(t, 2.0, 1.0), c)
+    np.testing.assert_array_equal(const, c)
     same, _ = on_plugin(cuda_plugin, device, dtype, lambda t: vc.bilateral_filter(t, 0.0, 1.0), x)   # one tap
     np.testing.assert_array_equal(same, x.astype(NUMPY[dtype]))
 
@@ -196,12 +198,14 @@ def test_half_precision_odd_sizes_strided_volumes_and_refusals(cuda_plugin, devi
 
 
 def exercise_every_kernel(cuda_plugin, device):
-    """Small calls through bilateral.cu's kernel (a tile in shared memory, self-guided and joint with validity,
-    and the read-through-the-cache form), checked against the CPU engine: an AssertionError when it computes
-    nothing or computes wrong. For checks that empty kernels one at a time (tests/test_cuda.py)."""
+    """Small calls through bilateral.cu's kernel (its tile in shared memory self-guided, and joint with validity
+    opted in past 48 KiB; the read-through-the-cache form), checked against the CPU engine: an AssertionError when
+    it computes nothing or computes wrong. For checks that empty kernels one at a time (tests/test_cuda.py) and
+    the TSan replay (cuda_plugin/emulator/replay.py)."""
     x, r = case(1809, (3, 5, 34))
     guide, valid = r.standard_normal(x.shape), r.random(x.shape) > 0.2
-    for sigma, g, v in [((1.0, 1.0, 0.7), None, None), ((1.3, 1.3, 1.7), guide, valid)]:
+    for sigma, g, v in [((1.0, 1.0, 0.7), None, None), ((1.0, 1.0, 1.3), guide, valid),
+                        ((1.3, 1.3, 1.7), guide, valid)]:
         params = vc.Bilateral(sigma, 5.0)
         fn = lambda t, g, v: bilateral_op.run(params, t, g, v, None, "nearest", 0.0, None)   # noqa: E731
         got, cpu = on_plugin(cuda_plugin, device, torch.float64, fn, x, g, v)
