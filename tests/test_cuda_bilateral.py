@@ -11,15 +11,18 @@ test_bilateral's (the plugin sums the taps in the CPU engine's order with the sa
 is CUDA's, within 2 ulp, where the CPU's is a polynomial of about 1 ulp)."""
 import math
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
 import volconv as vc
+from volconv.cli import main
+from volconv.io import filtering
 from volconv.ops import bilateral as bilateral_op
 
-from conftest import config_rng
+from conftest import EMULATOR, config_rng
 from test_bilateral import TOL, assert_close, reference
 from test_cuda import close
 
@@ -195,6 +198,55 @@ def test_half_precision_odd_sizes_strided_volumes_and_refusals(cuda_plugin, devi
         vc.bilateral_filter(xt.detach().long(), 1.0, 5.0)
     with pytest.raises(ValueError, match="guide must have the volume's shape"):
         vc.bilateral_filter(xt, 1.0, 5.0, guide=xt[:, :, 1:])
+
+
+def scan_files(tmp_path, seed):
+    """A noisy two-tissue volume and a guide (its edge elsewhere) as float32 NIfTI files of voxel sizes
+    (1, 1.5, 2) mm: their paths and the volume."""
+    r = config_rng(seed)
+    x = np.where(np.arange(19)[:, None, None] < 9, 100.0, 300.0) + r.normal(size=(19, 14, 12)) * 10
+    paths = []
+    for name, data in [("scan.nii.gz", x), ("guide.nii", x[::-1])]:
+        img = nib.Nifti1Image(data.astype(np.float32), np.diag([1.0, 1.5, 2.0, 1.0]))
+        img.header.set_xyzt_units("mm")
+        nib.save(img, str(tmp_path / name))
+        paths.append(str(tmp_path / name))
+    return paths, x
+
+
+@pytest.mark.parametrize("max_memory", [None, "40KiB"])
+@pytest.mark.parametrize("guided, masked", [(False, False), (True, True)])
+def test_filter_nifti_on_the_plugin_matches_the_cpu_engine(max_memory, guided, masked, cuda_plugin, device,
+                                                           tmp_path):
+    """filter_nifti(device=...) with a vc.Bilateral, slab by slab (a small max_memory) or whole: each slab on the
+    plugin (Fortran-ordered blocks: filtered with the file's first axis as rows, as on the CPU), with a guide
+    file, a mask, normalize (the edge as invalid) and nan="mask", against the CPU engine."""
+    (src, guide), x = scan_files(tmp_path, 1810)
+    params = vc.Bilateral(2.0, 40.0, guide=guide if guided else None)
+    inside = np.ones(x.shape, bool)
+    inside[:, :4] = False
+    kw = dict(mode="reflect", max_memory=max_memory)
+    if masked:
+        kw.update(mask=inside, normalize=True, nan="mask", outside="zero")
+    cuda_plugin.calls.clear()
+    got = vc.io.filter_nifti(src, tmp_path / "gpu.nii", params, device=device, **kw)
+    assert len(cuda_plugin.calls) >= (3 if max_memory else 1) and set(cuda_plugin.calls) == {(BILATERAL, 0)}
+    with cuda_plugin.cpu_engine():
+        cpu = vc.io.filter_nifti(src, tmp_path / "cpu.nii", params, **kw)
+    assert_close(np.asarray(got.data), np.asarray(cpu.data, np.float64), np.float32)
+
+
+def test_the_command_filters_bilaterally_on_the_plugin(cuda_plugin, device, tmp_path, monkeypatch):
+    if EMULATOR:   # the command's "cuda" is the emulated plugin's CPU tensors
+        monkeypatch.setattr(filtering, "on_device", lambda block, _: torch.from_numpy(block))
+    (src, guide), _ = scan_files(tmp_path, 1811)
+    args = ["--bilateral", "2mm", "--range", "40", "--guide", guide, "-q"]
+    assert main(["filter", src, str(tmp_path / "gpu.nii.gz"), *args, "--device", "cuda"]) == 0
+    assert {n for n, _ in cuda_plugin.calls} == {BILATERAL}
+    with cuda_plugin.cpu_engine():
+        assert main(["filter", src, str(tmp_path / "cpu.nii.gz"), *args]) == 0
+    assert_close(nib.load(str(tmp_path / "gpu.nii.gz")).get_fdata(dtype=np.float32),
+                 nib.load(str(tmp_path / "cpu.nii.gz")).get_fdata(), np.float32)
 
 
 def exercise_every_kernel(cuda_plugin, device):

@@ -33,6 +33,13 @@ def bilateral(volume, guide, valid, sigma, zooms, radii, sigma_range, mode, cval
     (lo, hi) planes of context that are not output. Computed in float32 (float16 / bfloat16 volumes) or float64,
     returned in the volume's dtype, shape less the halos."""
     x = volume.detach()
+    if not x.is_contiguous() and x.permute(2, 1, 0).is_contiguous():
+        # NIfTI data arrive in Fortran order: the kernel's rows along their first axis (as on the CPU), so that a
+        # slab's few planes along the last axis are not its rows
+        flip = [None if t is None else t.permute(2, 1, 0) for t in (x, guide, valid)]
+        out = bilateral(*flip, sigma[::-1], zooms[::-1], radii[::-1], sigma_range, mode, cval, halo[::-1],
+                        edge_valid)
+        return out.permute(2, 1, 0)
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     out_shape = tuple(n - lo - hi for n, (lo, hi) in zip(x.shape, halo))
     if min(out_shape) <= 0:   # nothing to filter: an empty result, as on the CPU
