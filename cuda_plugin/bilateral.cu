@@ -34,8 +34,18 @@ struct Params {
     double b;                        // 1 / (2 sigma_range^2), 0 for none
 };
 
-// exp(e) with e clamped below at the smallest normal's exponent (NaN kept: the comparison is false for it)
-__device__ inline float exp_clamped(float e) { return expf(e < -87.0f ? -87.0f : e); }
+// exp(e) with e clamped below at the smallest normal's exponent, NaN kept (a NaN guide voxel gives a NaN weight,
+// as on the CPU): in float one max.NaN (sm_80+; NaN if either is), elsewhere a comparison, false for NaN
+__device__ inline float exp_clamped(float e)
+{
+#ifdef __CUDA_ARCH__
+    float c;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(c) : "f"(e), "f"(-87.0f));
+    return expf(c);
+#else
+    return expf(e < -87.0f ? -87.0f : e);
+#endif
+}
 __device__ inline double exp_clamped(double e) { return exp(e < -708.0 ? -708.0 : e); }
 
 // JOINT: the guide is its own array (else the volume guides itself); MASKED: m, the 0/1 validity, multiplies
