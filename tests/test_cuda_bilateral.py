@@ -160,13 +160,13 @@ def test_infinite_range_is_scipys_gaussian_and_a_constant_comes_back(dtype, cuda
 
 @pytest.mark.parametrize("joint, masked", [(False, False), (True, False), (True, True)])
 def test_wide_windows_opt_into_shared_memory_or_read_through_the_cache(joint, masked, cuda_plugin, device):
-    """float64 radii (3, 3, 4): a 7 x 14 x 40 tile, 31 KiB alone, 61 KiB with a guide (opted in), 65 KiB with
-    the validity too; radii (4, 4, 5): 9 x 16 x 42, 47 KiB alone, 94 KiB with a guide, 100 KiB with the validity
-    too, past the 96 KiB cap (the taps read xp)."""
-    x, r = case(1807, (3, 5, 34))
+    """The kernel holds two planes of the block's reach, (8 + 2 rh) x (32 + 2 rw) voxels each: radii (0, 10, 10)
+    with a guide and the validity take 50 KiB in float64 (opted in past 48 KiB), 26 KiB in float32; radii
+    (0, 18, 18) 54 KiB in float32 (opted in) and 102 KiB in float64, past the 96 KiB cap (the taps read xp)."""
+    x, r = case(1807, (2, 5, 34))
     guide = r.standard_normal(x.shape) * 4 if joint else None
     valid = r.random(x.shape) > 0.2 if masked else None
-    for sigma in [(1.0, 1.0, 1.3), (1.3, 1.3, 1.7)]:
+    for sigma in [(0.0, 10 / 3, 10 / 3), (0.0, 6.0, 6.0)]:
         params = vc.Bilateral(sigma, 5.0)
         fn = lambda t, g, v: bilateral_op.run(params, t, g, v, None, "reflect", 0.0, None)   # noqa: E731
         for dtype in DTYPES:
@@ -250,14 +250,14 @@ def test_the_command_filters_bilaterally_on_the_plugin(cuda_plugin, device, tmp_
 
 
 def exercise_every_kernel(cuda_plugin, device):
-    """Small calls through bilateral.cu's kernel (its tile in shared memory self-guided, and joint with validity
-    opted in past 48 KiB; the read-through-the-cache form), checked against the CPU engine: an AssertionError when
-    it computes nothing or computes wrong. For checks that empty kernels one at a time (tests/test_cuda.py) and
-    the TSan replay (cuda_plugin/emulator/replay.py)."""
+    """Small calls through bilateral.cu's kernel (planes streamed through shared memory self-guided, and joint
+    with validity opted in past 48 KiB; the read-through-the-cache form), checked against the CPU engine: an
+    AssertionError when it computes nothing or computes wrong. For checks that empty kernels one at a time
+    (tests/test_cuda.py) and the TSan replay (cuda_plugin/emulator/replay.py)."""
     x, r = case(1809, (3, 5, 34))
     guide, valid = r.standard_normal(x.shape), r.random(x.shape) > 0.2
-    for sigma, g, v in [((1.0, 1.0, 0.7), None, None), ((1.0, 1.0, 1.3), guide, valid),
-                        ((1.3, 1.3, 1.7), guide, valid)]:
+    for sigma, g, v in [((1.0, 1.0, 0.7), None, None), ((0.7, 10 / 3, 10 / 3), guide, valid),
+                        ((0.0, 6.0, 6.0), guide, valid)]:
         params = vc.Bilateral(sigma, 5.0)
         fn = lambda t, g, v: bilateral_op.run(params, t, g, v, None, "nearest", 0.0, None)   # noqa: E731
         got, cpu = on_plugin(cuda_plugin, device, torch.float64, fn, x, g, v)
