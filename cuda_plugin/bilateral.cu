@@ -16,10 +16,10 @@
 // brain at sigma 2 mm; 16 KiB with a guide and validity) and blocks per SM are set by registers (32 a thread
 // self-guided: a full SM), not by shared memory; the planes are reloaded for each output plane (about 45 values
 // per output at radius 6 against 2197 taps), which L2 serves. Past 48 KiB (float64 with a guide and validity
-// from radius 10 along H and W) the kernel opts in, to 96 KiB (within sm_86/89's 99 KiB); past that the taps read xp through the
-// read-only cache (neighbouring threads, neighbouring addresses: slower by the load latency, not by DRAM
-// traffic). The spatial table is read through the read-only cache (one address per warp and tap: a broadcast).
-// A self-guided volume (the usual case) holds one array, not two.
+// from radius 10 along H and W) the kernel opts in, to 96 KiB (within sm_86/89's 99 KiB); past that the taps
+// read xp through the read-only cache (neighbouring threads, neighbouring addresses: slower by the load latency,
+// not by DRAM traffic). The spatial table is read through the read-only cache (one address per warp and tap: a
+// broadcast). A self-guided volume (the usual case) holds one array, not two.
 #include <math.h>
 #include <string.h>
 
