@@ -130,7 +130,8 @@ def main(argv=None):
     notes = "\n".join(f"- {r['case']}: {r['note']}" for r in table.rows if r["note"])
     text = "\n\n".join([
         table.markdown(), notes,
-        "The weight gather (orbit parameters -> dense kernel), timed alone, best of 200 calls (it runs at the start of every forward):\n" + "\n".join(gather_notes),
+        "The weight gather (orbit parameters -> dense kernel), timed alone, best of 200 calls (it runs at the "
+        "start of every forward):\n" + "\n".join(gather_notes),
         "Parameters:\n" + "\n".join(params) + "\n\nOrbits per (out, in) pair:\n\n" + parameter_counts(),
         f"Invariance error, max |layer(T x) - T layer(x)| on the 1 x {C} x {n}^3 input (float32; padding 'same', "
         f"zeros):\n\n{header}\n" + "\n".join(invariance),
