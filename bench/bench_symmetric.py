@@ -26,14 +26,17 @@ TRANSFORMS = (
 )
 
 
-def best_of(fn, rounds):
-    """Best seconds of `rounds` calls after one warm-up."""
+def best_of(fn, windows=10, calls=20, pause=0.2):
+    """Best seconds of a short call, after one warm-up: `windows` bursts of `calls` calls, `pause` s apart (on
+    this shared machine a burst of load can cover a whole run of calls: each then takes a scheduler slice)."""
     fn()
     best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+    for _ in range(windows):
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        time.sleep(pause)
     return best
 
 
@@ -95,13 +98,13 @@ def main(argv=None):
         step_ms = times[symmetry] * 1e3
 
         with torch.no_grad():
-            gather = best_of(lambda: layer.weight, rounds=200)
+            gather = best_of(lambda: layer.weight)
         w_grad = torch.randn(C, C, k, k, k)
 
         def gather_step():
             layer.orbit_weight.grad = None
             layer.weight.backward(w_grad)
-        gather_bwd = best_of(gather_step, rounds=200)
+        gather_bwd = best_of(gather_step)
         gather_notes.append(
             f"- {symmetry}: the gather {gather * 1e3:.3f} ms forward ({100 * gather * 1e3 / forward_ms:.2f}% of "
             f"the layer's forward), {gather_bwd * 1e3:.3f} ms with its backward (the orbit-gradient "
@@ -130,8 +133,8 @@ def main(argv=None):
     notes = "\n".join(f"- {r['case']}: {r['note']}" for r in table.rows if r["note"])
     text = "\n\n".join([
         table.markdown(), notes,
-        "The weight gather (orbit parameters -> dense kernel), timed alone, best of 200 calls (it runs at the "
-        "start of every forward):\n" + "\n".join(gather_notes),
+        "The weight gather (orbit parameters -> dense kernel), timed alone, best of 10 x 20 calls 0.2 s "
+        "apart (it runs at the start of every forward):\n" + "\n".join(gather_notes),
         "Parameters:\n" + "\n".join(params) + "\n\nOrbits per (out, in) pair:\n\n" + parameter_counts(),
         f"Invariance error, max |layer(T x) - T layer(x)| on the 1 x {C} x {n}^3 input (float32; padding 'same', "
         f"zeros):\n\n{header}\n" + "\n".join(invariance),
