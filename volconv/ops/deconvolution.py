@@ -86,13 +86,14 @@ def richardson_lucy(image, psf, num_iter=50, clip=True, filter_epsilon=None, *, 
     if algorithm != "auto" and algorithm not in engine.ALGORITHMS:
         raise ValueError(f"algorithm must be 'auto', 'direct' or 'fft', got {algorithm!r}")
     nthreads = resolve_workers(workers)
-    img = img.astype(dtype, copy=False)   # as scikit-image: the PSF in the image's float type
-    kernel = kernel.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):   # a value beyond float32's range becomes Inf: refused just below
+        img = img.astype(dtype, copy=False)   # as scikit-image: the PSF in the image's float type
+        kernel = kernel.astype(dtype, copy=False)
     for a, name in ((img, "image"), (kernel, "psf")):
         bad = a.size - np.count_nonzero(np.isfinite(a))
         if bad:
-            raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or Inf); Richardson-Lucy needs finite "
-                             "values")
+            raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or Inf, or beyond {dtype}'s range); "
+                             "Richardson-Lucy needs finite values")
     if (kernel < 0).any():
         raise ValueError(f"psf has negative values (minimum {kernel.min():g}); a point-spread function is "
                          "non-negative")
