@@ -150,20 +150,62 @@ class _DirectPath:
                          allow_torch=False)[0, 0]
 
 
+class _Slabs:
+    """The element-wise work of an iteration cut into slabs of planes that fit in cache (the add, the division
+    and the filter run on a slab while it is there), the slabs shared among nthreads threads (numpy's ufuncs
+    release the GIL). The arithmetic is element by element: the same bits as whole-array operations."""
+
+    def __init__(self, shape, itemsize, nthreads):
+        step = max(1, SLAB_BYTES // (shape[1] * shape[2] * itemsize))
+        slabs = [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+        nthreads = min(nthreads, len(slabs))
+        self.groups = [slabs[len(slabs) * i // nthreads:len(slabs) * (i + 1) // nthreads] for i in range(nthreads)]
+        self.pool = None
+        if nthreads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(nthreads, thread_name_prefix="volconv-rl")
+
+    def run(self, fn, *arrays):
+        """fn(*(a[slab] for a in arrays)) for every slab."""
+        def group(slabs):
+            for slab in slabs:
+                fn(*(a[slab] for a in arrays))
+        if self.pool is None:
+            group(self.groups[0])
+        else:
+            for future in [self.pool.submit(group, g) for g in self.groups]:
+                future.result()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+SLAB_BYTES = 256 * 2**10   # per array and slab: the three arrays of the division stay in a core's L2
+
+
 def richardson_lucy(image, psf, num_iter, clip, filter_epsilon, algorithm, nthreads):
     """skimage.restoration.richardson_lucy on checked arrays: image (D, H, W) and psf (kd, kh, kw), one float
     dtype, finite, the PSF no larger than the image along any axis; image in any memory layout (only read).
     filter_epsilon: None or a number (0 and None: no filtering, as scikit-image's `if filter_epsilon:`).
     algorithm: 'direct' or 'fft'. Returns a new C-contiguous array of the image's dtype."""
     path = (_FFTPath if algorithm == "fft" else _DirectPath)(image.shape, psf, nthreads)
-    path.estimate[...] = 0.5
-    for _ in range(num_iter):
-        blurred = path.blurred()
+    slabs = _Slabs(image.shape, image.dtype.itemsize, nthreads)
+
+    def ratio(blurred, image, out):
         blurred += EPS   # rounded to the dtype, as skimage's `+ eps` on a float32 array
-        np.divide(image, blurred, out=path.ratio)
+        np.divide(image, blurred, out=out)
         if filter_epsilon:   # np.where(conv < filter_epsilon, 0, image / conv): the comparison in the dtype too
-            np.copyto(path.ratio, 0, where=blurred < filter_epsilon)
-        path.estimate *= path.correction()
+            np.copyto(out, 0, where=blurred < filter_epsilon)
+
+    try:
+        path.estimate[...] = 0.5
+        for _ in range(num_iter):
+            slabs.run(ratio, path.blurred(), image, path.ratio)
+            slabs.run(np.multiply, path.estimate, path.correction(), path.estimate)   # u *= correction
+    finally:
+        slabs.close()
     out = np.array(path.estimate, order="C")
     if clip:
         np.clip(out, -1, 1, out=out)   # NaN stays NaN, as with skimage's masked assignments
