@@ -367,6 +367,17 @@ def test_command_warns_when_clipping_unscaled_intensities(tmp_path, capsys, file
     assert code == 0 and "--no-clip" in err and (tmp_path / "o.nii.gz").exists()
 
 
+def test_command_warns_when_a_nifti_psf_has_other_voxel_sizes(tmp_path, capsys, files):
+    src, _, psf = files
+    write_nifti(tmp_path / "coarse.nii.gz", psf.astype(np.float32), np.diag([0.4, 0.4, 1.0, 1.0]))
+    code, _, err = run(capsys, "deconvolve", src, tmp_path / "o.nii.gz", "--psf", tmp_path / "coarse.nii.gz",
+                       "--iterations", 2)
+    assert code == 0 and "voxel sizes 0.4x0.4x1 mm" in err and "0.2x0.2x0.5 mm" in err
+    code, _, err = run(capsys, "deconvolve", src, tmp_path / "o.nii.gz", "--psf", tmp_path / "psf.nii",
+                       "--iterations", 2, "--force")
+    assert code == 0 and "warning" not in err
+
+
 def test_command_force(tmp_path, capsys, files):
     src, _, _ = files
     out = tmp_path / "rl.nii.gz"

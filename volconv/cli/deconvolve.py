@@ -94,6 +94,10 @@ def run(args):
     except CommandError as e:
         reporter.error(e)
         return 1
+    mismatch = _psf_zooms_differ(psf_path, vol.zooms)
+    if mismatch:
+        reporter.log(f"volconv: warning: {psf_path} has voxel sizes {mismatch} mm but {src} has "
+                     f"{_mm(vol.zooms)} mm: the PSF was applied in {src}'s voxels, as given")
     if args.clip and float(np.max(vol.data)) > 1:
         reporter.log(f"volconv: warning: {src} has values above 1 and the result was clipped to [-1, 1] as "
                      "scikit-image does; pass --no-clip to keep the intensity scale")
@@ -103,6 +107,24 @@ def run(args):
                  f"voxels){', clipped to [-1, 1]' if args.clip else ''}{volumes}, "
                  f"{time.perf_counter() - start:.2f} s")
     return 0
+
+
+def _mm(zooms):
+    return "x".join(f"{z:g}" for z in zooms)
+
+
+def _psf_zooms_differ(path, zooms):
+    """A NIfTI PSF's voxel sizes (from its affine) when they differ from the volume's, else None."""
+    if path.lower().endswith(".npy"):
+        return None
+    import nibabel
+    from nibabel.affines import voxel_sizes
+
+    try:
+        own = tuple(float(z) for z in voxel_sizes(nibabel.load(path).affine))
+    except Exception:   # read once already (load_psf); a header that cannot tell is not worth a failure
+        return None
+    return None if np.allclose(own, zooms, rtol=io.ZOOM_RTOL, atol=0) else _mm(own)
 
 
 def _load(src):
