@@ -275,7 +275,7 @@ def test_memory_guard_names_the_sizes(monkeypatch, algorithm):
     text = str(info.value)
     for word in ("40x40x40 float32 image", "9x9x9 PSF", algorithm, "no slabs", "1 MiB"):
         assert word in text, text
-    assert ("FFT box 45x45x45" in text) == (algorithm == "fft")
+    assert ("FFT box 48x48x48" in text) == (algorithm == "fft")
 
 
 def test_working_bytes_cover_the_fft_buffers():
