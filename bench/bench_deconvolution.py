@@ -2,8 +2,9 @@
 vc.restoration.richardson_lucy against skimage.restoration.richardson_lucy (scipy.signal.convolve, which picks
 fftconvolve here, one thread) on a 128^3 volume (blurred beads, a background and noise), 20 iterations, with
 PSFs of 31^3 (the issue's case; goal >= 5x), 11^3 (near the direct / FFT crossover) and 5^3 (the direct
-path's case): volconv's 'auto' choice and each algorithm forced; the max |volconv - skimage| of each; peak
-resident memory beyond the result (Linux VmHWM) of volconv and of scikit-image.
+path's case): volconv's 'auto' choice and each algorithm forced (and, for 31^3, volconv on one thread, as
+scikit-image runs); the max |volconv - skimage| of each; peak resident memory beyond the result (Linux VmHWM) of
+volconv and of scikit-image.
 
     python bench/bench_deconvolution.py [--threads 2] [--iterations 20] [--size 128] [--out FILE]
 """
@@ -54,6 +55,8 @@ def main(argv=None):
             if name != auto and not (name == "direct" and k > 11):   # direct at 31^3 would take minutes
                 c[f"volconv {name}"] = (lambda name=name: vc.restoration.richardson_lucy(
                     image, psf, it, workers=t, algorithm=name))
+        if k == 31 and t > 1:   # per core: scikit-image runs on one thread
+            c[f"volconv auto ({auto}), 1 thread"] = lambda: vc.restoration.richardson_lucy(image, psf, it, workers=1)
         c["scikit-image"] = lambda: skimage_rl(image, psf, num_iter=it)
         ref = c["scikit-image"]()
         errs = {name: float(np.abs(fn() - ref).max()) for name, fn in c.items() if name != "scikit-image"}

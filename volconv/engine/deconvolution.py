@@ -117,11 +117,19 @@ class _FFTPath:
 
     def _spectrum(self, psf):
         """rfftn of the PSF on the box, its tap (k - 1) // 2 at the origin and the taps before it wrapped to the
-        box's end."""
-        placed = np.zeros(self.box, psf.dtype)
-        placed[tuple(slice(0, k) for k in psf.shape)] = psf
-        placed = np.roll(placed, tuple(-((k - 1) // 2) for k in psf.shape), axis=(0, 1, 2))
-        return self.fft.rfftn(placed, workers=self.workers)
+        box's end; pruned as the PSF is small: along W over its k0 * k1 rows, along H over its k0 planes, along
+        D over everything (placed straight where the taps go, never rolled)."""
+        fft, workers, box = self.fft, self.workers, self.box
+        where = [(np.arange(k) - (k - 1) // 2) % n for k, n in zip(psf.shape, box)]
+        rows = np.zeros(psf.shape[:2] + (box[2],), psf.dtype)
+        rows[:, :, where[2]] = psf
+        rows = fft.rfft(rows, axis=2, workers=workers)
+        planes = np.zeros((psf.shape[0], box[1], rows.shape[2]), rows.dtype)
+        planes[:, where[1]] = rows
+        planes = fft.fft(planes, axis=1, overwrite_x=True, workers=workers)
+        spectrum = np.zeros(box[:2] + (rows.shape[2],), rows.dtype)
+        spectrum[where[0]] = planes
+        return fft.fft(spectrum, axis=0, overwrite_x=True, workers=workers)
 
     def _convolve(self, source, spectrum):
         """The corner of irfftn(rfftn(source) * spectrum); the inverse pruned to what is kept: along D over the
