@@ -48,8 +48,9 @@ def same_spec(shape, psf_shape):
 def fft_box(shape, psf_shape):
     """Transform lengths: per axis the smallest length >= n + k // 2 (see the module's docstring) that is a
     product of 2, 3 and 5 and a multiple of 4 (1 for an axis of one voxel and a PSF of one tap). pocketfft's
-    float32 transforms of odd lengths are much slower per point: on this machine a 135^3 box (3^3 * 5, what
-    next_fast_len gives for 133) takes ~1.3x as long as a 144^3 one (2^4 * 3^2)."""
+    float32 transforms of odd lengths are slower per point: on this machine one 3-D transform of 135^3 (3^3 * 5,
+    what next_fast_len gives for 133) takes 1.1-1.3x as long as one of 144^3 (2^4 * 3^2), and an iteration's
+    two convolutions on one thread ~1.05x (best of 25, interleaved)."""
     import scipy.fft
 
     def length(need):
