@@ -13,7 +13,8 @@ here have a positive background, as real microscopy has: where the blurred estim
 image / blurred is ill-conditioned (0 / 0 + 1e-12 in an empty background is any rounding's ratio), in
 scikit-image as here. The largest observed difference is 5x below the bound, most are 10-100x below.
 
-Where scikit-image's own arithmetic differs: it always computes in the image's float type; on float32 its
+scikit-image's richardson_lucy has no boundary mode: zeros outside the image (scipy.signal.convolve 'same') is
+the only one, here as there. Where scikit-image's own arithmetic differs: it always computes in the image's float type; on float32 its
 error against its own float64 result is of the same size as volconv's (test_float32_as_accurate_as_skimage).
 filter_epsilon tests run in float64 where a mid-range threshold is used: a voxel whose blurred value is within
 rounding of the threshold goes either way in either implementation (an O(1) difference there, by design).
@@ -189,6 +190,10 @@ def test_auto_chooses_by_psf_size():
     shape = (40, 40, 40)
     assert engine.choose_algorithm(shape, (3, 3, 3), 4, 2) == "direct"
     assert engine.choose_algorithm(shape, (17, 17, 17), 4, 2) == "fft"
+    assert engine.choose_algorithm((128,) * 3, (5,) * 3, 4, 2) == "direct"   # the benchmark's cases
+    assert engine.choose_algorithm((128,) * 3, (11,) * 3, 4, 2) == "fft"
+    assert engine.fft_box((128,) * 3, (31,) * 3) == (144,) * 3   # >= 128 + 15, a multiple of 4
+    assert engine.fft_box((40, 1, 9), (9, 1, 2)) == (48, 1, 12)
     costs = [engine.iteration_costs(shape, (k, k, k), 2) for k in (3, 5, 9, 13, 17)]
     ratios = [c["direct"] / c["fft"] for c in costs]
     assert ratios == sorted(ratios)   # the direct path's share grows with the PSF
