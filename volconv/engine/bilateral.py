@@ -7,6 +7,8 @@ from .. import _cpu
 from .._validate import pad_array
 from .layout import threads_for_work
 
+LOG2E = 1.4426950408889634
+
 
 def window(zooms, radii, sigma_spatial_mm, dtype):
     """(each tap's offset per axis, a_t) over the box of `radii` (voxels), taps in C order: a_t =
@@ -44,5 +46,7 @@ def bilateral(x, guide, valid, sigma_mm, zooms, radii, sigma_range, mode, cval, 
     off = np.ascontiguousarray(sum(t * s for t, s in zip(taps, strides)), np.intp)
     b = 0.0 if np.isinf(sigma_range) else 1.0 / (2.0 * sigma_range * sigma_range)
     work = 30.0 * a.size * out.size   # about 30 operations per tap and voxel (the exp's polynomial among them)
-    _cpu.compiled.bilateral(xp, gp, mp, off, a, x.dtype.type(b), out, *radii, threads_for_work(work, nthreads))
+    # the kernel's exponentials are in base 2: exp(a - b d^2) = 2^(a log2 e - b log2 e d^2)
+    _cpu.compiled.bilateral(xp, gp, mp, off, (a * LOG2E).astype(x.dtype), x.dtype.type(b * LOG2E), out, *radii,
+                            threads_for_work(work, nthreads))
     return out
