@@ -1,0 +1,84 @@
+/* Per-voxel measures of a symmetric 3x3 matrix's eigenvalues (the Gaussian Hessian's: engine/hessian.py), in
+ * double whatever the volume's type. Plain C, no SIMD: the three builds compile it alike. No include guard
+ * needed beyond this one. */
+#ifndef VC_HESSIAN_IMPL_H
+#define VC_HESSIAN_IMPL_H
+#include <math.h>
+
+/* Eigenvalues of [[a b c] [b d e] [c e f]], largest first: the trigonometric solution of the characteristic
+ * cubic on the matrix shifted by its mean eigenvalue q and scaled by p (so no cube can overflow). In double the
+ * one weak spot, two nearly equal eigenvalues (acos near +-1), costs about p * sqrt(2^-52) = 1.5e-8 p: below a
+ * float32 ulp of the matrix's norm. */
+static inline void vc_eig3(double a, double b, double c, double d, double e, double f, double *l)
+{
+    double q = (a + d + f) / 3.0, off = b * b + c * c + e * e;
+    double a0 = a - q, d0 = d - q, f0 = f - q;
+    double p = sqrt((a0 * a0 + d0 * d0 + f0 * f0 + 2.0 * off) / 6.0);
+    if (p == 0.0 || off == 0.0) {   /* diagonal (or a multiple of I): the diagonal, sorted */
+        double t;
+        l[0] = a; l[1] = d; l[2] = f;
+        if (l[0] < l[1]) { t = l[0]; l[0] = l[1]; l[1] = t; }
+        if (l[1] < l[2]) { t = l[1]; l[1] = l[2]; l[2] = t; }
+        if (l[0] < l[1]) { t = l[0]; l[0] = l[1]; l[1] = t; }
+        return;
+    }
+    double s = 1.0 / p;
+    a0 *= s; d0 *= s; f0 *= s;
+    double bs = b * s, cs = c * s, es = e * s;
+    double r = 0.5 * (a0 * (d0 * f0 - es * es) - bs * (bs * f0 - es * cs) + cs * (bs * es - d0 * cs));
+    double phi = r <= -1.0 ? M_PI / 3.0 : r >= 1.0 ? 0.0 : acos(r) / 3.0;
+    l[0] = q + 2.0 * p * cos(phi);
+    l[2] = q + 2.0 * p * cos(phi + 2.0 * M_PI / 3.0);
+    l[1] = 3.0 * q - l[0] - l[2];
+    if (l[1] > l[0]) l[1] = l[0];   /* rounding may step past its neighbours */
+    if (l[1] < l[2]) l[1] = l[2];
+}
+
+enum { VC_FRANGI = 0, VC_FRANGI_PARTS = 1, VC_SATO = 2, VC_MEIJERING = 3, VC_EIGVALS = 4 };
+
+/* res[0..2] by kind (see engine/hessian.measure): FRANGI res[0] = vesselness; FRANGI_PARTS res[0] = plate *
+ * blob, res[1] = s; SATO res[0]; MEIJERING res[0]; EIGVALS the eigenvalues. h: the six components, times sign.
+ * skimage's rules: Frangi sorts by magnitude (a stable sort of the descending eigenvalues), clips the two larger
+ * at 1e-10; Sato takes the two largest clipped at 0; Meijering the first of largest magnitude of M l. */
+static inline void vc_hessian_measure(const double *h, int kind, double a, double b, double c, double *res)
+{
+    double l[3];
+    res[0] = res[1] = res[2] = 0.0;
+    vc_eig3(h[0], h[1], h[2], h[3], h[4], h[5], l);
+    if (kind == VC_EIGVALS) {
+        res[0] = l[0]; res[1] = l[1]; res[2] = l[2];
+        return;
+    }
+    if (kind == VC_SATO) {
+        double u = l[0] > 0.0 ? l[0] : 0.0, v = l[1] > 0.0 ? l[1] : 0.0;
+        res[0] = c * sqrt(u * v);
+        return;
+    }
+    if (kind == VC_MEIJERING) {
+        double t = l[0] + l[1] + l[2], best = 0.0, bestabs = -1.0;
+        for (int k = 0; k < 3; k++) {
+            double v = l[k] + a * (t - l[k]);
+            if (fabs(v) > bestabs) { bestabs = fabs(v); best = v; }
+        }
+        res[0] = best > 0.0 ? best : 0.0;
+        return;
+    }
+    /* Frangi: insertion sort by magnitude (stable, as numpy's argsort of three) */
+    for (int i = 1; i < 3; i++) {
+        double v = l[i];
+        int j = i - 1;
+        while (j >= 0 && fabs(l[j]) > fabs(v)) { l[j + 1] = l[j]; j--; }
+        l[j + 1] = v;
+    }
+    double l2 = l[1] > 1e-10 ? l[1] : 1e-10, l3 = l[2] > 1e-10 ? l[2] : 1e-10;
+    double ra = l2 / l3, rb2 = l[0] * l[0] / (l2 * l3);
+    double s2 = l[0] * l[0] + l[1] * l[1] + l[2] * l[2];
+    double pb = (1.0 - exp(-ra * ra / (2.0 * a * a))) * exp(-rb2 / (2.0 * b * b));
+    if (kind == VC_FRANGI_PARTS) {
+        res[0] = pb;
+        res[1] = sqrt(s2);
+        return;
+    }
+    res[0] = pb * (1.0 - exp(-s2 / (2.0 * c * c)));
+}
+#endif

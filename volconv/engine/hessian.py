@@ -1,0 +1,228 @@
+"""Gaussian Hessians on checked arrays, as scikit-image composes them, slab by slab of D planes, and the per-voxel
+measures of their eigenvalues (_cpu/hessian.pxi: Frangi, Sato, Meijering, the eigenvalues themselves).
+
+scikit-image (feature.hessian_matrix with use_gaussian_derivatives=True, the ridge filters' Hessian) filters twice
+with scipy.ndimage.gaussian_filter at sigma / sqrt(2): G_i = first derivative along i, then H_ij = G_i's first
+derivative along j (i <= j), each 1-D pass extending its own input by the boundary mode. Operators along
+different axes commute, so the same result comes axis by axis: the two passes along D for every distinct D
+operator (d then d, d then g, g then g) on a slab with a halo of planes, then the two fused H/W passes per
+component on that slab, which needs no halo. Per scale that is 5 passes along D and 10 fused H/W passes, every
+one over one slab at a time (no volume-sized intermediate), and the slab's six components go straight to the
+eigenvalue kernel.
+
+mode="constant": every pass runs with zeros outside (linear, so the order of axes is free) and the constant's
+share, which scipy adds pass by pass in its own order of axes, is added as the few outer products of 1-D
+vectors it is (constant_terms)."""
+import math
+
+import numpy as np
+
+from .. import _cpu
+from .._validate import ConvSpec, pad_index
+from .layout import threads_for_work
+from .separable import separable_conv3d
+
+# Hessian components in scikit-image's order (combinations_with_replacement of the axes)
+PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+# the second-derivative components are never scaled: skimage's hessian_matrix returns d2/dxi dxj of the smoothed
+# volume (only Sato multiplies by sigma**2)
+TRUNCATE_CAP = 10.0   # scipy taps beyond 10 sigma weigh < exp(-50) of the centre: below float64's rounding
+
+
+def gaussian_taps(sigma, truncate):
+    """scipy.ndimage.gaussian_filter1d's correlation weights (smoothing, first derivative) at `sigma` voxels:
+    radius int(truncate * sigma + 0.5), normalised Gaussian phi, derivative x / sigma^2 * phi (scipy convolves
+    with -x / sigma^2 phi)."""
+    r = int(truncate * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    phi = np.exp(-0.5 / (sigma * sigma) * x * x)
+    phi /= phi.sum()
+    return phi, x / (sigma * sigma) * phi
+
+
+def skimage_taps(sigma):
+    """Per axis (smoothing, derivative) taps of skimage's Hessian at sigma (voxels, per axis): scipy at
+    sigma / sqrt(2), truncate 8 when every sigma > 1 else 100 (skimage's rule), capped at TRUNCATE_CAP."""
+    truncate = min(8.0 if all(s > 1 for s in sigma) else 100.0, TRUNCATE_CAP)
+    return [gaussian_taps(s / math.sqrt(2), truncate) for s in sigma]
+
+
+def _pass(x, fd, fh, fw, mode, nthreads):
+    """One fused separable correlation of x (planes, H, W): valid along D (x carries its context planes),
+    'same' along H and W under `mode` (zeros outside for "constant")."""
+    rh, rw = len(fh) // 2, len(fw) // 2
+    spec = ConvSpec((1, 1) + x.shape, (1, 1, len(fd), len(fh), len(fw)), stride=(1, 1, 1),
+                    pads=((0, 0), (rh, rh), (rw, rw)), dilation=(1, 1, 1), groups=1, mode=mode, cval=0.0)
+    return separable_conv3d(np.ascontiguousarray(x)[None, None], fd, fh, fw, spec, nthreads)[0, 0]
+
+
+def _rows(x, first, stop, mode):
+    """Planes first..stop-1 of x along D (any range: beyond the ends extended by `mode`, zeros for "constant"):
+    a view when inside."""
+    if first >= 0 and stop <= x.shape[0]:
+        return x[first:stop]
+    src = pad_index(x.shape[0], -first, stop - x.shape[0], mode)
+    out = x[np.maximum(src, 0)]
+    out[src < 0] = 0
+    return out
+
+
+def _d_pass(x, taps, first, stop, mode, nthreads):
+    """Planes first..stop-1 of the 1-D correlation of x along D with taps (scipy's boundary `mode`)."""
+    r = len(taps) // 2
+    one = np.ones(1)
+    return _pass(_rows(x, first - r, stop + r, mode), taps, one, one, mode, nthreads)
+
+
+def _two_d_passes(x, k1, k2s, z0, z1, mode, nthreads):
+    """Planes z0..z1-1 of x filtered along D by k1, the result extended by `mode` (as scipy extends the second
+    pass's input), then by each of k2s."""
+    D, r = x.shape[0], len(k2s[0]) // 2
+    src = pad_index(D, r - z0, z1 + r - D, mode)
+    used = src[src >= 0]
+    if mode == "wrap":   # periodic: the first pass over the periodic extension is already the extended result
+        t = _d_pass(x, k1, z0 - r, z1 + r, mode, nthreads)
+    else:   # the first pass over the planes the extension reads, then extended by index (zeros: "constant")
+        lo, hi = int(used.min()), int(used.max()) + 1
+        t = _d_pass(x, k1, lo, hi, mode, nthreads)
+        if not np.array_equal(src, np.arange(z0 - r, z1 + r)):
+            t = t[np.maximum(src - lo, 0)]
+            t[src < 0] = 0
+    one = np.ones(1)
+    return [_pass(t, k2, one, one, mode, nthreads) for k2 in k2s]
+
+
+def hessian_slab(x, taps, z0, z1, mode, cval, nthreads, terms=None):
+    """The six components (PAIRS order) on planes z0..z1-1 of x (D, H, W), skimage's arithmetic (see the module
+    docstring). taps: skimage_taps per axis. terms: constant_terms(...) when mode is "constant" (None: computed)."""
+    (g0, d0), (g1, d1), (g2, d2) = taps
+    pmode = "constant" if mode == "constant" else mode
+    y_dd, y_dg = _two_d_passes(x, d0, [d0, g0], z0, z1, pmode, nthreads)
+    (y_gg,) = _two_d_passes(x, g0, [g0], z0, z1, pmode, nthreads)
+    one = np.ones(1)
+    hw = lambda y, a, b: _pass(y, one, a, b, pmode, nthreads)  # noqa: E731
+    a1 = hw(y_dd, g1, g2)
+    del y_dd
+    h00 = hw(a1, g1, g2)
+    del a1
+    b1 = hw(y_dg, g1, g2)
+    del y_dg
+    h01, h02 = hw(b1, d1, g2), hw(b1, g1, d2)
+    del b1
+    c1, c2 = hw(y_gg, d1, g2), hw(y_gg, g1, d2)
+    del y_gg
+    h11, h12 = hw(c1, d1, g2), hw(c1, g1, d2)
+    del c1
+    h22 = hw(c2, g1, d2)
+    del c2
+    hs = [h00, h01, h02, h11, h12, h22]
+    if mode == "constant" and cval != 0:
+        if terms is None:
+            terms = constant_terms(x.shape, taps)
+        for h, comp in zip(hs, terms):
+            for coef, v0, v1, v2 in comp:
+                h += (cval * coef * v0[z0:z1, None, None] * (v1[:, None] * v2[None, :])).astype(h.dtype)
+    return hs
+
+
+def _zero_padded(v, k):
+    """1-D correlation of v with taps k, zeros outside ('same' size), float64."""
+    r = len(k) // 2
+    return np.correlate(np.pad(v, r), k, mode="valid")
+
+
+def constant_terms(shape, taps):
+    """mode="constant": per component, the constant's share as (coef, v0, v1, v2) outer products (times cval).
+    scipy's pass along axis a with taps k maps y to B y + c (sum(k) - B 1): B the correlation with zeros outside.
+    Unrolled over skimage's six passes (axes 0, 1, 2 for the first derivative, again for the second), the
+    result is B...B x plus c times sum over passes t of (the later passes' B applied to (sum(k_t) - B_t 1))."""
+    out = []
+    for i, j in PAIRS:
+        passes = [(a, taps[a][1] if a == i else taps[a][0]) for a in range(3)] + \
+                 [(a, taps[a][1] if a == j else taps[a][0]) for a in range(3)]
+        comp = []
+        for t, (a, k) in enumerate(passes):
+            vs = [np.ones(n) for n in shape]
+            vs[a] = k.sum() - _zero_padded(np.ones(shape[a]), k)
+            for b, kb in passes[t + 1:]:
+                vs[b] = _zero_padded(vs[b], kb)
+            comp.append((1.0, *vs))
+        out.append(comp)
+    return out
+
+
+def slab_rows(shape, taps, itemsize, budget=None):
+    """Planes per slab: about a quarter of the volume's bytes across the slab's dozen buffers, at least 8 (or
+    the whole volume)."""
+    D, H, W = shape
+    plane = H * W * itemsize
+    budget = 0.25 * D * plane if budget is None else budget
+    return int(min(D, max(8, budget // (12 * plane))))
+
+
+def slabs(shape, rows):
+    """(z0, z1) of each slab of `rows` planes."""
+    return [(z0, min(shape[0], z0 + rows)) for z0 in range(0, shape[0], rows)]
+
+
+# per-voxel measures of the eigenvalues (_cpu/hessian.pxi); FRANGI_PARTS: plate * blob and the norm s apart
+FRANGI, FRANGI_PARTS, SATO, MEIJERING, EIGVALS = 0, 1, 2, 3, 4
+
+
+def measure(hs, kind, out, out2=None, out3=None, *, sign=1.0, a=0.0, b=0.0, c=0.0, nthreads=1):
+    """The compiled per-voxel kernel over one slab: hs the six components (contiguous, the slab's shape);
+    sign multiplies them first (-1: white ridges). kind FRANGI: out = max(out, vesselness) with a=alpha,
+    b=beta, c=gamma; FRANGI_PARTS: out = plate * blob, out2 = the norm s; SATO: out = max(out, c * sqrt(l1 l2)
+    of the two largest, clipped at 0) with c=sigma^2; MEIJERING: out2 = max(0, the largest-magnitude of
+    l_k + a (sum of the others)); EIGVALS: out, out2, out3 = the eigenvalues, largest first."""
+    hs = [np.ascontiguousarray(h) for h in hs]
+    dummy = out if out2 is None else out2
+    work = 150.0 * out.size
+    _cpu.compiled.hessian_measure(*hs, out, dummy if out2 is None else out2, dummy if out3 is None else out3,
+                                  kind, sign, a, b, c, threads_for_work(work, nthreads))
+
+
+def ridge_filter(x, scales, method, mode, cval, sign, nthreads, *, alpha=0.5, beta=0.5, gamma=None):
+    """scikit-image's Frangi / Sato / Meijering on x (D, H, W, C-contiguous float), the maximum over scales of
+    the per-scale measure, each scale's slabs reduced into it as they finish. scales: (taps per axis, sato
+    factor sigma^2) per scale. sign: -1 filters -x (bright ridges), cval applying to -x as scikit-image's
+    (the Hessian of -x with cval c is minus that of x with cval -c). gamma None (Frangi): half the largest
+    Hessian norm at the first scale, skimage's rule, over the whole volume: that scale keeps plate * blob in
+    the output and the norm in a scratch volume until the maximum is known. Meijering divides each scale by its
+    own maximum: each scale goes to a scratch volume first."""
+    out = np.zeros(x.shape, x.dtype)
+    if x.size == 0:
+        return out
+    dtype = x.dtype.type
+    scratch = np.empty(x.shape, x.dtype) if method == "meijering" or (method == "frangi" and gamma is None) \
+        else None
+    for n, (t, sato_c) in enumerate(scales):
+        terms = constant_terms(x.shape, t) if mode == "constant" and cval != 0 else None
+        parts = method == "frangi" and gamma is None
+        rows = slab_rows(x.shape, t, x.itemsize)
+        for z0, z1 in slabs(x.shape, rows):
+            hs = hessian_slab(x, t, z0, z1, mode, sign * cval, nthreads, terms)
+            o, s = out[z0:z1], None if scratch is None else scratch[z0:z1]
+            if method == "frangi":
+                measure(hs, FRANGI_PARTS if parts else FRANGI, o, s, sign=sign, a=alpha, b=beta,
+                        c=1.0 if parts else gamma, nthreads=nthreads)
+            elif method == "sato":
+                measure(hs, SATO, o, sign=sign, c=sato_c, nthreads=nthreads)
+            else:
+                measure(hs, MEIJERING, o, s, sign=sign, a=alpha, nthreads=nthreads)
+            del hs
+        if method == "frangi" and gamma is None:   # skimage: gamma = max(s) / 2 at the first scale, then fixed
+            gamma = float(dtype(scratch.max()) / dtype(2)) or 1.0
+            g2 = dtype(2) * dtype(gamma) ** 2
+            for z0, z1 in slabs(x.shape, rows):
+                s = scratch[z0:z1]
+                out[z0:z1] *= dtype(1) - np.exp(-(s * s) / g2)
+            scratch = None
+        elif method == "meijering":
+            peak = scratch.max()
+            for z0, z1 in slabs(x.shape, rows):
+                s = scratch[z0:z1]
+                if peak > 0:
+                    s /= peak
+                np.maximum(out[z0:z1], s, out=out[z0:z1])
+    return out
