@@ -11,7 +11,7 @@ def hessian_measure(const floating[:, :, ::1] h00, const floating[:, :, ::1] h01
                     floating[:, :, ::1] out, floating[:, :, ::1] out2, floating[:, :, ::1] out3, int kind,
                     double sign, double a, double b, double c, int nthreads):
     """engine/hessian.measure's kernel; kinds 0 (Frangi) and 2 (Sato) take the maximum with out, 1 writes out
-    and out2, 3 writes out2, 4 writes out, out2, out3. Every array of one shape; planes are the work units."""
+    and out2, 3 writes out2, 4 writes out, out2, out3, 5 (the norm) out. Every array of one shape; planes are the work units."""
     cdef Py_ssize_t D = out.shape[0], H = out.shape[1], W = out.shape[2], u
     if D == 0 or H == 0 or W == 0:
         return
@@ -48,6 +48,8 @@ cdef inline void _measure_row(const floating *h00, const floating *h01, const fl
             v = <floating>res[0]
             if v > out[k]:
                 out[k] = v
+        elif kind == 5:
+            out[k] = <floating>res[0]
         elif kind == 1:
             out[k] = <floating>res[0]
             out2[k] = <floating>res[1]

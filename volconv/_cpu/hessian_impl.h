@@ -27,23 +27,29 @@ static inline void vc_eig3(double a, double b, double c, double d, double e, dou
     double bs = b * s, cs = c * s, es = e * s;
     double r = 0.5 * (a0 * (d0 * f0 - es * es) - bs * (bs * f0 - es * cs) + cs * (bs * es - d0 * cs));
     double phi = r <= -1.0 ? M_PI / 3.0 : r >= 1.0 ? 0.0 : acos(r) / 3.0;
-    l[0] = q + 2.0 * p * cos(phi);
-    l[2] = q + 2.0 * p * cos(phi + 2.0 * M_PI / 3.0);
+    /* cos(phi + 2 pi / 3) = -cos(phi) / 2 - sin(phi) sqrt(3) / 2: one sincos (gcc merges the two calls) */
+    double cs2 = cos(phi), sn = sin(phi);
+    l[0] = q + 2.0 * p * cs2;
+    l[2] = q - p * (cs2 + 1.7320508075688772 * sn);
     l[1] = 3.0 * q - l[0] - l[2];
     if (l[1] > l[0]) l[1] = l[0];   /* rounding may step past its neighbours */
     if (l[1] < l[2]) l[1] = l[2];
 }
 
-enum { VC_FRANGI = 0, VC_FRANGI_PARTS = 1, VC_SATO = 2, VC_MEIJERING = 3, VC_EIGVALS = 4 };
+enum { VC_FRANGI = 0, VC_FRANGI_PARTS = 1, VC_SATO = 2, VC_MEIJERING = 3, VC_EIGVALS = 4, VC_NORM = 5 };
 
 /* res[0..2] by kind (see engine/hessian.measure): FRANGI res[0] = vesselness; FRANGI_PARTS res[0] = plate *
- * blob, res[1] = s; SATO res[0]; MEIJERING res[0]; EIGVALS the eigenvalues. h: the six components, times sign.
+ * blob, res[1] = s; NORM res[0] = s; SATO res[0]; MEIJERING res[0]; EIGVALS the eigenvalues. h: the six components, times sign.
  * skimage's rules: Frangi sorts by magnitude (a stable sort of the descending eigenvalues), clips the two larger
  * at 1e-10; Sato takes the two largest clipped at 0; Meijering the first of largest magnitude of M l. */
 static inline void vc_hessian_measure(const double *h, int kind, double a, double b, double c, double *res)
 {
     double l[3];
     res[0] = res[1] = res[2] = 0.0;
+    if (kind == VC_NORM) {   /* the Frobenius norm: the root of the eigenvalues' squares, no eigenvalues needed */
+        res[0] = sqrt(h[0] * h[0] + h[3] * h[3] + h[5] * h[5] + 2.0 * (h[1] * h[1] + h[2] * h[2] + h[4] * h[4]));
+        return;
+    }
     vc_eig3(h[0], h[1], h[2], h[3], h[4], h[5], l);
     if (kind == VC_EIGVALS) {
         res[0] = l[0]; res[1] = l[1]; res[2] = l[2];
@@ -73,7 +79,8 @@ static inline void vc_hessian_measure(const double *h, int kind, double a, doubl
     double l2 = l[1] > 1e-10 ? l[1] : 1e-10, l3 = l[2] > 1e-10 ? l[2] : 1e-10;
     double ra = l2 / l3, rb2 = l[0] * l[0] / (l2 * l3);
     double s2 = l[0] * l[0] + l[1] * l[1] + l[2] * l[2];
-    double pb = (1.0 - exp(-ra * ra / (2.0 * a * a))) * exp(-rb2 / (2.0 * b * b));
+    double blob = rb2 / (2.0 * b * b);   /* beyond 746 exp underflows to 0: the exps left would change nothing */
+    double pb = blob > 746.0 ? 0.0 : (1.0 - exp(-ra * ra / (2.0 * a * a))) * exp(-blob);
     if (kind == VC_FRANGI_PARTS) {
         res[0] = pb;
         res[1] = sqrt(s2);

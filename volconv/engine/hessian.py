@@ -74,33 +74,27 @@ def _d_pass(x, taps, first, stop, mode, nthreads):
     return _pass(_rows(x, first - r, stop + r, mode), taps, one, one, mode, nthreads)
 
 
-def _two_d_passes(x, k1, k2s, z0, z1, mode, nthreads):
-    """Planes z0..z1-1 of x filtered along D by k1, the result extended by `mode` (as scipy extends the second
-    pass's input), then by each of k2s."""
-    D, r = x.shape[0], len(k2s[0]) // 2
-    src = pad_index(D, r - z0, z1 + r - D, mode)
-    used = src[src >= 0]
-    if mode == "wrap":   # periodic: the first pass over the periodic extension is already the extended result
-        t = _d_pass(x, k1, z0 - r, z1 + r, mode, nthreads)
-    else:   # the first pass over the planes the extension reads, then extended by index (zeros: "constant")
-        lo, hi = int(used.min()), int(used.max()) + 1
-        t = _d_pass(x, k1, lo, hi, mode, nthreads)
-        if not np.array_equal(src, np.arange(z0 - r, z1 + r)):
-            t = t[np.maximum(src - lo, 0)]
-            t[src < 0] = 0
-    one = np.ones(1)
-    return [_pass(t, k2, one, one, mode, nthreads) for k2 in k2s]
+def first_d_passes(x, taps, mode, nthreads):
+    """The two first passes along D over the whole volume, shared by every component: (derivative, smoothing)
+    along D of x (scipy's boundary `mode`; zeros outside for "constant", see constant_terms)."""
+    g0, d0 = taps[0]
+    return _d_pass(x, d0, 0, x.shape[0], mode, nthreads), _d_pass(x, g0, 0, x.shape[0], mode, nthreads)
 
 
-def hessian_slab(x, taps, z0, z1, mode, cval, nthreads, terms=None):
-    """The six components (PAIRS order) on planes z0..z1-1 of x (D, H, W), skimage's arithmetic (see the module
-    docstring). taps: skimage_taps per axis. terms: constant_terms(...) when mode is "constant" (None: computed)."""
+def hessian_slab(firsts, taps, z0, z1, mode, cval, nthreads, terms=None):
+    """The six components (PAIRS order) on planes z0..z1-1, skimage's arithmetic (see the module docstring).
+    firsts: first_d_passes of the volume; taps: skimage_taps per axis; terms: constant_terms(...) when mode is
+    "constant" and cval is not 0 (None: computed)."""
     (g0, d0), (g1, d1), (g2, d2) = taps
-    pmode = "constant" if mode == "constant" else mode
-    y_dd, y_dg = _two_d_passes(x, d0, [d0, g0], z0, z1, pmode, nthreads)
-    (y_gg,) = _two_d_passes(x, g0, [g0], z0, z1, pmode, nthreads)
+    td, tg = firsts
     one = np.ones(1)
-    hw = lambda y, a, b: _pass(y, one, a, b, pmode, nthreads)  # noqa: E731
+    r = len(g0) // 2
+    # the second pass along D reads the first one's planes extended by the mode, as scipy extends its input
+    ext = _rows(td, z0 - r, z1 + r, mode)
+    y_dd, y_dg = _pass(ext, d0, one, one, mode, nthreads), _pass(ext, g0, one, one, mode, nthreads)
+    y_gg = _pass(_rows(tg, z0 - r, z1 + r, mode), g0, one, one, mode, nthreads)
+    del ext
+    hw = lambda y, a, b: _pass(y, one, a, b, mode, nthreads)  # noqa: E731
     a1 = hw(y_dd, g1, g2)
     del y_dd
     h00 = hw(a1, g1, g2)
@@ -118,7 +112,7 @@ def hessian_slab(x, taps, z0, z1, mode, cval, nthreads, terms=None):
     hs = [h00, h01, h02, h11, h12, h22]
     if mode == "constant" and cval != 0:
         if terms is None:
-            terms = constant_terms(x.shape, taps)
+            terms = constant_terms(td.shape, taps)
         for h, comp in zip(hs, terms):
             for coef, v0, v1, v2 in comp:
                 h += (cval * coef * v0[z0:z1, None, None] * (v1[:, None] * v2[None, :])).astype(h.dtype)
@@ -151,13 +145,10 @@ def constant_terms(shape, taps):
     return out
 
 
-def slab_rows(shape, taps, itemsize, budget=None):
-    """Planes per slab: about a quarter of the volume's bytes across the slab's dozen buffers, at least 8 (or
-    the whole volume)."""
-    D, H, W = shape
-    plane = H * W * itemsize
-    budget = 0.25 * D * plane if budget is None else budget
-    return int(min(D, max(8, budget // (12 * plane))))
+def slab_rows(shape):
+    """Planes per slab: a sixteenth of the volume (a slab's eight live buffers hold half a volume beside the two
+    whole first passes), at least 8 (or the whole volume)."""
+    return int(min(shape[0], max(8, shape[0] // 16)))
 
 
 def slabs(shape, rows):
@@ -166,7 +157,7 @@ def slabs(shape, rows):
 
 
 # per-voxel measures of the eigenvalues (_cpu/hessian.pxi); FRANGI_PARTS: plate * blob and the norm s apart
-FRANGI, FRANGI_PARTS, SATO, MEIJERING, EIGVALS = 0, 1, 2, 3, 4
+FRANGI, FRANGI_PARTS, SATO, MEIJERING, EIGVALS, NORM = 0, 1, 2, 3, 4, 5
 
 
 def measure(hs, kind, out, out2=None, out3=None, *, sign=1.0, a=0.0, b=0.0, c=0.0, nthreads=1):
@@ -174,7 +165,8 @@ def measure(hs, kind, out, out2=None, out3=None, *, sign=1.0, a=0.0, b=0.0, c=0.
     sign multiplies them first (-1: white ridges). kind FRANGI: out = max(out, vesselness) with a=alpha,
     b=beta, c=gamma; FRANGI_PARTS: out = plate * blob, out2 = the norm s; SATO: out = max(out, c * sqrt(l1 l2)
     of the two largest, clipped at 0) with c=sigma^2; MEIJERING: out2 = max(0, the largest-magnitude of
-    l_k + a (sum of the others)); EIGVALS: out, out2, out3 = the eigenvalues, largest first."""
+    l_k + a (sum of the others)); EIGVALS: out, out2, out3 = the eigenvalues, largest first; NORM: out = the
+    Frobenius norm (the root of the eigenvalues' squares)."""
     hs = [np.ascontiguousarray(h) for h in hs]
     dummy = out if out2 is None else out2
     work = 150.0 * out.size
@@ -182,47 +174,48 @@ def measure(hs, kind, out, out2=None, out3=None, *, sign=1.0, a=0.0, b=0.0, c=0.
                                   kind, sign, a, b, c, threads_for_work(work, nthreads))
 
 
+def scale_slabs(x, t, mode, cval, nthreads):
+    """(z0, z1, the six components on planes z0..z1-1) of x at one scale (taps t), slab after slab; the whole
+    first passes along D live while the slabs are made."""
+    terms = constant_terms(x.shape, t) if mode == "constant" and cval != 0 else None
+    firsts = first_d_passes(x, t, mode, nthreads)
+    for z0, z1 in slabs(x.shape, slab_rows(x.shape)):
+        yield z0, z1, hessian_slab(firsts, t, z0, z1, mode, cval, nthreads, terms)
+
+
 def ridge_filter(x, scales, method, mode, cval, sign, nthreads, *, alpha=0.5, beta=0.5, gamma=None):
     """scikit-image's Frangi / Sato / Meijering on x (D, H, W, C-contiguous float), the maximum over scales of
-    the per-scale measure, each scale's slabs reduced into it as they finish. scales: (taps per axis, sato
-    factor sigma^2) per scale. sign: -1 filters -x (bright ridges), cval applying to -x as scikit-image's
-    (the Hessian of -x with cval c is minus that of x with cval -c). gamma None (Frangi): half the largest
-    Hessian norm at the first scale, skimage's rule, over the whole volume: that scale keeps plate * blob in
-    the output and the norm in a scratch volume until the maximum is known. Meijering divides each scale by its
-    own maximum: each scale goes to a scratch volume first."""
+    the per-scale measure, each slab reduced into it as it is made. scales: (taps per axis, Sato's factor
+    sigma^2) per scale. sign: -1 filters -x (bright ridges); cval applies to -x as in scikit-image (the Hessian
+    of -x with cval c is minus that of x with cval -c). gamma None (Frangi): half the largest Hessian norm of
+    the first scale over the whole volume, skimage's rule: a first pass over that scale (the smallest, usually,
+    so the cheapest) finds it, rather than a volume of norms kept. Meijering divides each scale by its own
+    maximum over the volume: each scale goes to a scratch volume first."""
     out = np.zeros(x.shape, x.dtype)
     if x.size == 0:
         return out
     dtype = x.dtype.type
-    scratch = np.empty(x.shape, x.dtype) if method == "meijering" or (method == "frangi" and gamma is None) \
-        else None
-    for n, (t, sato_c) in enumerate(scales):
-        terms = constant_terms(x.shape, t) if mode == "constant" and cval != 0 else None
-        parts = method == "frangi" and gamma is None
-        rows = slab_rows(x.shape, t, x.itemsize)
-        for z0, z1 in slabs(x.shape, rows):
-            hs = hessian_slab(x, t, z0, z1, mode, sign * cval, nthreads, terms)
-            o, s = out[z0:z1], None if scratch is None else scratch[z0:z1]
+    c = sign * cval
+    if method == "frangi" and gamma is None:
+        peak = dtype(0)
+        for z0, z1, hs in scale_slabs(x, scales[0][0], mode, c, nthreads):
+            norm = np.empty_like(hs[0])
+            measure(hs, NORM, norm, nthreads=nthreads)
+            peak = max(peak, norm.max())
+        gamma = float(peak / dtype(2)) or 1.0   # in the volume's dtype, as skimage's s.max() / 2
+    scratch = np.empty(x.shape, x.dtype) if method == "meijering" else None
+    for t, sato_c in scales:
+        for z0, z1, hs in scale_slabs(x, t, mode, c, nthreads):
+            o = out[z0:z1]
             if method == "frangi":
-                measure(hs, FRANGI_PARTS if parts else FRANGI, o, s, sign=sign, a=alpha, b=beta,
-                        c=1.0 if parts else gamma, nthreads=nthreads)
+                measure(hs, FRANGI, o, sign=sign, a=alpha, b=beta, c=gamma, nthreads=nthreads)
             elif method == "sato":
                 measure(hs, SATO, o, sign=sign, c=sato_c, nthreads=nthreads)
             else:
-                measure(hs, MEIJERING, o, s, sign=sign, a=alpha, nthreads=nthreads)
-            del hs
-        if method == "frangi" and gamma is None:   # skimage: gamma = max(s) / 2 at the first scale, then fixed
-            gamma = float(dtype(scratch.max()) / dtype(2)) or 1.0
-            g2 = dtype(2) * dtype(gamma) ** 2
-            for z0, z1 in slabs(x.shape, rows):
-                s = scratch[z0:z1]
-                out[z0:z1] *= dtype(1) - np.exp(-(s * s) / g2)
-            scratch = None
-        elif method == "meijering":
+                measure(hs, MEIJERING, o, scratch[z0:z1], sign=sign, a=alpha, nthreads=nthreads)
+        if method == "meijering":
             peak = scratch.max()
-            for z0, z1 in slabs(x.shape, rows):
-                s = scratch[z0:z1]
-                if peak > 0:
-                    s /= peak
-                np.maximum(out[z0:z1], s, out=out[z0:z1])
+            if peak > 0:
+                scratch /= peak
+            np.maximum(out, scratch, out=out)
     return out

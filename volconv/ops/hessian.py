@@ -16,18 +16,18 @@ from ..kernels import gaussian_radius, in_voxels
 
 
 def volume_arrays(op, volume):
-    """(caller, x): x the checked volume as a C-ordered float array, transposed (no copy) when the caller's is
-    Fortran-ordered (NIfTI data): then fortran is True and every per-axis argument must be reversed too."""
+    """(caller, x): x the checked volume as a C-ordered float array. A Fortran-ordered volume (NIfTI data) is
+    copied, not transposed: scikit-image's passes run along axes 0, 1, 2 in that order and the off-diagonal
+    components differ at the edges with the order (its first derivative along i, then along j)."""
     caller = Caller(op, [volume], ["volume"], promote_ints=True)
     (v,) = caller.arrays
     if v.ndim != 3:
         raise ValueError(f"volume must be 3-D (D, H, W), got {v.ndim}-D shape {v.shape}")
-    fortran = v.flags.f_contiguous and not v.flags.c_contiguous
-    x = caller.cast(v.T if fortran else v, "volume")
+    x = caller.cast(v, "volume")
     if x.size and not cost.all_finite(x):
         raise ValueError(f"{op}: volume holds NaN or Inf; the Hessian of a non-finite volume is not defined "
                          "(mask or replace them first, e.g. np.nan_to_num)")
-    return caller, x, fortran
+    return caller, x
 
 
 def check_zooms(zooms):
@@ -79,20 +79,15 @@ def hessian(volume, sigma=1.0, zooms=None, *, mode="reflect", cval=0.0, use_gaus
     Integer volumes are computed in float without skimage's img_as_float rescaling. numpy arrays or CPU torch
     tensors; the caller's type and float dtype back. Named `hessian` as the issue asks; note that
     skimage.filters.hessian is a different thing (the hybrid Hessian ridge filter)."""
-    caller, x, fortran = volume_arrays("hessian", volume)
+    caller, x = volume_arrays("hessian", volume)
     mode, cval = scipy_mode(mode), real_number(cval, "cval")
     zooms = check_zooms(zooms)
     sig = sigma_voxels(sigma, zooms, "sigma")
-    if fortran:
-        sig, zooms = sig[::-1], None if zooms is None else zooms[::-1]
     nthreads = resolve_workers(workers)
     if use_gaussian_derivatives:
         hs = _with_gaussian_derivatives(x, taps(sig, zooms), mode, cval, nthreads)
     else:
         hs = _with_differences(x, sig, zooms, mode, cval, nthreads)
-    if fortran:   # the transposed volume's component (a, b) is the caller's (2 - b, 2 - a)
-        index = {p: n for n, p in enumerate(engine.PAIRS)}
-        hs = [hs[index[(2 - j, 2 - i)]].T for i, j in engine.PAIRS]
     return [caller.result(h) for h in hs]
 
 
@@ -100,10 +95,8 @@ def _with_gaussian_derivatives(x, t, mode, cval, nthreads):
     hs = [np.empty(x.shape, x.dtype) for _ in range(6)]
     if x.size == 0:
         return hs
-    terms = engine.constant_terms(x.shape, t) if mode == "constant" and cval != 0 else None
-    rows = engine.slab_rows(x.shape, t, x.itemsize)
-    for z0, z1 in engine.slabs(x.shape, rows):
-        for h, part in zip(hs, engine.hessian_slab(x, t, z0, z1, mode, cval, nthreads, terms)):
+    for z0, z1, parts in engine.scale_slabs(x, t, mode, cval, nthreads):
+        for h, part in zip(hs, parts):
             h[z0:z1] = part
     return hs
 

@@ -13,7 +13,7 @@ from .hessian import check_zooms, sigma_voxels, taps, volume_arrays
 DEFAULT_SIGMAS = range(1, 10, 2)   # scikit-image's
 
 
-def _scales(sigmas, zooms, fortran):
+def _scales(sigmas, zooms):
     """sigmas (an iterable of positive numbers, mm with zooms) -> [(taps, sigma^2)] per scale."""
     if isinstance(sigmas, (numbers.Number, str)) or not np.iterable(sigmas):
         raise TypeError(f"sigmas must be an iterable of numbers (one per scale), got {sigmas!r}")
@@ -24,11 +24,7 @@ def _scales(sigmas, zooms, fortran):
     for s in values:
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not s > 0 or not np.isfinite(s):
             raise ValueError(f"sigmas must be finite numbers > 0 (one per scale), got {s!r} in {values!r}")
-        sig = sigma_voxels(float(s), zooms, "sigmas")
-        z = zooms
-        if fortran:
-            sig, z = sig[::-1], None if zooms is None else zooms[::-1]
-        out.append((taps(sig, z), float(s) ** 2))
+        out.append((taps(sigma_voxels(float(s), zooms, "sigmas"), zooms), float(s) ** 2))
     return out
 
 
@@ -40,13 +36,13 @@ def _positive(value, name):
 
 
 def _run(op, volume, sigmas, zooms, black_ridges, mode, cval, workers, **params):
-    caller, x, fortran = volume_arrays(op, volume)
+    caller, x = volume_arrays(op, volume)
     mode, cval = scipy_mode(mode), real_number(cval, "cval")
     zooms = check_zooms(zooms)
-    scales = _scales(sigmas, zooms, fortran)
+    scales = _scales(sigmas, zooms)
     sign = 1.0 if black_ridges else -1.0
     out = engine.ridge_filter(x, scales, op, mode, cval, sign, resolve_workers(workers), **params)
-    return caller.result(out.T if fortran else out)
+    return caller.result(out)
 
 
 _COMMON = """
