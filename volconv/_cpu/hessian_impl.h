@@ -5,35 +5,62 @@
 #define VC_HESSIAN_IMPL_H
 #include <math.h>
 
-/* Eigenvalues of [[a b c] [b d e] [c e f]], largest first: the trigonometric solution of the characteristic
- * cubic on the matrix shifted by its mean eigenvalue q and scaled by p (so no cube can overflow). In double the
- * one weak spot, two nearly equal eigenvalues (acos near +-1), costs about p * sqrt(2^-52) = 1.5e-8 p: below a
- * float32 ulp of the matrix's norm. */
+/* One Jacobi rotation zeroing apq (Numerical Recipes' jacobi): r is the third index, arp = a[r][p], arq = a[r][q]. */
+static inline void vc_jacobi_rotate(double *app, double *aqq, double *apq, double *arp, double *arq)
+{
+    if (*apq == 0.0)
+        return;
+    double theta = (*aqq - *app) / (2.0 * *apq);
+    double t = fabs(theta) > 1e150 ? 0.5 / theta
+                                   : (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+    double c = 1.0 / sqrt(t * t + 1.0), s = t * c, rp = *arp, rq = *arq;
+    *app -= t * *apq;
+    *aqq += t * *apq;
+    *apq = 0.0;
+    *arp = c * rp - s * rq;
+    *arq = s * rp + c * rq;
+}
+
+/* Eigenvalues of [[a b c] [b d e] [c e f]], largest first. The trigonometric solution of the characteristic
+ * cubic on the matrix shifted by its mean eigenvalue q and scaled by p (no cube can overflow) is exact to a few
+ * ulps of p except where two eigenvalues nearly coincide (acos near +-1: an error of about p sqrt(2^-52) =
+ * 1.5e-8 p, which Frangi's absolute clip at 1e-10 would see); there (|r| > 1 - 1e-3: the error bound has
+ * grown past 30 ulps) cyclic Jacobi rotations take over, accurate to a few ulps of the norm in every case
+ * (zeros, multiples of I, double eigenvalues). */
 static inline void vc_eig3(double a, double b, double c, double d, double e, double f, double *l)
 {
     double q = (a + d + f) / 3.0, off = b * b + c * c + e * e;
     double a0 = a - q, d0 = d - q, f0 = f - q;
-    double p = sqrt((a0 * a0 + d0 * d0 + f0 * f0 + 2.0 * off) / 6.0);
-    if (p == 0.0 || off == 0.0) {   /* diagonal (or a multiple of I): the diagonal, sorted */
-        double t;
-        l[0] = a; l[1] = d; l[2] = f;
-        if (l[0] < l[1]) { t = l[0]; l[0] = l[1]; l[1] = t; }
-        if (l[1] < l[2]) { t = l[1]; l[1] = l[2]; l[2] = t; }
-        if (l[0] < l[1]) { t = l[0]; l[0] = l[1]; l[1] = t; }
-        return;
+    double p = sqrt((a0 * a0 + d0 * d0 + f0 * f0 + 2.0 * off) / 6.0), t;
+    if (p > 0.0 && off > 0.0) {
+        double s = 1.0 / p;
+        double as = a0 * s, ds = d0 * s, fs = f0 * s, bs = b * s, cs = c * s, es = e * s;
+        double r = 0.5 * (as * (ds * fs - es * es) - bs * (bs * fs - es * cs) + cs * (bs * es - ds * cs));
+        if (fabs(r) < 1.0 - 1e-3) {
+            double phi = acos(r) / 3.0;
+            /* cos(phi + 2 pi / 3) = -cos(phi) / 2 - sin(phi) sqrt(3) / 2: one sincos (gcc merges the calls) */
+            double cs2 = cos(phi), sn = sin(phi);
+            l[0] = q + 2.0 * p * cs2;
+            l[2] = q - p * (cs2 + 1.7320508075688772 * sn);
+            l[1] = 3.0 * q - l[0] - l[2];
+            if (l[1] > l[0]) l[1] = l[0];   /* rounding may step past its neighbours */
+            if (l[1] < l[2]) l[1] = l[2];
+            return;
+        }
+        for (int sweep = 0; sweep < 32; sweep++) {
+            double diag = a * a + d * d + f * f;
+            if (b * b + c * c + e * e <= 1e-40 * diag || (b == 0.0 && c == 0.0 && e == 0.0))
+                break;
+            vc_jacobi_rotate(&a, &d, &b, &c, &e);   /* (0, 1); r = 2: a20 = c, a21 = e */
+            vc_jacobi_rotate(&a, &f, &c, &b, &e);   /* (0, 2); r = 1: a10 = b, a12 = e */
+            vc_jacobi_rotate(&d, &f, &e, &b, &c);   /* (1, 2); r = 0: a01 = b, a02 = c */
+        }
     }
-    double s = 1.0 / p;
-    a0 *= s; d0 *= s; f0 *= s;
-    double bs = b * s, cs = c * s, es = e * s;
-    double r = 0.5 * (a0 * (d0 * f0 - es * es) - bs * (bs * f0 - es * cs) + cs * (bs * es - d0 * cs));
-    double phi = r <= -1.0 ? M_PI / 3.0 : r >= 1.0 ? 0.0 : acos(r) / 3.0;
-    /* cos(phi + 2 pi / 3) = -cos(phi) / 2 - sin(phi) sqrt(3) / 2: one sincos (gcc merges the two calls) */
-    double cs2 = cos(phi), sn = sin(phi);
-    l[0] = q + 2.0 * p * cs2;
-    l[2] = q - p * (cs2 + 1.7320508075688772 * sn);
-    l[1] = 3.0 * q - l[0] - l[2];
-    if (l[1] > l[0]) l[1] = l[0];   /* rounding may step past its neighbours */
-    if (l[1] < l[2]) l[1] = l[2];
+    /* diagonal (or made so): sorted */
+    l[0] = a; l[1] = d; l[2] = f;
+    if (l[0] < l[1]) { t = l[0]; l[0] = l[1]; l[1] = t; }
+    if (l[1] < l[2]) { t = l[1]; l[1] = l[2]; l[2] = t; }
+    if (l[0] < l[1]) { t = l[0]; l[0] = l[1]; l[1] = t; }
 }
 
 enum { VC_FRANGI = 0, VC_FRANGI_PARTS = 1, VC_SATO = 2, VC_MEIJERING = 3, VC_EIGVALS = 4, VC_NORM = 5 };

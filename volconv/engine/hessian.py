@@ -74,17 +74,46 @@ def _d_pass(x, taps, first, stop, mode, nthreads):
     return _pass(_rows(x, first - r, stop + r, mode), taps, one, one, mode, nthreads)
 
 
-def first_d_passes(x, taps, mode, nthreads):
+def first_d_passes(x, taps, mode, shift, nthreads):
     """The two first passes along D over the whole volume, shared by every component: (derivative, smoothing)
-    along D of x (scipy's boundary `mode`; zeros outside for "constant", see constant_terms)."""
+    along D of x - shift (scipy's boundary `mode`; zeros outside for "constant", see constant_terms). Run on
+    blocks of rows (a pass along D needs no context along H), each shifted in a small copy: the Hessian ignores
+    a constant, and float32 sums of a volume centred on 0 keep the accuracy of its structure, not of its offset
+    (CT's -1000, MR's bright background)."""
+    D, H, W = x.shape
     g0, d0 = taps[0]
-    return _d_pass(x, d0, 0, x.shape[0], mode, nthreads), _d_pass(x, g0, 0, x.shape[0], mode, nthreads)
+    td, tg = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+    step = max(1, -(-H // 8))
+    for h0 in range(0, H, step):
+        block = np.subtract(x[:, h0:h0 + step], x.dtype.type(shift))
+        td[:, h0:h0 + step] = _d_pass(block, d0, 0, D, mode, nthreads)
+        tg[:, h0:h0 + step] = _d_pass(block, g0, 0, D, mode, nthreads)
+    return _mirror_zeros(td, 0, True, True, mode), tg
 
 
-def hessian_slab(firsts, taps, z0, z1, mode, cval, nthreads, terms=None):
+def _mirror_zeros(y, axis, lo, hi, mode):
+    """mode="mirror": a derivative pass's output is exactly 0 on the axis' end samples (an odd kernel on an
+    input extended evenly about them), as scipy computes it (tap pairs x[i+t] - x[i-t]); volconv's sums leave
+    1e-17 there, which Frangi's absolute clip at 1e-10 can tell apart from 0 on a flat corner. lo / hi: whether
+    y holds the axis' first / last sample."""
+    if mode == "mirror" and y.shape[axis]:
+        index = [slice(None)] * 3
+        for end, here in ((0, lo), (-1, hi)):
+            if here:
+                index[axis] = end
+                y[tuple(index)] = 0
+    return y
+
+
+def centre(x):
+    """The shift first_d_passes subtracts: x's mean (most voxels are background near it), in x's dtype."""
+    return float(x.dtype.type(np.mean(x, dtype=np.float64))) if x.size else 0.0
+
+
+def hessian_slab(firsts, taps, z0, z1, mode, cval, nthreads, terms=None, shift=0.0):
     """The six components (PAIRS order) on planes z0..z1-1, skimage's arithmetic (see the module docstring).
-    firsts: first_d_passes of the volume; taps: skimage_taps per axis; terms: constant_terms(...) when mode is
-    "constant" and cval is not 0 (None: computed)."""
+    firsts: first_d_passes of the volume, shifted by `shift`; taps: skimage_taps per axis; terms:
+    constant_terms(...) when mode is "constant" (None: computed)."""
     (g0, d0), (g1, d1), (g2, d2) = taps
     td, tg = firsts
     one = np.ones(1)
@@ -92,9 +121,13 @@ def hessian_slab(firsts, taps, z0, z1, mode, cval, nthreads, terms=None):
     # the second pass along D reads the first one's planes extended by the mode, as scipy extends its input
     ext = _rows(td, z0 - r, z1 + r, mode)
     y_dd, y_dg = _pass(ext, d0, one, one, mode, nthreads), _pass(ext, g0, one, one, mode, nthreads)
+    _mirror_zeros(y_dd, 0, z0 == 0, z1 == td.shape[0], mode)
     y_gg = _pass(_rows(tg, z0 - r, z1 + r, mode), g0, one, one, mode, nthreads)
     del ext
-    hw = lambda y, a, b: _pass(y, one, a, b, mode, nthreads)  # noqa: E731
+
+    def hw(y, a, b):   # the H / W passes; a derivative along H (W) leaves the mirror's zeros on its ends
+        return _mirror_zeros(_mirror_zeros(_pass(y, one, a, b, mode, nthreads), 1, a is d1, a is d1, mode),
+                             2, b is d2, b is d2, mode)
     a1 = hw(y_dd, g1, g2)
     del y_dd
     h00 = hw(a1, g1, g2)
@@ -110,12 +143,14 @@ def hessian_slab(firsts, taps, z0, z1, mode, cval, nthreads, terms=None):
     h22 = hw(c2, g1, d2)
     del c2
     hs = [h00, h01, h02, h11, h12, h22]
-    if mode == "constant" and cval != 0:
+    if mode == "constant" and (cval != 0 or shift != 0):
         if terms is None:
             terms = constant_terms(td.shape, taps)
         for h, comp in zip(hs, terms):
-            for coef, v0, v1, v2 in comp:
-                h += (cval * coef * v0[z0:z1, None, None] * (v1[:, None] * v2[None, :])).astype(h.dtype)
+            for cc, cs, v0, v1, v2 in comp:
+                if cc * cval + cs * shift != 0:
+                    h += ((cc * cval + cs * shift) * v0[z0:z1, None, None] * (v1[:, None] * v2[None, :])
+                          ).astype(h.dtype)
     return hs
 
 
@@ -126,10 +161,12 @@ def _zero_padded(v, k):
 
 
 def constant_terms(shape, taps):
-    """mode="constant": per component, the constant's share as (coef, v0, v1, v2) outer products (times cval).
-    scipy's pass along axis a with taps k maps y to B y + c (sum(k) - B 1): B the correlation with zeros outside.
-    Unrolled over skimage's six passes (axes 0, 1, 2 for the first derivative, again for the second), the
-    result is B...B x plus c times sum over passes t of (the later passes' B applied to (sum(k_t) - B_t 1))."""
+    """mode="constant": per component, the share of cval and of the shift first_d_passes subtracted, as
+    (coefficient of cval, coefficient of the shift, v0, v1, v2) outer products. scipy's pass along axis a with
+    taps k maps y to B y + c (sum(k) - B 1), B the correlation with zeros outside; unrolled over skimage's six
+    passes (axes 0, 1, 2 for the first derivative, again for the second), the result is B...B x plus c times
+    the sum over passes t of the later passes' B applied to (sum(k_t) - B_t 1). volconv's passes give
+    B...B (x - shift): the shift comes back as shift times B...B 1, one more outer product."""
     out = []
     for i, j in PAIRS:
         passes = [(a, taps[a][1] if a == i else taps[a][0]) for a in range(3)] + \
@@ -140,7 +177,11 @@ def constant_terms(shape, taps):
             vs[a] = k.sum() - _zero_padded(np.ones(shape[a]), k)
             for b, kb in passes[t + 1:]:
                 vs[b] = _zero_padded(vs[b], kb)
-            comp.append((1.0, *vs))
+            comp.append((1.0, 0.0, *vs))
+        vs = [np.ones(n) for n in shape]
+        for b, kb in passes:
+            vs[b] = _zero_padded(vs[b], kb)
+        comp.append((0.0, 1.0, *vs))
         out.append(comp)
     return out
 
@@ -174,13 +215,14 @@ def measure(hs, kind, out, out2=None, out3=None, *, sign=1.0, a=0.0, b=0.0, c=0.
                                   kind, sign, a, b, c, threads_for_work(work, nthreads))
 
 
-def scale_slabs(x, t, mode, cval, nthreads):
+def scale_slabs(x, t, mode, cval, nthreads, shift=None):
     """(z0, z1, the six components on planes z0..z1-1) of x at one scale (taps t), slab after slab; the whole
-    first passes along D live while the slabs are made."""
-    terms = constant_terms(x.shape, t) if mode == "constant" and cval != 0 else None
-    firsts = first_d_passes(x, t, mode, nthreads)
+    first passes along D live while the slabs are made. shift: centre(x) (None: computed)."""
+    shift = centre(x) if shift is None else shift
+    terms = constant_terms(x.shape, t) if mode == "constant" else None
+    firsts = first_d_passes(x, t, mode, shift, nthreads)
     for z0, z1 in slabs(x.shape, slab_rows(x.shape)):
-        yield z0, z1, hessian_slab(firsts, t, z0, z1, mode, cval, nthreads, terms)
+        yield z0, z1, hessian_slab(firsts, t, z0, z1, mode, cval, nthreads, terms, shift)
 
 
 def ridge_filter(x, scales, method, mode, cval, sign, nthreads, *, alpha=0.5, beta=0.5, gamma=None):
@@ -195,17 +237,17 @@ def ridge_filter(x, scales, method, mode, cval, sign, nthreads, *, alpha=0.5, be
     if x.size == 0:
         return out
     dtype = x.dtype.type
-    c = sign * cval
+    c, shift = sign * cval, centre(x)
     if method == "frangi" and gamma is None:
         peak = dtype(0)
-        for z0, z1, hs in scale_slabs(x, scales[0][0], mode, c, nthreads):
+        for z0, z1, hs in scale_slabs(x, scales[0][0], mode, c, nthreads, shift):
             norm = np.empty_like(hs[0])
             measure(hs, NORM, norm, nthreads=nthreads)
             peak = max(peak, norm.max())
         gamma = float(peak / dtype(2)) or 1.0   # in the volume's dtype, as skimage's s.max() / 2
     scratch = np.empty(x.shape, x.dtype) if method == "meijering" else None
     for t, sato_c in scales:
-        for z0, z1, hs in scale_slabs(x, t, mode, c, nthreads):
+        for z0, z1, hs in scale_slabs(x, t, mode, c, nthreads, shift):
             o = out[z0:z1]
             if method == "frangi":
                 measure(hs, FRANGI, o, sign=sign, a=alpha, b=beta, c=gamma, nthreads=nthreads)
