@@ -12,7 +12,10 @@ eigenvalue kernel.
 
 mode="constant": every pass runs with zeros outside (linear, so the order of axes is free) and the constant's
 share, which scipy adds pass by pass in its own order of axes, is added as the few outer products of 1-D
-vectors it is (constant_terms)."""
+vectors it is (constant_terms).
+
+float32 volumes keep 6.5 sigmas of each Gaussian (TRUNCATE_CAP; what is left out is below float32's rounding),
+float64 volumes 10, scikit-image 8 (100 at sigma <= 1)."""
 import math
 
 import numpy as np
@@ -26,7 +29,9 @@ from .separable import separable_conv3d
 PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
 # the second-derivative components are never scaled: skimage's hessian_matrix returns d2/dxi dxj of the smoothed
 # volume (only Sato multiplies by sigma**2)
-TRUNCATE_CAP = 10.0   # scipy taps beyond 10 sigma weigh < exp(-50) of the centre: below float64's rounding
+# taps left out beyond these sigmas weigh < exp(-50) (float64) or, with the derivative's factor, about 5e-9
+# (float32) of the kernel: below the type's rounding (scikit-image keeps 8 sigmas, 100 when a sigma is <= 1)
+TRUNCATE_CAP = {np.dtype(np.float64): 10.0, np.dtype(np.float32): 6.5}
 
 
 def gaussian_taps(sigma, truncate):
@@ -40,10 +45,10 @@ def gaussian_taps(sigma, truncate):
     return phi, x / (sigma * sigma) * phi
 
 
-def skimage_taps(sigma):
+def skimage_taps(sigma, dtype=np.float64):
     """Per axis (smoothing, derivative) taps of skimage's Hessian at sigma (voxels, per axis): scipy at
     sigma / sqrt(2), truncate 8 when every sigma > 1 else 100 (skimage's rule), capped at TRUNCATE_CAP."""
-    truncate = min(8.0 if all(s > 1 for s in sigma) else 100.0, TRUNCATE_CAP)
+    truncate = min(8.0 if all(s > 1 for s in sigma) else 100.0, TRUNCATE_CAP[np.dtype(dtype)])
     return [gaussian_taps(s / math.sqrt(2), truncate) for s in sigma]
 
 
@@ -56,39 +61,47 @@ def _pass(x, fd, fh, fw, mode, nthreads):
     return separable_conv3d(np.ascontiguousarray(x)[None, None], fd, fh, fw, spec, nthreads)[0, 0]
 
 
-def _rows(x, first, stop, mode):
-    """Planes first..stop-1 of x along D (any range: beyond the ends extended by `mode`, zeros for "constant"):
-    a view when inside."""
+def _shifted_rows(x, first, stop, mode, shift):
+    """Planes first..stop-1 of x - shift, extended beyond the ends by `mode` (zeros for "constant"), a copy."""
     if first >= 0 and stop <= x.shape[0]:
-        return x[first:stop]
+        return np.subtract(x[first:stop], x.dtype.type(shift))
     src = pad_index(x.shape[0], -first, stop - x.shape[0], mode)
-    out = x[np.maximum(src, 0)]
+    out = np.subtract(x[np.maximum(src, 0)], x.dtype.type(shift))
     out[src < 0] = 0
     return out
 
 
-def _d_pass(x, taps, first, stop, mode, nthreads):
-    """Planes first..stop-1 of the 1-D correlation of x along D with taps (scipy's boundary `mode`)."""
-    r = len(taps) // 2
-    one = np.ones(1)
-    return _pass(_rows(x, first - r, stop + r, mode), taps, one, one, mode, nthreads)
-
-
-def first_d_passes(x, taps, mode, shift, nthreads):
-    """The two first passes along D over the whole volume, shared by every component: (derivative, smoothing)
-    along D of x - shift (scipy's boundary `mode`; zeros outside for "constant", see constant_terms). Run on
-    blocks of rows (a pass along D needs no context along H), each shifted in a small copy: the Hessian ignores
-    a constant, and float32 sums of a volume centred on 0 keep the accuracy of its structure, not of its offset
-    (CT's -1000, MR's bright background)."""
-    D, H, W = x.shape
+def first_passes(x, taps, z0, z1, mode, shift, nthreads):
+    """The first passes along D, (derivative, smoothing), of x - shift on planes z0 - r .. z1 + r - 1 as the
+    second pass reads them: beyond the ends extended by `mode` (zeros for "constant"), as scipy extends its
+    input. Computed from x's planes with their own halo, slab by slab (a pass along D is one of the 25 per
+    scale: recomputing its halo costs less than two volumes kept), over the planes the extension reads.
+    x - shift: the Hessian ignores a constant, and float32 sums of a volume centred on 0 keep the accuracy of
+    its structure, not of its offset (CT's -1000, MR's bright background)."""
     g0, d0 = taps[0]
-    td, tg = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
-    step = max(1, -(-H // 8))
-    for h0 in range(0, H, step):
-        block = np.subtract(x[:, h0:h0 + step], x.dtype.type(shift))
-        td[:, h0:h0 + step] = _d_pass(block, d0, 0, D, mode, nthreads)
-        tg[:, h0:h0 + step] = _d_pass(block, g0, 0, D, mode, nthreads)
-    return _mirror_zeros(td, 0, True, True, mode), tg
+    D, r, one = x.shape[0], len(g0) // 2, np.ones(1)
+    if mode == "wrap":   # periodic: the passes over the periodic extension are the extended result
+        block = _shifted_rows(x, z0 - 2 * r, z1 + 2 * r, mode, shift)
+        return [_pass(block, k, one, one, mode, nthreads) for k in (d0, g0)]
+    src = pad_index(D, r - z0, z1 + r - D, mode)
+    used = src[src >= 0]
+    lo, hi = int(used.min()), int(used.max()) + 1
+    block = _shifted_rows(x, lo - r, hi + r, mode, shift)
+    out = []
+    for k in (d0, g0):
+        t = _pass(block, k, one, one, mode, nthreads)
+        if k is d0:
+            _mirror_zeros(t, 0, lo == 0, hi == D, mode)
+        if not np.array_equal(src, np.arange(z0 - r, z1 + r)):
+            t = t[np.maximum(src - lo, 0)]
+            t[src < 0] = 0
+        out.append(t)
+    return out
+
+
+def centre(x):
+    """The shift first_passes subtracts: x's mean (most voxels are background near it), in x's dtype."""
+    return float(x.dtype.type(np.mean(x, dtype=np.float64))) if x.size else 0.0
 
 
 def _mirror_zeros(y, axis, lo, hi, mode):
@@ -106,24 +119,21 @@ def _mirror_zeros(y, axis, lo, hi, mode):
 
 
 def centre(x):
-    """The shift first_d_passes subtracts: x's mean (most voxels are background near it), in x's dtype."""
+    """The shift first_passes subtracts: x's mean (most voxels are background near it), in x's dtype."""
     return float(x.dtype.type(np.mean(x, dtype=np.float64))) if x.size else 0.0
 
 
-def hessian_slab(firsts, taps, z0, z1, mode, cval, nthreads, terms=None, shift=0.0):
-    """The six components (PAIRS order) on planes z0..z1-1, skimage's arithmetic (see the module docstring).
-    firsts: first_d_passes of the volume, shifted by `shift`; taps: skimage_taps per axis; terms:
-    constant_terms(...) when mode is "constant" (None: computed)."""
+def hessian_slab(x, taps, z0, z1, mode, cval, nthreads, terms=None, shift=0.0):
+    """The six components (PAIRS order) on planes z0..z1-1 of x, skimage's arithmetic (see the module
+    docstring), the passes run on x - shift; taps: skimage_taps per axis; terms: constant_terms(...) when mode
+    is "constant" (None: computed)."""
     (g0, d0), (g1, d1), (g2, d2) = taps
-    td, tg = firsts
     one = np.ones(1)
-    r = len(g0) // 2
-    # the second pass along D reads the first one's planes extended by the mode, as scipy extends its input
-    ext = _rows(td, z0 - r, z1 + r, mode)
-    y_dd, y_dg = _pass(ext, d0, one, one, mode, nthreads), _pass(ext, g0, one, one, mode, nthreads)
-    _mirror_zeros(y_dd, 0, z0 == 0, z1 == td.shape[0], mode)
-    y_gg = _pass(_rows(tg, z0 - r, z1 + r, mode), g0, one, one, mode, nthreads)
-    del ext
+    td, tg = first_passes(x, taps, z0, z1, mode, shift, nthreads)
+    y_dd, y_dg = _pass(td, d0, one, one, mode, nthreads), _pass(td, g0, one, one, mode, nthreads)
+    _mirror_zeros(y_dd, 0, z0 == 0, z1 == x.shape[0], mode)
+    y_gg = _pass(tg, g0, one, one, mode, nthreads)
+    del td, tg
 
     def hw(y, a, b):   # the H / W passes; a derivative along H (W) leaves the mirror's zeros on its ends
         return _mirror_zeros(_mirror_zeros(_pass(y, one, a, b, mode, nthreads), 1, a is d1, a is d1, mode),
@@ -145,7 +155,7 @@ def hessian_slab(firsts, taps, z0, z1, mode, cval, nthreads, terms=None, shift=0
     hs = [h00, h01, h02, h11, h12, h22]
     if mode == "constant" and (cval != 0 or shift != 0):
         if terms is None:
-            terms = constant_terms(td.shape, taps)
+            terms = constant_terms(x.shape, taps)
         for h, comp in zip(hs, terms):
             for cc, cs, v0, v1, v2 in comp:
                 if cc * cval + cs * shift != 0:
@@ -161,7 +171,7 @@ def _zero_padded(v, k):
 
 
 def constant_terms(shape, taps):
-    """mode="constant": per component, the share of cval and of the shift first_d_passes subtracted, as
+    """mode="constant": per component, the share of cval and of the shift first_passes subtracted, as
     (coefficient of cval, coefficient of the shift, v0, v1, v2) outer products. scipy's pass along axis a with
     taps k maps y to B y + c (sum(k) - B 1), B the correlation with zeros outside; unrolled over skimage's six
     passes (axes 0, 1, 2 for the first derivative, again for the second), the result is B...B x plus c times
@@ -187,9 +197,9 @@ def constant_terms(shape, taps):
 
 
 def slab_rows(shape):
-    """Planes per slab: a sixteenth of the volume (a slab's eight live buffers hold half a volume beside the two
-    whole first passes), at least 8 (or the whole volume)."""
-    return int(min(shape[0], max(8, shape[0] // 16)))
+    """Planes per slab: an eighth of the volume, at least 16 (or the whole volume). A slab holds about eight
+    buffers of its size at once, and the first passes' halos: about a volume in all."""
+    return int(min(shape[0], max(16, shape[0] // 8)))
 
 
 def slabs(shape, rows):
@@ -216,13 +226,12 @@ def measure(hs, kind, out, out2=None, out3=None, *, sign=1.0, a=0.0, b=0.0, c=0.
 
 
 def scale_slabs(x, t, mode, cval, nthreads, shift=None):
-    """(z0, z1, the six components on planes z0..z1-1) of x at one scale (taps t), slab after slab; the whole
-    first passes along D live while the slabs are made. shift: centre(x) (None: computed)."""
+    """(z0, z1, the six components on planes z0..z1-1) of x at one scale (taps t), slab after slab.
+    shift: centre(x) (None: computed)."""
     shift = centre(x) if shift is None else shift
     terms = constant_terms(x.shape, t) if mode == "constant" else None
-    firsts = first_d_passes(x, t, mode, shift, nthreads)
     for z0, z1 in slabs(x.shape, slab_rows(x.shape)):
-        yield z0, z1, hessian_slab(firsts, t, z0, z1, mode, cval, nthreads, terms, shift)
+        yield z0, z1, hessian_slab(x, t, z0, z1, mode, cval, nthreads, terms, shift)
 
 
 def ridge_filter(x, scales, method, mode, cval, sign, nthreads, *, alpha=0.5, beta=0.5, gamma=None):
@@ -244,6 +253,7 @@ def ridge_filter(x, scales, method, mode, cval, sign, nthreads, *, alpha=0.5, be
             norm = np.empty_like(hs[0])
             measure(hs, NORM, norm, nthreads=nthreads)
             peak = max(peak, norm.max())
+            del hs, norm   # before the next slab is made
         gamma = float(peak / dtype(2)) or 1.0   # in the volume's dtype, as skimage's s.max() / 2
     scratch = np.empty(x.shape, x.dtype) if method == "meijering" else None
     for t, sato_c in scales:
@@ -255,6 +265,7 @@ def ridge_filter(x, scales, method, mode, cval, sign, nthreads, *, alpha=0.5, be
                 measure(hs, SATO, o, sign=sign, c=sato_c, nthreads=nthreads)
             else:
                 measure(hs, MEIJERING, o, scratch[z0:z1], sign=sign, a=alpha, nthreads=nthreads)
+            del hs   # before the next slab is made
         if method == "meijering":
             peak = scratch.max()
             if peak > 0:

@@ -47,14 +47,14 @@ def sigma_voxels(sigma, zooms, name="sigma"):
     if min(sig) <= 0:
         raise ValueError(f"{name} must be > 0 on every axis, got {sigma!r}")
     for s in sig:   # scipy's radius at sigma / sqrt(2), truncate 8 (the cap for small sigmas is no wider)
-        gaussian_radius(s / math.sqrt(2), engine.TRUNCATE_CAP, name)
+        gaussian_radius(s / math.sqrt(2), max(engine.TRUNCATE_CAP.values()), name)
     return sig
 
 
-def taps(sig, zooms):
+def taps(sig, zooms, dtype):
     """engine.skimage_taps at sig (voxels per axis), the derivative taps divided by the voxel size along their
     axis: the Hessian then comes in intensity / mm^2 (zooms None: per voxel^2)."""
-    out = engine.skimage_taps(sig)
+    out = engine.skimage_taps(sig, dtype)
     if zooms is not None:
         out = [(g, d / z) for (g, d), z in zip(out, zooms)]
     return out
@@ -85,7 +85,7 @@ def hessian(volume, sigma=1.0, zooms=None, *, mode="reflect", cval=0.0, use_gaus
     sig = sigma_voxels(sigma, zooms, "sigma")
     nthreads = resolve_workers(workers)
     if use_gaussian_derivatives:
-        hs = _with_gaussian_derivatives(x, taps(sig, zooms), mode, cval, nthreads)
+        hs = _with_gaussian_derivatives(x, taps(sig, zooms, x.dtype), mode, cval, nthreads)
     else:
         hs = _with_differences(x, sig, zooms, mode, cval, nthreads)
     return [caller.result(h) for h in hs]
@@ -98,6 +98,7 @@ def _with_gaussian_derivatives(x, t, mode, cval, nthreads):
     for z0, z1, parts in engine.scale_slabs(x, t, mode, cval, nthreads):
         for h, part in zip(hs, parts):
             h[z0:z1] = part
+        del parts
     return hs
 
 

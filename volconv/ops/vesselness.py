@@ -13,7 +13,7 @@ from .hessian import check_zooms, sigma_voxels, taps, volume_arrays
 DEFAULT_SIGMAS = range(1, 10, 2)   # scikit-image's
 
 
-def _scales(sigmas, zooms):
+def _scales(sigmas, zooms, dtype):
     """sigmas (an iterable of positive numbers, mm with zooms) -> [(taps, sigma^2)] per scale."""
     if isinstance(sigmas, (numbers.Number, str)) or not np.iterable(sigmas):
         raise TypeError(f"sigmas must be an iterable of numbers (one per scale), got {sigmas!r}")
@@ -24,7 +24,7 @@ def _scales(sigmas, zooms):
     for s in values:
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not s > 0 or not np.isfinite(s):
             raise ValueError(f"sigmas must be finite numbers > 0 (one per scale), got {s!r} in {values!r}")
-        out.append((taps(sigma_voxels(float(s), zooms, "sigmas"), zooms), float(s) ** 2))
+        out.append((taps(sigma_voxels(float(s), zooms, "sigmas"), zooms, dtype), float(s) ** 2))
     return out
 
 
@@ -39,7 +39,7 @@ def _run(op, volume, sigmas, zooms, black_ridges, mode, cval, workers, **params)
     caller, x = volume_arrays(op, volume)
     mode, cval = scipy_mode(mode), real_number(cval, "cval")
     zooms = check_zooms(zooms)
-    scales = _scales(sigmas, zooms)
+    scales = _scales(sigmas, zooms, x.dtype)
     sign = 1.0 if black_ridges else -1.0
     out = engine.ridge_filter(x, scales, op, mode, cval, sign, resolve_workers(workers), **params)
     return caller.result(out)
