@@ -11,7 +11,8 @@ def hessian_measure(const floating[:, :, ::1] h00, const floating[:, :, ::1] h01
                     floating[:, :, ::1] out, floating[:, :, ::1] out2, floating[:, :, ::1] out3, int kind,
                     double sign, double a, double b, double c, int nthreads):
     """engine/hessian.measure's kernel; kinds 0 (Frangi) and 2 (Sato) take the maximum with out, 1 writes out
-    and out2, 3 writes out2, 4 writes out, out2, out3, 5 (the norm) out. Every array of one shape; planes are the work units."""
+    and out2, 3 writes out2, 4 writes out, out2, out3, 5 (the norm) out. Every array of one shape; rows are
+    the work units."""
     cdef Py_ssize_t D = out.shape[0], H = out.shape[1], W = out.shape[2], u
     if D == 0 or H == 0 or W == 0:
         return

@@ -66,7 +66,8 @@ static inline void vc_eig3(double a, double b, double c, double d, double e, dou
 enum { VC_FRANGI = 0, VC_FRANGI_PARTS = 1, VC_SATO = 2, VC_MEIJERING = 3, VC_EIGVALS = 4, VC_NORM = 5 };
 
 /* res[0..2] by kind (see engine/hessian.measure): FRANGI res[0] = vesselness; FRANGI_PARTS res[0] = plate *
- * blob, res[1] = s; NORM res[0] = s; SATO res[0]; MEIJERING res[0]; EIGVALS the eigenvalues. h: the six components, times sign.
+ * blob, res[1] = s; NORM res[0] = s; SATO res[0]; MEIJERING res[0]; EIGVALS the eigenvalues. h: the six
+ * components, times sign.
  * skimage's rules: Frangi sorts by magnitude (a stable sort of the descending eigenvalues), clips the two larger
  * at 1e-10; Sato takes the two largest clipped at 0; Meijering the first of largest magnitude of M l. */
 static inline void vc_hessian_measure(const double *h, int kind, double a, double b, double c, double *res)

@@ -1,5 +1,6 @@
 """`volconv filter IN OUT`: one NIfTI file through vc.io.filter_nifti (or adaptive_filter_nifti with
---sigma-map, vesselness_nifti with --frangi / --sato / --meijering), optionally with a --preview PNG; and the per-file work that `batch` repeats."""
+--sigma-map, vesselness_nifti with --frangi / --sato / --meijering), optionally with a --preview PNG; and
+the per-file work that `batch` repeats."""
 import os
 import time
 import warnings
