@@ -191,7 +191,7 @@ def test_errors():
 def _nifti(tmp_path, data, zooms):
     nib = pytest.importorskip("nibabel")
     path = str(tmp_path / "in.nii.gz")
-    img = nib.Nifti1Image(data.astype(np.float32), np.diag(list(zooms) + [1.0]))
+    img = nib.Nifti1Image(data.astype(np.float32), np.diag(list(zooms)[:3] + [1.0]))
     img.header.set_xyzt_units("mm", "sec")
     nib.save(img, path)
     return path
@@ -207,6 +207,12 @@ def test_vesselness_nifti(tmp_path):
     out = vc.io.vesselness_nifti(src, str(tmp_path / "s.nii"), "sato", [1, 2], unit="vox", mode="constant",
                                  cval=0.5)
     np.testing.assert_allclose(out.data, vc.filters.sato(x, [1, 2], mode="constant", cval=0.5), atol=1e-7)
+    four = np.stack([x, 2 * x], axis=-1)   # 4-D: volume by volume
+    (tmp_path / "four").mkdir()
+    src4 = _nifti(tmp_path / "four", four, (1.0, 1.0, 1.0))
+    out = vc.io.vesselness_nifti(src4, str(tmp_path / "m4.nii"), "meijering", [1.5])
+    for t in range(2):
+        np.testing.assert_allclose(out.data[..., t], vc.filters.meijering(four[..., t], [1.5]), atol=1e-7)
     with pytest.raises(ValueError, match="method"):
         vc.io.vesselness_nifti(src, str(tmp_path / "x.nii"), "hessian", [1])
     with pytest.raises(FileExistsError):
