@@ -22,7 +22,7 @@ LAYERS = [
     ["volconv.cli", "volconv.__main__"],
     ["volconv.nn", "volconv.dask", "volconv._benchmark"],
     ["volconv.io"],
-    ["volconv", "volconv.ops", "volconv.decompose", "volconv.restoration", "volconv._dispatch"],
+    ["volconv", "volconv.ops", "volconv.filters", "volconv.decompose", "volconv.restoration", "volconv._dispatch"],
     ["volconv._torch"],
     ["volconv.engine"],
     ["volconv.kernels", "volconv._validate", "volconv._memory", "volconv._cpu", "volconv._cuda", "volconv.cuda",

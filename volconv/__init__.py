@@ -2,7 +2,7 @@
 
 `import volconv` needs numpy and scipy only; `volconv.nn` (PyTorch layers, needs torch) and `volconv.io` (NIfTI,
 nibabel) are imported on first use."""
-from . import kernels
+from . import filters, kernels
 from ._cuda import has_cuda
 from .kernels import SeparableKernel
 from .ops.bilateral import Bilateral, bilateral_filter
@@ -18,8 +18,8 @@ from .ops.sparse import SparseKernel, sparse_conv3d
 __version__ = "0.1.0"
 __all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "SparseKernel",
            "sparse_conv3d", "cp_conv3d", "tucker_conv3d", "nested_conv3d", "nested", "multiscale_conv3d",
-           "multiscale", "dynamic_conv3d", "adaptive_filter", "bilateral_filter", "Bilateral", "decompose", "restoration", "CPKernel", "TuckerKernel", "nn", "io",
-           "dask", "Volume", "filter_nifti"]
+           "multiscale", "dynamic_conv3d", "adaptive_filter", "bilateral_filter", "Bilateral", "decompose",
+           "restoration", "filters", "CPKernel", "TuckerKernel", "nn", "io", "dask", "Volume", "filter_nifti"]
 
 
 def __getattr__(name):

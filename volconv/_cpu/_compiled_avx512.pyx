@@ -1,8 +1,9 @@
 # Every compiled kernel family, avx512 build (flags in setup.py); volconv._cpu.compiled is the build the CPU runs.
-# The code is in direct.pxi, separable.pxi, sparse.pxi, nested.pxi, dynamic.pxi and bilateral.pxi.
+# The code is in direct.pxi, separable.pxi, sparse.pxi, nested.pxi, dynamic.pxi, bilateral.pxi and hessian.pxi.
 include "direct.pxi"
 include "separable.pxi"
 include "sparse.pxi"
 include "nested.pxi"
 include "dynamic.pxi"
 include "bilateral.pxi"
+include "hessian.pxi"

@@ -150,6 +150,46 @@ def size_type(default_unit="mm", positive=False, units=("mm", "vox")):
     return parse
 
 
+class Scales:
+    """The scales of --frangi / --sato / --meijering: sigmas and their unit ("mm" or "vox")."""
+
+    def __init__(self, values, unit, text):
+        self.values, self.unit, self.text = values, unit, text
+
+    def __str__(self):
+        return ", ".join(f"{v:g}" for v in self.values) + (" mm" if self.unit == "mm" else " voxels")
+
+
+def scales_type(text):
+    """argparse type: "1:4:4mm" (FROM:TO:COUNT, evenly spaced as numpy.linspace), "1,2,3mm", "2" or "1.5vox"
+    -> Scales (mm without a suffix)."""
+    body = text.strip().lower()
+    unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if body.endswith(u)), None)
+    if unit is not None:
+        body = body[:-len(unit)]
+    unit = _UNITS.get(unit, "mm")
+    values = ()
+    try:
+        if ":" in body:
+            lo, hi, count = body.split(":")
+            n = int(count)
+            if n >= 1:
+                lo, hi = float(lo), float(hi)
+                values = (lo,) if n == 1 else tuple(lo + (hi - lo) * i / (n - 1) for i in range(n))
+        else:
+            values = tuple(float(v) for v in body.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected FROM:TO:COUNT (e.g. 1:4:4mm: sigmas 1, 2, 3, 4 mm) or comma-separated sigmas "
+            f"(1,2,4mm), each positive, optionally followed by mm or vox")
+    return Scales(values, unit, text)
+
+
+scales_type.__name__ = "scales"
+
+
 def positive(kind):
     """argparse type: a positive finite number of `kind` (float or int); --truncate inf or nan would make a
     kernel of no size, bench --threads 0 no thread."""

@@ -1,5 +1,6 @@
 """`volconv filter IN OUT`: one NIfTI file through vc.io.filter_nifti (or adaptive_filter_nifti with
---sigma-map), optionally with a --preview PNG; and the per-file work that `batch` repeats."""
+--sigma-map, vesselness_nifti with --frangi / --sato / --meijering), optionally with a --preview PNG; and
+the per-file work that `batch` repeats."""
 import os
 import time
 import warnings
@@ -7,7 +8,7 @@ import warnings
 from .. import io
 from .common import CommandError, Reporter, blame, check_distinct, check_output, debugging, remove, \
     report_warnings, unexpected
-from .options import KernelChoice, add_filter_options
+from .options import VESSELNESS, KernelChoice, add_filter_options
 from .preview import Preview
 
 
@@ -83,6 +84,27 @@ def _adaptive_file(args, src, dst, reporter, on_progress=None):
                  f"{time.perf_counter() - start:.2f} s")
 
 
+def _vesselness_file(args, method, src, dst, reporter):
+    """--frangi / --sato / --meijering: vc.io.vesselness_nifti (whole volume, the memory guard first)."""
+    start = time.perf_counter()
+    scales = getattr(args, method)
+    black = True if args.black_ridges is None else args.black_ridges
+    extra = {} if method == "sato" else dict(alpha=args.alpha)
+    if method == "frangi":
+        extra.update(beta=0.5 if args.beta is None else args.beta, gamma=args.gamma)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            io.vesselness_nifti(src, dst, method, scales.values, unit=scales.unit, black_ridges=black,
+                                mode=args.mode, cval=args.cval, dtype=args.odt, overwrite=args.force,
+                                workers=args.workers, return_volume=False, **extra)
+    except (MemoryError, OSError, ValueError) as e:   # NiftiError is a ValueError
+        raise CommandError(*failure(e, src, dst)) from e
+    report_warnings(reporter, caught)
+    reporter.log(f"volconv: {src} -> {dst}: {method} at sigmas {scales}, {'dark' if black else 'bright'} ridges, "
+                 f"mode {args.mode}, {time.perf_counter() - start:.2f} s")
+
+
 def run(args):
     reporter = Reporter(args.quiet)
     src, dst = args.input, args.output
@@ -91,7 +113,8 @@ def run(args):
                          ("--sigma-map", args.sigma_map), ("--guide", args.guide)],
                        [("OUT", dst), ("--preview", args.preview)])
         check_device(args.device)
-        choice = None if args.sigma_map is not None else KernelChoice(args)
+        vessel = next((v for v in VESSELNESS if getattr(args, v) is not None), None)
+        choice = None if args.sigma_map is not None or vessel is not None else KernelChoice(args)
         check_output(dst, args.force)
         preview = Preview(args.preview, args.force) if args.preview else None
     except CommandError as e:
@@ -100,7 +123,9 @@ def run(args):
     try:
         reporter.start_bar(total=1, unit="plane")
         progress = (lambda done, total: _set_total(reporter, done, total)) if reporter.bar else None
-        if choice is None:
+        if vessel is not None:
+            _vesselness_file(args, vessel, src, dst, reporter)
+        elif choice is None:
             _adaptive_file(args, src, dst, reporter, progress)
         else:
             filter_file(args, choice, src, dst, reporter, progress)

@@ -5,7 +5,7 @@ import os
 from .._validate import SCIPY_MODES
 from ..io import NAN_RULES
 from ..io.writer import NIFTI_EXTENSIONS, SAVE_DTYPES
-from .common import CommandError, blame, memory_size, positive, size_type, workers_type
+from .common import CommandError, blame, memory_size, positive, scales_type, size_type, workers_type
 
 DEFAULT_EXTENSION = ".nii.gz"  # added to an OUT without one, as fslmaths does (FSLOUTPUTTYPE=NIFTI_GZ)
 # names of other volume formats: refused rather than extended (o.img -> o.img.nii.gz is surely not meant)
@@ -26,8 +26,15 @@ KERNEL_OPTIONS = {
     "bilateral": ("--bilateral", "SIGMA", "edge-preserving bilateral filter: a spatial Gaussian of SIGMA times a "
                                           "Gaussian of width --range on intensity differences (vc.bilateral_filter; "
                                           "--guide G: differences read in G instead; --truncate default 3)"),
+    "frangi": ("--frangi", "SCALES", "Frangi vesselness (vc.filters.frangi, scikit-image's numbers) over the scales "
+                                     "FROM:TO:COUNT (sigmas evenly spaced, e.g. 1:4:4mm) or S1,S2,... (in mm "
+                                     "unless suffixed vox); see --bright-ridges (filter only)"),
+    "sato": ("--sato", "SCALES", "Sato tubeness (vc.filters.sato), scales as --frangi (filter only)"),
+    "meijering": ("--meijering", "SCALES", "Meijering neuriteness (vc.filters.meijering), scales as --frangi "
+                                           "(filter only)"),
 }
 GAUSSIANS = ("gaussian", "fwhm", "sigma_vox", "sigma_map", "bilateral")
+VESSELNESS = ("frangi", "sato", "meijering")
 
 
 class KernelChoice:
@@ -117,6 +124,8 @@ def add_filter_options(p, preview):
     for dest, (flag, metavar, help_text) in KERNEL_OPTIONS.items():
         if dest in ("kernel", "sigma_map"):
             kind = str
+        elif dest in VESSELNESS:
+            kind = scales_type
         elif dest == "sigma_vox":
             kind = size_type(default_unit="vox", units=("vox",))
         else:
@@ -130,6 +139,19 @@ def add_filter_options(p, preview):
     k.add_argument("--guide", metavar="G",
                    help="--bilateral: a NIfTI volume on the same grid whose intensities steer the smoothing (joint "
                         "bilateral: a T1 guiding a noisy PET or DWI volume; filter only)")
+    r = k.add_mutually_exclusive_group()
+    r.add_argument("--bright-ridges", dest="black_ridges", action="store_false", default=None,
+                   help="--frangi/--sato/--meijering: enhance bright vessels on a dark background (contrast-"
+                        "enhanced CT or MR angiography, TOF MRA)")
+    r.add_argument("--black-ridges", dest="black_ridges", action="store_true",
+                   help="... dark vessels on a bright background: the default, as in scikit-image (whose "
+                        "black_ridges=True this keeps, so that the command and vc.filters agree)")
+    k.add_argument("--alpha", type=float, metavar="A",
+                   help="--frangi: plate sensitivity (default 0.5); --meijering: the eigenvalue mix (default 0.25)")
+    k.add_argument("--beta", type=positive(float), metavar="B", help="--frangi: blob sensitivity (default 0.5)")
+    k.add_argument("--gamma", type=positive(float), metavar="G",
+                   help="--frangi: structure sensitivity (default: half the largest Hessian norm at the first "
+                        "scale, scikit-image's rule)")
     o = p.add_argument_group("filtering")
     o.add_argument("--mode", choices=SCIPY_MODES, default="reflect",
                    help="how the volume extends beyond its edges, as scipy.ndimage (default reflect)")
@@ -180,6 +202,19 @@ def check_filter_args(sub, args):
             sub.error("--sigma-map applies to `volconv filter` (one map for one volume's grid)")
         if args.mask is not None or args.normalize or args.nan is not None:
             sub.error("--sigma-map does not combine with --mask, --normalize or --nan")
+    vessel = next((v for v in VESSELNESS if getattr(args, v, None) is not None), None)
+    if vessel is None and (args.black_ridges is not None or args.alpha is not None or args.beta is not None
+                           or args.gamma is not None):
+        sub.error("--bright-ridges, --black-ridges, --alpha, --beta and --gamma apply to --frangi, --sato or "
+                  "--meijering")
+    if vessel is not None:
+        if args.command != "filter":
+            sub.error(f"--{vessel} applies to `volconv filter`")
+        if args.mask is not None or args.normalize or args.nan is not None or args.device != "cpu":
+            sub.error(f"--{vessel} does not combine with --mask, --normalize, --nan or --device cuda")
+        if (args.beta is not None or args.gamma is not None) and vessel != "frangi" or \
+                args.alpha is not None and vessel == "sato":
+            sub.error(f"--{vessel} takes none of {'--alpha, ' if vessel == 'sato' else ''}--beta, --gamma")
     args.outside = args.outside or "keep"
     args.nan = args.nan or "propagate"
     out = getattr(args, "output", None)

@@ -14,8 +14,10 @@ nibabel does the format work; this package adds what a filtering tool needs arou
   place, so a failure leaves neither a partial output nor a temporary file.
 - filter_nifti, adaptive_filter_nifti (io.filtering): a file filtered into another slab by slab (io.slabs,
   io.planes) within a memory budget, gzip on several threads (io.parallel_gzip).
+- vesselness_nifti (io.vesselness): Frangi / Sato / Meijering of a file, sigmas in mm.
 """
 from .filtering import NAN_RULES, adaptive_filter_nifti, filter_nifti
+from .vesselness import vesselness_nifti
 from .volume import ZOOM_RTOL, NiftiError, NiftiWarning, Volume, load
 from .writer import NiftiWriter, save
 
