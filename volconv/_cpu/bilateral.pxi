@@ -25,7 +25,8 @@ def bilateral(const floating[:, :, ::1] xp, const floating[:, :, ::1] gp, const 
         m = &mp[0, 0, 0]
     cdef Py_ssize_t ps = xp.strides[0] // sizeof(floating), rs = xp.strides[1] // sizeof(floating)
     cdef Py_ssize_t centre = r0 * ps + r1 * rs + r2, c
-    for u in prange(D * H, nogil=True, schedule="static", num_threads=nthreads):
+    # rows handed out as threads free up: on a shared machine a descheduled thread does not hold back the rest
+    for u in prange(D * H, nogil=True, schedule="dynamic", chunksize=4, num_threads=nthreads):
         d = u // H
         h = u % H
         c = d * ps + h * rs + centre
