@@ -5,6 +5,7 @@ nibabel) are imported on first use."""
 from . import kernels
 from ._cuda import has_cuda
 from .kernels import SeparableKernel
+from .ops.bilateral import Bilateral, bilateral_filter
 from .ops.conv import conv3d
 from .ops.filtering import convolve, correlate
 from .ops import multiscale, nested
@@ -17,7 +18,7 @@ from .ops.sparse import SparseKernel, sparse_conv3d
 __version__ = "0.1.0"
 __all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "SparseKernel",
            "sparse_conv3d", "cp_conv3d", "tucker_conv3d", "nested_conv3d", "nested", "multiscale_conv3d",
-           "multiscale", "dynamic_conv3d", "adaptive_filter", "decompose", "CPKernel", "TuckerKernel", "nn", "io",
+           "multiscale", "dynamic_conv3d", "adaptive_filter", "bilateral_filter", "Bilateral", "decompose", "CPKernel", "TuckerKernel", "nn", "io",
            "dask", "Volume", "filter_nifti"]
 
 

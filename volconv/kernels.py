@@ -104,7 +104,7 @@ def _per_axis(value, name):
     return values
 
 
-def _voxels(size, zooms, name):
+def in_voxels(size, zooms, name):
     """Sizes in mm (zooms given) or voxels (zooms None) -> voxels per axis."""
     size = _per_axis(size, name)
     if zooms is None:
@@ -176,8 +176,8 @@ def _sigmas(sigma, fwhm, zooms):
     if (sigma is None) == (fwhm is None):
         raise ValueError("give exactly one of sigma and fwhm")
     if fwhm is not None:
-        return tuple(f / FWHM_PER_SIGMA for f in _voxels(fwhm, zooms, "fwhm"))
-    return _voxels(sigma, zooms, "sigma")
+        return tuple(f / FWHM_PER_SIGMA for f in in_voxels(fwhm, zooms, "fwhm"))
+    return in_voxels(sigma, zooms, "sigma")
 
 
 def gaussian(sigma=None, zooms=None, truncate=4.0, *, fwhm=None):
@@ -205,7 +205,7 @@ def box(size, zooms=None, *, normalize=True):
     zoom: 1). In voxels (zooms None): round(size) voxels, at least 1, as scipy's uniform_filter (an even size
     puts the extra voxel before the centre). Normalised to sum 1 (a mean filter) unless normalize=False.
     Separable (rank 1)."""
-    voxels = _voxels(size, zooms, "size")
+    voxels = in_voxels(size, zooms, "size")
     if zooms is None:
         n = [max(1, int(round(v))) for v in voxels]
     else:
@@ -218,7 +218,7 @@ def ball(radius, zooms=None, *, normalize=True):
     """The voxels whose centres lie within `radius` (mm with zooms, else voxels) of the centre (an ellipsoid in
     voxels when the zooms differ), like fslmaths -kernel sphere; a voxel within a relative 1e-6 of the radius
     counts as inside (zooms read from NIfTI carry float32 noise). Normalised to sum 1 unless normalize=False."""
-    rad = _voxels(radius, zooms, "radius")
+    rad = in_voxels(radius, zooms, "radius")
     if min(rad) <= 0:
         raise ValueError(f"radius must be positive, got {radius!r}")
     half = [int(math.floor(r * (1 + ZOOM_TOLERANCE))) for r in rad]

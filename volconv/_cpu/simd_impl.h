@@ -362,6 +362,7 @@ static void FN(wgrad_rows)(const T *const *grows, ptrdiff_t gcs, const T *const 
 
 #include "fir_impl.h"
 #include "dynamic_impl.h"
+#include "bilateral_impl.h"
 
 #undef FN
 #undef VEC

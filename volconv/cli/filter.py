@@ -55,7 +55,7 @@ def filter_file(args, choice, src, dst, reporter, on_progress=None):
             warnings.simplefilter("always")
             io.filter_nifti(src, dst, choice, progress=on_progress, **nifti_options(args))
     except (MemoryError, OSError, ValueError) as e:  # NiftiError is a ValueError
-        raise CommandError(*failure(e, src, dst, args.mask)) from e
+        raise CommandError(*failure(e, src, dst, args.mask, getattr(args, "guide", None))) from e
     except Exception as e:   # one bad file must not end a batch, nor show a traceback
         if debugging():
             raise
@@ -88,7 +88,8 @@ def run(args):
     src, dst = args.input, args.output
     try:
         check_distinct([("IN", src), ("--mask", args.mask), ("--kernel", args.kernel),
-                         ("--sigma-map", args.sigma_map)], [("OUT", dst), ("--preview", args.preview)])
+                         ("--sigma-map", args.sigma_map), ("--guide", args.guide)],
+                       [("OUT", dst), ("--preview", args.preview)])
         check_device(args.device)
         choice = None if args.sigma_map is not None else KernelChoice(args)
         check_output(dst, args.force)
@@ -126,13 +127,14 @@ def _set_total(reporter, done, total):
     reporter.set_progress(done)
 
 
-def failure(e, src, dst, mask):
-    """(file to name, problem) for an exception of filter_nifti: the one wording of both batch paths."""
+def failure(e, src, dst, *others):
+    """(file to name, problem) for an exception of filter_nifti: the one wording of both batch paths. others:
+    the other files read (a mask, a guide, a sigma map; None when not given)."""
     if isinstance(e, FileExistsError):
         return dst, "output file exists; use --force to overwrite it"
     if isinstance(e, MemoryError):
         return src, "not enough memory to filter it"
-    culprit, problem = blame(e, src, dst, mask)
+    culprit, problem = blame(e, src, dst, *others)
     if isinstance(e, OSError) and os.path.abspath(culprit) == os.path.dirname(os.path.abspath(dst)):
         culprit, problem = dst, f"{problem}: {os.path.dirname(os.path.abspath(dst))}"  # name the output
     return culprit, problem

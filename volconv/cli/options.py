@@ -23,8 +23,11 @@ KERNEL_OPTIONS = {
                                    "not flipped)"),
     "sigma_map": ("--sigma-map", "MAP", "spatially varying Gaussian: a NIfTI map (the volume's grid) of sigma in "
                                         "mm per voxel (vc.adaptive_filter; --truncate default 3; filter only)"),
+    "bilateral": ("--bilateral", "SIGMA", "edge-preserving bilateral filter: a spatial Gaussian of SIGMA times a "
+                                          "Gaussian of width --range on intensity differences (vc.bilateral_filter; "
+                                          "--guide G: differences read in G instead; --truncate default 3)"),
 }
-GAUSSIANS = ("gaussian", "fwhm", "sigma_vox", "sigma_map")
+GAUSSIANS = ("gaussian", "fwhm", "sigma_vox", "sigma_map", "bilateral")
 
 
 class KernelChoice:
@@ -34,7 +37,8 @@ class KernelChoice:
     def __init__(self, args):
         self.kind = next(k for k in KERNEL_OPTIONS if getattr(args, k) is not None)
         self.arg = getattr(args, self.kind)
-        self.truncate = 4.0 if args.truncate is None else args.truncate
+        self.truncate = (3.0 if self.kind == "bilateral" else 4.0) if args.truncate is None else args.truncate
+        self.range, self.guide = getattr(args, "range", None), getattr(args, "guide", None)
         self.fixed = None
         if self.kind == "kernel":
             from .. import kernels
@@ -65,6 +69,11 @@ class KernelChoice:
             kernel = kernels.box(size.values, on)
         elif self.kind == "ball":
             kernel = kernels.ball(size.values, on)
+        elif self.kind == "bilateral":   # vc.Bilateral's sigma is in mm: voxels times the voxel sizes
+            from ..ops.bilateral import Bilateral
+
+            sigma_mm = size.values if mm else tuple(v * z for v, z in zip(size.values, zooms))
+            kernel = Bilateral(sigma_mm, self.range, guide=self.guide, truncate=self.truncate)
         else:
             kernel = self.fixed
         self.zooms, self.kernel = tuple(zooms), kernel
@@ -75,6 +84,12 @@ class KernelChoice:
         and the kernel's shape."""
         from ..kernels import FWHM_PER_SIGMA, SeparableKernel
 
+        if self.kind == "bilateral":
+            radii = self.kernel.radii(self.zooms)[0]
+            per_axis = ", ".join(f"{v:.4g}" for v in self.arg.voxels(self.zooms))
+            guide = "" if self.guide is None else f", guide {self.guide}"
+            return (f"bilateral {self.arg}: sigma {per_axis} voxels per axis, range {self.range:g}{guide}, "
+                    f"truncate {self.truncate:g}, window {'x'.join(str(2 * r + 1) for r in radii)}")
         shape = "x".join(str(n) for n in self.kernel.shape)
         kind = "separable" if isinstance(self.kernel, SeparableKernel) else "dense"
         if self.kind == "kernel":
@@ -108,7 +123,13 @@ def add_filter_options(p, preview):
             kind = size_type(positive=dest in ("box", "ball"))
         group.add_argument(flag, dest=dest, metavar=metavar, type=kind, help=help_text)
     k.add_argument("--truncate", type=positive(float), metavar="T",
-                   help="Gaussian radius in sigmas, as scipy.ndimage (default 4)")
+                   help="Gaussian radius in sigmas, as scipy.ndimage (default 4; 3 for --sigma-map and --bilateral)")
+    k.add_argument("--range", type=positive(float), metavar="R",
+                   help="--bilateral: the range Gaussian's sigma, in the volume's (or --guide's) intensity units; "
+                        "required with it")
+    k.add_argument("--guide", metavar="G",
+                   help="--bilateral: a NIfTI volume on the same grid whose intensities steer the smoothing (joint "
+                        "bilateral: a T1 guiding a noisy PET or DWI volume; filter only)")
     o = p.add_argument_group("filtering")
     o.add_argument("--mode", choices=SCIPY_MODES, default="reflect",
                    help="how the volume extends beyond its edges, as scipy.ndimage (default reflect)")
@@ -143,7 +164,13 @@ def add_filter_options(p, preview):
 def check_filter_args(sub, args):
     """Combinations argparse cannot express (exit 2 like its own errors); `sub` is the subcommand's parser."""
     if args.truncate is not None and not any(getattr(args, k) is not None for k in GAUSSIANS):
-        sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox, --sigma-map)")
+        sub.error("--truncate applies to a Gaussian (--gaussian, --fwhm, --sigma-vox, --sigma-map, --bilateral)")
+    if args.bilateral is not None and args.range is None:
+        sub.error("--bilateral needs --range R (the range Gaussian's sigma, in intensity units)")
+    if args.bilateral is None and (args.range is not None or args.guide is not None):
+        sub.error(f"{'--range' if args.range is not None else '--guide'} applies to --bilateral")
+    if args.guide is not None and args.command != "filter":
+        sub.error("--guide applies to `volconv filter` (one guide for one volume's grid)")
     if getattr(args, "skip_existing", False) and args.force:
         sub.error("--skip-existing keeps existing outputs, --force replaces them: give one")
     if args.outside is not None and args.mask is None and args.nan != "mask":

@@ -30,7 +30,10 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
 
     kernel: a vc.kernels object, an array (voxels), or a callable zooms -> kernel (so that a size in mm is
     resolved against this file's voxel sizes); it may be larger than the volume (scipy.ndimage's rule, as
-    vc.correlate: a single slice or a small patch is filtered through the boundary mode). mode/cval:
+    vc.correlate: a single slice or a small patch is filtered through the boundary mode). Or a vc.Bilateral:
+    vc.bilateral_filter with this file's voxel sizes (sigma_spatial in mm), its guide a NIfTI path or an array
+    on the file's grid (the masks, nan rules, slabs and device below apply to it as to a kernel; `normalize`
+    leaves the voxels beyond the volume's edge out of every window, as a mask's outside). mode/cval:
     scipy.ndimage boundary handling. mask: a NIfTI path or an array (non-zero = inside): voxels outside it do
     not contribute at all (whatever their value, NaN included). normalize: divide by the filtered mask (ones
     without a mask), which renormalises at the volume edge and at the mask border (fslmaths -fmean; the
@@ -64,6 +67,7 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
     uncompressed output, and read back whole from a compressed one: pass return_volume=False to keep the
     memory promise there."""
     from ..kernels import Kernel, as_kernel
+    from ..ops.bilateral import Bilateral
 
     device = filter_device(device)
     mode = scipy_mode(mode)   # once, here: the aliases (grid-constant) must take the same paths as their names
@@ -75,35 +79,50 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
     with Planes(job.src) as source, contextlib.ExitStack() as stack:
         if callable(kernel) and not isinstance(kernel, Kernel):
             kernel = kernel(source.zooms)
-        kernel = as_kernel(kernel)
-        mask_planes = None
-        if mask is not None:
-            mask_planes = stack.enter_context(Planes(os.fspath(mask)) if isinstance(mask, (str, os.PathLike))
-                                              else ArrayPlanes(mask))
-            if mask_planes.shape[:3] != source.shape[:3] or mask_planes.nt != 1:
-                raise ValueError(f"mask has shape {mask_planes.img_shape} but {job.src} has spatial shape "
-                                 f"{source.shape[:3]}")
+        bilateral = kernel if isinstance(kernel, Bilateral) else None
+        mask_planes = None if mask is None else _grid_planes(stack, mask, "mask", source, job.src)
+        guide_planes = None if bilateral is None or bilateral.guide is None else \
+            _grid_planes(stack, bilateral.guide, "guide", source, job.src)
         masked = mask is not None or normalize or nan == "mask"
-        # normalising: a weight sum this small is no voxel at all (a local rule: slabs and the whole volume agree)
-        tiny = 1e-12 * float(np.abs(kernel.to_dense()).sum()) if normalize else None
-        reach = filter_pads(kernel.shape, (0, 0, 0))[2]
+        if bilateral is None:
+            kernel = as_kernel(kernel)
+            # normalising: a weight sum this small is no voxel (a local rule: slabs and the whole volume agree)
+            tiny = 1e-12 * float(np.abs(kernel.to_dense()).sum()) if normalize else None
+            reach = filter_pads(kernel.shape, (0, 0, 0))[2]
+            copies = slabs.copies(masked)
+        else:
+            radius = bilateral.radii(source.zooms)[0][2]
+            reach = (radius, radius)
+            # the block and its padded copy, the output; a guide's block and padded copy; a mask's validity
+            # (bool and padded float) and the masked copies of the padded volume and guide
+            copies = 4 + 2 * (guide_planes is not None) + 4 * masked
         counts = np.zeros(2, np.int64)   # non-finite voxels in the input and in the output
         planes_shape = source.shape[:2]
 
         def for_volume(t):
-            mask_reader = None if mask_planes is None else \
-                slabs.PlaneReader(mask_planes.reader(0), planes_shape, np.float32, keep=sum(reach))
+            mask_reader, guide_reader = (
+                None if p is None else slabs.PlaneReader(p.reader(0), planes_shape, np.float32, keep=sum(reach))
+                for p in (mask_planes, guide_planes))
 
             def filter_slab(block, planes, halo):
                 finite = np.isfinite(block)   # one pass: counted on the output's planes, used by nan's rules
                 counts[0] += _non_finite(finite[..., halo[0]:block.shape[2] - halo[1]])
                 inside = None if mask_reader is None else slabs.gather(planes, mask_reader) != 0
+                guide = None if guide_reader is None else slabs.gather(planes, guide_reader)
+                if guide is not None and nan != "propagate":   # the guide's non-finite voxels: the volume's rule
+                    guide_finite = np.isfinite(guide)
+                    finite = finite & guide_finite if nan == "mask" else finite
+                    guide = np.where(guide_finite, guide, np.float32(0)) if nan == "zero" else guide
                 if nan == "zero":
                     block = np.where(finite, block, np.float32(0))
                 elif nan == "mask":
                     inside = finite if inside is None else inside & finite
-                out = _filter_volume(block, kernel, mode, cval, inside, normalize, outside, workers, halo, tiny,
-                                     device)
+                if bilateral is None:
+                    out = _filter_volume(block, kernel, mode, cval, inside, normalize, outside, workers, halo,
+                                         tiny, device)
+                else:
+                    out = _bilateral_volume(block, bilateral, guide, source.zooms, mode, cval, inside, normalize,
+                                            outside, workers, halo, device)
                 counts[1] += _non_finite(np.isfinite(out))
                 return out
             return filter_slab
@@ -111,8 +130,8 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
         # the slabs' halos at the volume's ends: the boundary mode's padding, read from the volume (zeros and
         # constants are the filter's own padding; normalising pads with zeros whatever the mode)
         pad_mode = None if mode == "constant" or normalize else mode
-        result = job.run(source, reach, slabs.copies(masked), pad_mode, for_volume, dtype, workers, progress,
-                         return_volume, also_read=[mask_planes] if mask_planes is not None else [])
+        result = job.run(source, reach, copies, pad_mode, for_volume, dtype, workers, progress, return_volume,
+                         also_read=[p for p in (mask_planes, guide_planes) if p is not None])
     if counts[1] > counts[0]:
         warnings.warn(f"{job.src}: NaN/Inf spread through the kernel: {counts[1]} non-finite output voxels from "
                       f"{counts[0]} in the input; nan='mask' leaves them out, nan='zero' reads them as 0 "
@@ -169,6 +188,19 @@ def adaptive_filter_nifti(src, dst, sigma_map, truncate=3.0, *, mode="reflect", 
 
         return job.run(source, reach, copies, None if mode == "constant" else mode, for_volume, dtype,
                        workers, progress, return_volume, also_read=[sigma])
+
+
+def _grid_planes(stack, given, name, source, src):
+    """A mask's or a guide's planes (a NIfTI path, opened in `stack`, or an array), checked to be one 3-D volume
+    on the grid of `source` (the file src): its shape, and a file's affine."""
+    planes = stack.enter_context(Planes(os.fspath(given)) if isinstance(given, (str, os.PathLike))
+                                 else ArrayPlanes(given))
+    if planes.shape[:3] != source.shape[:3] or planes.nt != 1:
+        path = f"{os.fspath(given)}: " if name == "guide" and hasattr(planes, "affine") else ""
+        raise ValueError(f"{path}{name} has shape {planes.img_shape} but {src} has spatial shape {source.shape[:3]}")
+    if name == "guide" and hasattr(planes, "affine") and not np.allclose(planes.affine, source.affine, atol=1e-3):
+        raise NiftiError(f"{os.fspath(given)}: guide is not on the grid of {src} (their affines differ)")
+    return planes
 
 
 def _non_finite(finite):
@@ -304,6 +336,25 @@ def _filter_volume(x, kernel, mode, cval, inside, normalize, outside, workers, h
         filtered = np.divide(num, den, out=np.zeros_like(num), where=np.abs(den) > tiny)
     else:
         filtered = correlate(weighted, mode, cval)
+    return _outside(filtered, x, inside, outside, halo)
+
+
+def _bilateral_volume(x, params, guide, zooms, mode, cval, inside, normalize, outside, workers, halo, device=None):
+    """One slab through vc.bilateral_filter (ops.bilateral.run): voxels outside `inside` (a mask, nan="mask")
+    contribute nothing, nor, with normalize, those beyond the volume's edge; on `device` when given."""
+    from ..ops.bilateral import run
+
+    halo3 = ((0, 0), (0, 0), tuple(halo))
+    args = (x, guide, inside)
+    if device is not None:
+        args = [None if a is None else on_device(a, device) for a in args]
+    out = run(params, *args, zooms, mode, cval, workers, halo=halo3, edge_valid=not normalize)
+    return _outside(out if device is None else out.cpu().numpy(), x, inside, outside, halo)
+
+
+def _outside(filtered, x, inside, outside, halo):
+    """filtered with the voxels outside `inside` (None: none) kept from x or zeroed, as `outside` says; x has
+    `halo` planes of context at the ends of its last axis, filtered does not."""
     if inside is not None:
         lo, hi = halo
         core = (Ellipsis, slice(lo, x.shape[2] - hi))
