@@ -40,6 +40,11 @@ SIMD_FLAGS = {
 
 
 class BuildExt(build_ext):
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:   # the three SIMD builds compile side by side (pip gives no -j of its own)
+            self.parallel = os.cpu_count() or 1
+
     def build_extensions(self):
         openmp = sys.platform != "win32" and compiler_accepts(["-fopenmp"])
         if not openmp:
@@ -113,7 +118,7 @@ def extensions():
     from Cython.Build import cythonize
 
     variants = ["generic", "avx2", "avx512"] if X86 else ["generic"]
-    return cythonize([compiled_extension(v) for v in variants], language_level=3,
+    return cythonize([compiled_extension(v) for v in variants], language_level=3, nthreads=os.cpu_count() or 1,
                      compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
                                           "initializedcheck": False, "nonecheck": False})
 

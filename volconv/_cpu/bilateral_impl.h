@@ -8,6 +8,10 @@
  * Summed as x[w] + sum_t k_t (x[o_t + w] - x[w]) / sum_t k_t: the rounding of the sums then scales with the
  * window's contrast, not with the intensity (a constant volume comes back exactly; CT's offset costs nothing). */
 
+#if VC_VBYTES == 64 && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 typedef IT FN(vc_ivec) __attribute__((vector_size(VC_VBYTES)));
 
 /* exp(x) for x <= 0, to about an ulp (float: Cephes' expf polynomial; double: Taylor to r^12, |r| <= ln2 / 2,
@@ -16,6 +20,25 @@ typedef IT FN(vc_ivec) __attribute__((vector_size(VC_VBYTES)));
 static inline VEC FN(exp_neg)(VEC x)
 {
     const int single = sizeof(T) == 4;
+#if VC_VBYTES == 64 && defined(__AVX512F__)
+    /* AVX-512: round and scale by 2^n in one instruction each (vrndscale, vscalef: underflow gives 0, NaN stays
+     * NaN); max(lo, x) keeps a NaN x and lifts -Inf (a guide's Inf) to lo, as the portable code below does. */
+    if (single) {
+        __m512 v = _mm512_max_ps(_mm512_set1_ps(-87.0f), (__m512)x);
+        __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.4426950408889634f)), 0);
+        __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693359375f), v);
+        r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(-2.12194440e-4f), r);
+        VEC rv = (VEC)r, p = (VEC){0} + (T)1.9875691500e-4;
+        p = p * rv + (T)1.3981999507e-3;
+        p = p * rv + (T)8.3334519073e-3;
+        p = p * rv + (T)4.1665795894e-2;
+        p = p * rv + (T)1.6666665459e-1;
+        p = p * rv + (T)5.0000001201e-1;
+        p = p * rv + (T)1;
+        p = p * rv + (T)1;
+        return (VEC)_mm512_scalef_ps((__m512)p, nf);
+    }
+#endif
     const T lo = single ? (T)-87.0 : (T)-708.0;
     FN(vc_ivec) below = x < lo;   /* all ones where below; 0 for NaN */
     x = (VEC)(((FN(vc_ivec))((VEC){0} + lo) & below) | ((FN(vc_ivec))x & ~below));
