@@ -120,6 +120,7 @@ def main(argv=None):
     import torch
 
     t = a.threads
+    load_before = os.getloadavg()[0]
     volume, zooms = load(a.volume)
     lo, hi = float(volume.min()), float(volume.max())
     span = hi - lo
@@ -327,7 +328,8 @@ def main(argv=None):
         "table (row stride win_size), so the spatial kernel is skewed (with a centred table the difference falls to "
         "the colour table's ~3e-5, checked by hand on 0.26.0).",
         "Ratios = anchor time / volconv time (> 1: volconv is faster); the fast contenders are best of 3 rounds "
-        "round-robin, the slow ones one call each, all in this one process.",
+        "round-robin, the slow ones one call each, all in this one process. 1-minute load average of this machine "
+        f"({os.cpu_count()} CPUs) at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f}.",
     ]
     text += ["", "Notes:", *[f"- {n}" for n in notes]]
     _benchmark.emit("\n".join(text), a.out)
