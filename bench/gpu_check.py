@@ -96,6 +96,29 @@ def cases(torch, vc):
         return (lambda: vc.adaptive_filter(v, sigma, brain.zooms)), "constant-sigma Gaussian (same GPU)", \
             (lambda: vc.correlate(v, gauss)), None
 
+    def bilateral():
+        brain = vc.io.load(ROOT / "sample_volumes" / "mni_icbm152_t1_tal_nlin_sym_09a.nii.gz")
+        v = torch.from_numpy(brain.data).float().to(dev)
+        sigma, sr, zooms = 2.0, 20.0, [float(z) for z in brain.zooms]
+        radii = [int(3.0 * sigma / z + 0.5) for z in zooms]
+
+        taps = [(i, j, k) for i in range(2 * radii[0] + 1) for j in range(2 * radii[1] + 1)
+                for k in range(2 * radii[2] + 1)]
+        spatial = torch.tensor([-sum(((q - r) * z) ** 2 for q, r, z in zip(t, radii, zooms)) / (2 * sigma ** 2)
+                                for t in taps], device=dev)   # each tap's term, on the GPU once
+
+        def tap_loop():   # torch's way on the same GPU: the definition tap by tap over shifted views (5 passes)
+            p = F.pad(v[None, None], [r for r in radii[::-1] for _ in range(2)], mode="reflect")[0, 0]
+            num, den, (D, H, W) = torch.zeros_like(v), torch.zeros_like(v), v.shape
+            for n, (i, j, k) in enumerate(taps):
+                d = p[i:i + D, j:j + H, k:k + W] - v
+                w = torch.addcmul(spatial[n], d, d, value=-1 / (2 * sr * sr)).exp_()
+                num.addcmul_(w, d)
+                den += w
+            return v + num / den
+        return (lambda: vc.bilateral_filter(v, sigma, sr, brain.zooms, mode="mirror")), \
+            "torch tap loop (same GPU)", tap_loop, None
+
     return [
         dense((1, 1, 256, 256, 256), (1, 1, 7, 7, 7), 3, 3.0, "one channel 256^3 k=7"),
         dense((1, 1, 256, 256, 256), (1, 1, 15, 15, 15), 7, 3.0, "one channel 256^3 k=15"),
@@ -114,6 +137,8 @@ def cases(torch, vc):
         ("dynamic", "dynamic_conv3d 16 ch 64^3 k=5 G=1, fwd+bwd (goal 10x)", 20.0, dynamic(True)),
         # the adaptive filter's goal: within 3x of a constant Gaussian, ratio >= 0.33 (its numbers differ: no error)
         ("dynamic", "adaptive_filter, 1 mm brain, sigma 0.5-3 mm", 0.33, adaptive),
+        # the bilateral filter: one fused pass against torch's five per tap (issue 18's CPU goal: >= 20x SimpleITK)
+        ("filtering", "bilateral_filter, 1 mm brain, sigma 2 mm, range 20 (13^3 taps)", 10.0, bilateral),
     ]
 
 

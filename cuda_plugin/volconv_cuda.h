@@ -116,6 +116,16 @@ int vc_dynamic_grad_input(int dtype, const void *K, const void *grad, void *gx, 
 int vc_adaptive_gaussian(int dtype, const void *xp, const void *sigma, void *out, const long long *params,
                          void *stream);
 
+/* ---- bilateral (bilateral.cu): the exact windowed bilateral filter of vc.bilateral_filter ---- */
+/* out (D, H, W)[i] = x[i] + sum_t k_t (x[i + t] - x[i]) / sum_t k_t over the box window's taps t in C order,
+ * k_t = exp(max(a_t - b (g[i + t] - g[i])^2, smallest normal's exponent)) (* m[i + t]). xp, gp: the volume and
+ * the guide padded by (rd, rh, rw) on both sides of each axis (the boundary mode's extension, done by the caller;
+ * invalid voxels holding 0), gp NULL: the volume guides itself; mp: NULL, or the padded 0/1 validity as bytes;
+ * a: the (2rd+1)(2rh+1)(2rw+1) taps' spatial terms (<= 0) in the volume's dtype. params (int64[7]): D, H, W, rd,
+ * rh, rw, then b = 1 / (2 sigma_range^2) (0: no range term) as the bit pattern of an IEEE-754 double. */
+int vc_bilateral(int dtype, const void *xp, const void *gp, const void *mp, const void *a, void *out,
+                 const long long *params, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

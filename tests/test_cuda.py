@@ -404,7 +404,8 @@ EXERCISES = {"conv3d.cu": ("test_cuda", "exercise_conv3d"), "depthwise.cu": ("te
              "nested.cu": ("test_cuda_nested", "exercise_every_kernel"),
              "separable.cu": ("test_cuda_lowrank", "exercise_every_kernel"),
              "dynamic.cu": ("test_cuda_dynamic", "exercise_every_kernel"),
-             "adaptive.cu": ("test_cuda_adaptive", "exercise_every_kernel")}
+             "adaptive.cu": ("test_cuda_adaptive", "exercise_every_kernel"),
+             "bilateral.cu": ("test_cuda_bilateral", "exercise_every_kernel")}
 
 
 @pytest.mark.cuda
