@@ -171,12 +171,21 @@ def main(argv=None):
     def ours(v, **kw):
         return vc.bilateral_filter(v, sigma_s, sigma_r, zooms, truncate=TRUNCATE, mode="nearest", workers=t, **kw)
 
+    cpu = {}
+
     def bracketed(fn):
         """(seconds, result) of one call of fn, and the mean time of volconv on the same volume just before and
-        just after it: a ratio that the machine's load, drifting over minutes, moves less than best-of-rounds."""
+        just after it: a ratio that the machine's load, drifting over minutes, moves less than best-of-rounds.
+        Also the CPU seconds (all threads of this process) of fn and of volconv's calls, in `cpu`: on a shared
+        machine the work done, which other processes do not stretch as they stretch the wall time."""
+        c0 = time.process_time()
         before = timed_once(lambda: ours(volume))[0]
+        c1 = time.process_time()
         seconds, result = timed_once(fn)
-        return seconds, result, (before + timed_once(lambda: ours(volume))[0]) / 2
+        c2 = time.process_time()
+        after = timed_once(lambda: ours(volume))[0]
+        cpu["anchor"], cpu["volconv"] = c2 - c1, (c1 - c0 + time.process_time() - c2) / 2
+        return seconds, result, (before + after) / 2
 
     # Sub-volume rule: SimpleITK on the whole brain once; over SLOW_SECONDS, every contender gets a sub-volume.
     full_itk = None
@@ -272,7 +281,9 @@ def main(argv=None):
             ">= 20x SimpleITK on the 1 mm "
             "brain with sigma 2 mm: " + (f"**{ratio:.1f}x** ({'met' if ratio >= 20 else 'NOT met'}); against the "
                                          f"mean of volconv's calls just before and after SimpleITK's: "
-                                         f"**{times['SimpleITK'] / ours_beside_itk:.1f}x**"
+                                         f"**{times['SimpleITK'] / ours_beside_itk:.1f}x**; CPU seconds of all "
+                                         f"threads, SimpleITK's / volconv's: {cpu['anchor']:.1f} / "
+                                         f"{cpu['volconv']:.2f} = **{cpu['anchor'] / cpu['volconv']:.1f}x**"
                                          if ratio is not None else "SimpleITK not installed"))
     rate = volume.size * taps / times["volconv"] / 1e9
     goal += (f". volconv's rate: {rate:.2f} G voxel-taps/s on {t} threads ({1 / rate * t:.2f} ns per voxel-tap "
