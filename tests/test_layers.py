@@ -22,7 +22,7 @@ LAYERS = [
     ["volconv.cli", "volconv.__main__"],
     ["volconv.nn", "volconv.dask", "volconv._benchmark"],
     ["volconv.io"],
-    ["volconv", "volconv.ops", "volconv.decompose", "volconv._dispatch"],
+    ["volconv", "volconv.ops", "volconv.decompose", "volconv.restoration", "volconv._dispatch"],
     ["volconv._torch"],
     ["volconv.engine"],
     ["volconv.kernels", "volconv._validate", "volconv._memory", "volconv._cpu", "volconv._cuda", "volconv.cuda",
@@ -156,7 +156,8 @@ def test_engine_and_ops_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import volconv, volconv.engine.dense, volconv.engine.nested, volconv.engine.dynamic, "
             "volconv.engine.separable, volconv.ops.conv, volconv.ops.filtering, volconv.ops.sparse, "
-            "volconv.ops.lowrank, volconv.ops.nested, volconv.ops.multiscale, volconv.ops.dynamic\n"
+            "volconv.ops.lowrank, volconv.ops.nested, volconv.ops.multiscale, volconv.ops.dynamic, "
+            "volconv.engine.deconvolution, volconv.ops.deconvolution, volconv.restoration\n"
             "import numpy as np\n"
             "assert volconv.conv3d(np.ones((1, 1, 4, 4, 4)), np.ones((1, 1, 3, 3, 3))).shape == (1, 1, 2, 2, 2)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)

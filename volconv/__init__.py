@@ -18,16 +18,16 @@ from .ops.sparse import SparseKernel, sparse_conv3d
 __version__ = "0.1.0"
 __all__ = ["conv3d", "correlate", "convolve", "has_cuda", "kernels", "SeparableKernel", "SparseKernel",
            "sparse_conv3d", "cp_conv3d", "tucker_conv3d", "nested_conv3d", "nested", "multiscale_conv3d",
-           "multiscale", "dynamic_conv3d", "adaptive_filter", "bilateral_filter", "Bilateral", "decompose", "CPKernel", "TuckerKernel", "nn", "io",
+           "multiscale", "dynamic_conv3d", "adaptive_filter", "bilateral_filter", "Bilateral", "decompose", "restoration", "CPKernel", "TuckerKernel", "nn", "io",
            "dask", "Volume", "filter_nifti"]
 
 
 def __getattr__(name):
     """Lazy submodules: `nn` needs torch and `dask` dask (optional), `io` imports nibabel and `decompose`
-    tensorly (slow to import)."""
+    tensorly (slow to import); `restoration` on first use, like them."""
     import importlib
 
-    if name in ("nn", "io", "dask", "decompose"):
+    if name in ("nn", "io", "dask", "decompose", "restoration"):
         return importlib.import_module(f".{name}", __name__)
     if name in ("Volume", "filter_nifti"):
         return getattr(importlib.import_module(".io", __name__), name)

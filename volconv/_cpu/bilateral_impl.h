@@ -100,35 +100,34 @@ static inline void FN(bilateral_block_##NV##_##MASKED)(T *out, const T *x, const
         *(UVEC *)(out + w + j * VL) = xc[j] + num[j] / den[j];                                        \
 }
 
-VC_BILATERAL_BLOCK(2, 0)
-VC_BILATERAL_BLOCK(1, 0)
-VC_BILATERAL_BLOCK(2, 1)
-VC_BILATERAL_BLOCK(1, 1)
+/* The whole vectors of a row of n outputs: two at a time, then one; the columns past the last whole vector as
+ * one vector shifted back to end at n (it rewrites equal values). Returns the columns done (0 when n < VL). */
+#define VC_BILATERAL_VECTORS(MASKED)                                                                  \
+VC_BILATERAL_BLOCK(2, MASKED)                                                                         \
+VC_BILATERAL_BLOCK(1, MASKED)                                                                         \
+static inline int FN(bilateral_vectors_##MASKED)(T *out, const T *x, const T *g, const T *m,          \
+                                                 const ptrdiff_t *off, const T *a, int ntaps, T b, int n) \
+{                                                                                                     \
+    int w = 0;                                                                                        \
+    for (; w + 2 * VL <= n; w += 2 * VL)                                                              \
+        FN(bilateral_block_2_##MASKED)(out, x, g, m, off, a, ntaps, b, w);                            \
+    for (; w + VL <= n; w += VL)                                                                      \
+        FN(bilateral_block_1_##MASKED)(out, x, g, m, off, a, ntaps, b, w);                            \
+    if (w < n && n >= VL)                                                                             \
+        FN(bilateral_block_1_##MASKED)(out, x, g, m, off, a, ntaps, b, n - VL);                       \
+    return n >= VL ? n : w;                                                                           \
+}
 
-/* One row of n outputs (see the top of this file; m NULL: every voxel valid). Two vectors at a time, then
- * one; the columns past the last whole vector: one vector shifted back to end at n (it rewrites equal values),
- * or element by element in a row shorter than a vector. */
+VC_BILATERAL_VECTORS(0)
+VC_BILATERAL_VECTORS(1)
+
+/* One row of n outputs (see the top of this file; m NULL: every voxel valid): whole vectors, or element by
+ * element in a row shorter than a vector. */
 static void FN(bilateral_row)(T *out, const T *x, const T *g, const T *m, const ptrdiff_t *off, const T *a,
                               int ntaps, T b, int n)
 {
-    int w = 0;
-    if (m == NULL) {
-        for (; w + 2 * VL <= n; w += 2 * VL)
-            FN(bilateral_block_2_0)(out, x, g, m, off, a, ntaps, b, w);
-        for (; w + VL <= n; w += VL)
-            FN(bilateral_block_1_0)(out, x, g, m, off, a, ntaps, b, w);
-        if (w < n && n >= VL)
-            FN(bilateral_block_1_0)(out, x, g, m, off, a, ntaps, b, n - VL);
-    } else {
-        for (; w + 2 * VL <= n; w += 2 * VL)
-            FN(bilateral_block_2_1)(out, x, g, m, off, a, ntaps, b, w);
-        for (; w + VL <= n; w += VL)
-            FN(bilateral_block_1_1)(out, x, g, m, off, a, ntaps, b, w);
-        if (w < n && n >= VL)
-            FN(bilateral_block_1_1)(out, x, g, m, off, a, ntaps, b, n - VL);
-    }
-    if (n >= VL)
-        return;
+    int w = m == NULL ? FN(bilateral_vectors_0)(out, x, g, m, off, a, ntaps, b, n)
+                      : FN(bilateral_vectors_1)(out, x, g, m, off, a, ntaps, b, n);
     for (; w < n; w++) {
         T num = 0, den = 0;
         for (int t = 0; t < ntaps; t++) {

@@ -2,6 +2,7 @@
 
     volconv filter IN OUT --gaussian 2mm     one NIfTI file (vc.io.filter_nifti), optional --preview PNG
     volconv batch IN_DIR OUT_DIR --box 3mm   every .nii / .nii.gz of a directory, one progress bar
+    volconv deconvolve IN OUT --psf P --iterations N   Richardson-Lucy (vc.restoration.richardson_lucy)
     volconv info [IN ...]                    header summary of NIfTI files; without files: the build
     volconv bench                            sample check against scipy.ndimage, then timings
 
@@ -11,8 +12,8 @@ written atomically by vc.io.save, the preview PNG through a temporary file that 
 interrupt or SIGTERM unwinds through the same clean-up. No traceback reaches the user: an error nothing
 foresaw is one line too, naming the file; VOLCONV_DEBUG=1 shows its traceback instead.
 
-Tests call main([...]) directly. The subcommands: cli.filter, cli.batch, cli.info, cli.bench; their shared
-parts: cli.common (failures, messages, argument types), cli.options (the options of filter and batch).
+Tests call main([...]) directly. The subcommands: cli.filter, cli.batch, cli.deconvolve, cli.info, cli.bench; their
+shared parts: cli.common (failures, messages, argument types), cli.options (the options of filter and batch).
 Nothing here imports torch (only `--device cuda` would need it); matplotlib (--preview, cli.preview) and tqdm
 (progress bars) are imported only when used.
 """
@@ -23,7 +24,7 @@ import signal
 import sys
 import threading
 
-from . import batch, bench, filter, info
+from . import batch, bench, deconvolve, filter, info
 from .common import CommandError, Reporter, Terminated, debugging, unexpected
 from .options import check_filter_args
 
@@ -38,7 +39,7 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"volconv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    for command in (filter, batch, info, bench):
+    for command in (filter, batch, deconvolve, info, bench):
         command.add_parser(sub)
     return p
 

@@ -99,6 +99,16 @@ def fft_cost(x_shape, w_shape, pads, stride, dilation, groups, mode="constant"):
     return _plan_for(x_shape, w_shape, pads, mode, stride, dilation, groups, np.float32).seconds
 
 
+def box_cost(box, transforms, products):
+    """Estimated seconds (2 threads) of `transforms` whole real transforms (forward or inverse) of one box and
+    `products` spectrum-by-spectrum products on it: the cost model's rates, for callers that transform a
+    fixed box again and again (engine/deconvolution.py)."""
+    box = tuple(int(v) for v in box)
+    spectrum = box[0] * box[1] * (box[2] // 2 + 1)
+    return transforms * _COST[0] * _transform_work(box, box[0], box[0] * box[1], (1, 1, 1)) + \
+        products * _COST[1] * spectrum
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the computation of one block
 # ----------------------------------------------------------------------------------------------------------------
