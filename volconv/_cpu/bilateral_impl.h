@@ -24,9 +24,11 @@ static inline VEC FN(exp2_fraction)(VEC r)
                                  1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0,
                                  1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
     const int single = sizeof(T) == 4;
-    VEC p = (VEC){0};
-    for (int i = 0; i < (single ? 7 : 14); i++)
-        p = p * r + (T)(single ? f32[i] : f64[i] * __builtin_pow(0.6931471805599453, 13 - i));
+#define VC_EXP2_COEF(i) ((T)(single ? f32[i] : f64[i] * __builtin_pow(0.6931471805599453, 13 - (i))))
+    VEC p = (VEC){0} + VC_EXP2_COEF(0);   /* not 0 * r + c: IEEE keeps that multiply (r may be NaN) */
+    for (int i = 1; i < (single ? 7 : 14); i++)
+        p = p * r + VC_EXP2_COEF(i);
+#undef VC_EXP2_COEF
     return p;
 }
 
