@@ -96,6 +96,7 @@ def run(params, volume, guide, valid, zooms, mode, cval, workers, *, halo=None, 
         return cuda_bilateral.bilateral(volume, guide, valid, sig_mm, z, radii, params.sigma_range, mode, cval,
                                         halo, edge_valid)
     x = v
+    valid = None if valid is None else np.asarray(valid, bool)   # (a CPU tensor from filter_nifti(device="cpu"))
     # NIfTI data arrive in Fortran order: the transposed volume with reversed axes (no copy)
     fortran = x.flags.f_contiguous and not x.flags.c_contiguous
     if fortran:
@@ -104,8 +105,7 @@ def run(params, volume, guide, valid, zooms, mode, cval, workers, *, halo=None, 
         radii, z, sig_mm, halo = radii[::-1], z[::-1], sig_mm[::-1], halo[::-1]
     x = caller.cast(x, "volume")
     g = caller.cast(g, "guide")
-    if valid is not None:
-        valid = np.ascontiguousarray(valid, bool)
+    valid = None if valid is None else np.ascontiguousarray(valid)
     out = engine.bilateral(x, g, valid, sig_mm, z, radii, params.sigma_range, mode, cval, halo, edge_valid,
                            resolve_workers(workers))
     return caller.result(out.T if fortran else out)
