@@ -7,8 +7,8 @@ import numpy as np
 
 from .. import io
 from .common import CommandError, Reporter, blame, check_distinct, check_output, debugging, positive, \
-    unexpected, workers_type
-from .options import DEFAULT_EXTENSION, OTHER_FORMATS, OUTPUT_DTYPES
+    unexpected
+from .options import DEFAULT_EXTENSION, OTHER_FORMATS, add_output_options
 from ..io.writer import NIFTI_EXTENSIONS
 
 
@@ -43,10 +43,7 @@ def add_parser(sub):
     s.add_argument("--algorithm", choices=("auto", "direct", "fft"), default="auto",
                    help="how the convolutions run: direct (small PSFs), fft (large PSFs) or auto (the cost model "
                         "chooses; default)")
-    s.add_argument("--odt", choices=OUTPUT_DTYPES, default="float32",
-                   help="output data type (default float32; integers are rounded and clipped)")
-    s.add_argument("--workers", type=workers_type, metavar="N",
-                   help="threads (default: all OpenMP allows; -1 all cores, -2 all but one)")
+    add_output_options(s)
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
     s.add_argument("--quiet", "-q", action="store_true", help="no log lines on stderr")
     s.set_defaults(run=run, parser=s)

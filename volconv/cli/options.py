@@ -117,6 +117,14 @@ class KernelChoice:
         return f"{name}: {detail}, kernel {shape} ({kind})"
 
 
+def add_output_options(group):
+    """--odt and --workers, as every command that writes a volume has them."""
+    group.add_argument("--odt", choices=OUTPUT_DTYPES, default="float32",
+                       help="output data type (default float32; integers are rounded and clipped)")
+    group.add_argument("--workers", type=workers_type, metavar="N",
+                       help="threads (default: all OpenMP allows; -1 all cores, -2 all but one)")
+
+
 def add_filter_options(p, preview):
     k = p.add_argument_group("kernel (exactly one; sizes in mm unless suffixed vox: 2mm, 2, 1.5vox, 2,2,3mm "
                              "for array axes i,j,k)")
@@ -170,10 +178,7 @@ def add_filter_options(p, preview):
     o.add_argument("--max-memory", type=memory_size, metavar="SIZE", default=None,
                    help="working memory per file (512MiB, 1GB, 2G; default 512MiB): larger volumes are "
                         "filtered in slabs")
-    o.add_argument("--odt", choices=OUTPUT_DTYPES, default="float32",
-                   help="output data type (default float32; integers are rounded and clipped)")
-    o.add_argument("--workers", type=workers_type, metavar="N",
-                   help="threads (default: all OpenMP allows; -1 all cores, -2 all but one)")
+    add_output_options(o)
     o.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to filter: cpu (default) or cuda (the CUDA plugin on a GPU, slab by slab)")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
