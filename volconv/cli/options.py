@@ -92,7 +92,7 @@ class KernelChoice:
         from ..kernels import FWHM_PER_SIGMA, SeparableKernel
 
         if self.kind == "bilateral":
-            radii = self.kernel.radii(self.zooms)[0]
+            radii = self.kernel.radii(self.zooms)
             per_axis = ", ".join(f"{v:.4g}" for v in self.arg.voxels(self.zooms))
             guide = "" if self.guide is None else f", guide {self.guide}"
             return (f"bilateral {self.arg}: sigma {per_axis} voxels per axis, range {self.range:g}{guide}, "

@@ -41,7 +41,7 @@ def bilateral(x, guide, valid, sigma_mm, zooms, radii, sigma_range, mode, cval, 
     out = np.empty(out_shape, x.dtype)
     if out.size == 0:
         return out
-    taps, a = window(zooms, radii, sigma_mm, x.dtype)
+    taps, a = window(zooms, radii, sigma_mm, np.float64)
     strides = np.array(xp.strides) // xp.itemsize
     off = np.ascontiguousarray(sum(t * s for t, s in zip(taps, strides)), np.intp)
     b = 0.0 if np.isinf(sigma_range) else 1.0 / (2.0 * sigma_range * sigma_range)

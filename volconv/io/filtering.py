@@ -91,7 +91,7 @@ def filter_nifti(src, dst, kernel, *, mode="reflect", cval=0.0, mask=None, norma
             reach = filter_pads(kernel.shape, (0, 0, 0))[2]
             copies = slabs.copies(masked)
         else:
-            radius = bilateral.radii(source.zooms)[0][2]
+            radius = bilateral.radii(source.zooms)[2]
             reach = (radius, radius)
             # the block and its padded copy, the output; a guide's block and padded copy; a mask's validity
             # (bool and padded float) and the masked copies of the padded volume and guide

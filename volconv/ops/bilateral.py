@@ -31,9 +31,8 @@ class Bilateral:
 
     def radii(self, zooms):
         """The window's radius per axis, in voxels, for voxel sizes `zooms` (mm) or None (sigma in voxels)."""
-        z = (1.0, 1.0, 1.0) if zooms is None else zooms
         sig = in_voxels(self.sigma_spatial, zooms, "sigma_spatial")
-        return tuple(gaussian_radius(s, self.truncate, "sigma_spatial") if s > 0 else 0 for s in sig), tuple(z)
+        return tuple(gaussian_radius(s, self.truncate, "sigma_spatial") if s > 0 else 0 for s in sig)
 
     def __repr__(self):
         guide = "" if self.guide is None else f", guide={self.guide!r}"
@@ -87,7 +86,7 @@ def run(params, volume, guide, valid, zooms, mode, cval, workers, *, halo=None, 
         if z.shape != (3,) or not (np.isfinite(z).all() and (z > 0).all()):
             raise ValueError(f"zooms must be 3 positive voxel sizes (mm), got {zooms!r}")
         zooms = tuple(float(a) for a in z)
-    radii, z = params.radii(zooms)
+    radii, z = params.radii(zooms), (1.0, 1.0, 1.0) if zooms is None else zooms
     sig_mm = params.sigma_spatial   # the unit of z: mm with zooms, voxels without
     halo = ((0, 0),) * 3 if halo is None else tuple(tuple(h) for h in halo)
     if on_gpu:
