@@ -6,6 +6,7 @@ out, and every failure becomes a RuntimeError naming the op. The tensors' side i
 of that op yet)."""
 import ctypes
 import os
+import struct
 import sys
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda_plugin.so")
@@ -78,6 +79,11 @@ def call(op, name, dtype, *args):
 def params(*values):
     """Host int64 parameters for a plugin function (its `const long long *`)."""
     return (ctypes.c_longlong * len(values))(*(int(v) for v in values))
+
+
+def float_bits(value):
+    """A float as the int64 of its IEEE-754 double: how a real number travels among params."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 def geometry(spec, *extra):

@@ -1,20 +1,12 @@
 """vc.adaptive_filter on CUDA tensors: the volume extended by its boundary mode with torch (reference.padded),
 then cuda_plugin/adaptive.cu's per-voxel Gaussians, their weights made in the kernel from the sigma map (no
 weight field in memory). Forward only, as on the CPU: the result carries no gradient."""
-import struct
-import types
-
 import torch
 
 from .. import _cuda
 from ..kernels import gaussian_radius
 from . import cuda
-from .reference import padded
-
-
-def _bits(value):
-    """A float as the int64 of its IEEE-754 double (the plugin's params are int64)."""
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+from .reference import padded_volume
 
 
 def adaptive_filter(volume, sigma_map, zooms, truncate, mode, cval):
@@ -30,8 +22,7 @@ def adaptive_filter(volume, sigma_map, zooms, truncate, mode, cval):
         raise ValueError("sigma_map must be finite and >= 0 everywhere (a sigma in mm, or voxels without zooms)")
     largest = float(sigma_map.detach().double().max())   # the CPU path's radii, from the map as given
     radii = [gaussian_radius(largest / float(z), truncate, "sigma_map's largest sigma") for z in zooms]
-    spec = types.SimpleNamespace(pads=[(r, r) for r in radii], mode=mode, cval=cval)
-    xp = padded(x.to(compute)[None, None], spec)[0, 0].contiguous()
-    params = _cuda.params(*x.shape, *radii, *(_bits(z) for z in zooms), _bits(truncate))
+    xp = padded_volume(x.to(compute), [(r, r) for r in radii], mode, cval).contiguous()
+    params = _cuda.params(*x.shape, *radii, *(_cuda.float_bits(z) for z in zooms), _cuda.float_bits(truncate))
     out = cuda.launch("adaptive_filter", "vc_adaptive_gaussian", params, tuple(x.shape), xp, s)
     return out.to(x.dtype)

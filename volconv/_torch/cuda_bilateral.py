@@ -3,26 +3,13 @@ torch (reference.padded), the spatial term of every tap from the CPU engine's ta
 then cuda_plugin/bilateral.cu's kernel, its weights made tap by tap (one exp per tap and voxel, never stored).
 The same definition and summation as the CPU engine. Forward only, as on the CPU: the result has no gradient."""
 import math
-import struct
-import types
 
 import torch
 
 from .. import _cuda
 from ..engine.bilateral import window
 from . import cuda
-from .reference import padded
-
-
-def _bits(value):
-    """A float as the int64 of its IEEE-754 double (the plugin's params are int64)."""
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
-
-
-def _pad(t, pads, mode, cval):
-    """t (D, H, W) extended (or cropped: negative pads) per axis by pads in the scipy `mode`."""
-    spec = types.SimpleNamespace(pads=pads, mode=mode, cval=cval)
-    return padded(t[None, None], spec)[0, 0]
+from .reference import padded_volume
 
 
 def bilateral(volume, guide, valid, sigma, zooms, radii, sigma_range, mode, cval, halo, edge_valid):
@@ -45,19 +32,19 @@ def bilateral(volume, guide, valid, sigma, zooms, radii, sigma_range, mode, cval
     if min(out_shape) <= 0:   # nothing to filter: an empty result, as on the CPU
         return x.new_empty(tuple(max(n, 0) for n in out_shape))
     pads = [(r - lo, r - hi) for r, (lo, hi) in zip(radii, halo)]
-    xp = _pad(x.to(compute), pads, mode, cval)
-    gp = None if guide is None else _pad(guide.detach().to(device=x.device, dtype=compute), pads, mode, cval)
+    xp = padded_volume(x.to(compute), pads, mode, cval)
+    gp = None if guide is None else padded_volume(guide.detach().to(device=x.device, dtype=compute), pads, mode, cval)
     mp = None
     if valid is not None or not edge_valid:
         v = torch.ones(x.shape, dtype=torch.bool, device=x.device) if valid is None else valid.detach().bool()
-        mp = _pad(v, pads, mode, True) if edge_valid else _pad(v, pads, "constant", False)
+        mp = padded_volume(v, pads, mode, True) if edge_valid else padded_volume(v, pads, "constant", False)
         xp = torch.where(mp, xp, 0)   # an invalid voxel holds 0 in both: its weight 0 times a finite value
         gp = None if gp is None else torch.where(mp, gp, 0)
         mp = mp.to(torch.uint8).contiguous()
     _, a = window(zooms, radii, sigma, torch.empty((), dtype=compute).numpy().dtype)
     a = torch.from_numpy(a).to(x.device)
     b = 0.0 if math.isinf(sigma_range) else 1.0 / (2.0 * sigma_range * sigma_range)
-    params = _cuda.params(*out_shape, *radii, _bits(b))
+    params = _cuda.params(*out_shape, *radii, _cuda.float_bits(b))
     xp = xp.contiguous()
     out = cuda.launch("bilateral_filter", "vc_bilateral", params, out_shape, xp,
                       None if gp is None else gp.contiguous(), mp, a)

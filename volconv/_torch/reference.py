@@ -3,6 +3,7 @@ penalties, Hessian-vector products). volconv's backward kernels are numpy code, 
 create_graph=True each op takes its gradients from its reference here instead (the same numbers to rounding, at
 torch's speed), and the ordinary backward keeps volconv's kernels."""
 import functools
+import types
 
 import numpy as np
 import torch
@@ -11,6 +12,11 @@ from torch.autograd.function import once_differentiable
 from .._validate import pad_index
 
 ACTIVATION_FUNCTIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
+
+
+def padded_volume(t, pads, mode, cval):
+    """A (D, H, W) tensor padded (negative pads: cropped) per axis by pads in the scipy `mode`, as `padded`."""
+    return padded(t[None, None], types.SimpleNamespace(pads=pads, mode=mode, cval=cval))[0, 0]
 
 
 def padded(x, spec):

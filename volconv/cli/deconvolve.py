@@ -8,8 +8,7 @@ import numpy as np
 from .. import io
 from .common import CommandError, Reporter, blame, check_distinct, check_output, debugging, positive, \
     unexpected
-from .options import DEFAULT_EXTENSION, OTHER_FORMATS, add_output_options
-from ..io.writer import NIFTI_EXTENSIONS
+from .options import add_output_options, nifti_output, read_kernel_file
 
 
 def add_parser(sub):
@@ -59,32 +58,14 @@ def _non_negative(text):
     return value
 
 
-def load_psf(path):
-    """The PSF file's values (.npy or NIfTI, through vc.kernels.from_file); CommandError naming it otherwise."""
-    from .. import kernels
-
-    try:
-        return kernels.from_file(path).to_dense()
-    except FileNotFoundError:
-        raise CommandError(path, "PSF file does not exist") from None
-    except Exception as e:   # np.load and nibabel raise many types for unreadable files
-        problem = blame(e, path)[1]
-        raise CommandError(path, problem if path in problem else f"not a usable PSF file: {problem}") from None
-
-
 def run(args):
     reporter = Reporter(args.quiet)
-    src, dst, psf_path = args.input, args.output, args.psf
-    if not dst.lower().endswith(NIFTI_EXTENSIONS):
-        if dst.lower().endswith(OTHER_FORMATS):
-            args.parser.error(f"{dst}: the output file name must end in .nii or .nii.gz (or have no extension: "
-                              f"{DEFAULT_EXTENSION} is added)")
-        dst = dst + DEFAULT_EXTENSION
+    src, dst, psf_path = args.input, nifti_output(args.parser, args.output), args.psf
     start = time.perf_counter()
     try:
         check_distinct([("IN", src), ("--psf", psf_path)], [("OUT", dst)])
         check_output(dst, args.force)
-        psf = load_psf(psf_path)
+        psf = read_kernel_file(psf_path, "PSF").to_dense()
         vol = _load(src)
         out = _deconvolve(vol.data, psf, args, src, psf_path)
         _save(vol.with_data(out), src, dst, args)
@@ -119,7 +100,7 @@ def _psf_zooms_differ(path, zooms):
 
     try:
         own = tuple(float(z) for z in voxel_sizes(nibabel.load(path).affine))
-    except Exception:   # read once already (load_psf); a header that cannot tell is not worth a failure
+    except Exception:   # read once already (read_kernel_file); a header that cannot tell is not worth a failure
         return None
     return None if np.allclose(own, zooms, rtol=io.ZOOM_RTOL, atol=0) else _mm(own)
 

@@ -48,18 +48,7 @@ class KernelChoice:
         self.range, self.guide = getattr(args, "range", None), getattr(args, "guide", None)
         self.fixed = None
         if self.kind == "kernel":
-            from .. import kernels
-
-            path = self.arg
-            if not os.path.exists(path):
-                raise CommandError(path, "kernel file does not exist")
-            try:
-                self.fixed = kernels.from_file(path)
-                self.fixed.to_dense()
-            except Exception as e:  # np.load and nibabel raise many types for unreadable files
-                problem = blame(e, path)[1]
-                raise CommandError(path, problem if path in problem else f"not a usable kernel file: {problem}"
-                                   ) from None
+            self.fixed = read_kernel_file(self.arg, "kernel")
         self.zooms = self.kernel = None
 
     def __call__(self, zooms):
@@ -115,6 +104,33 @@ class KernelChoice:
         else:
             detail = f"radius {per_axis} voxels per axis"
         return f"{name}: {detail}, kernel {shape} ({kind})"
+
+
+def read_kernel_file(path, what):
+    """The kernel stored in `path` (.npy or NIfTI: vc.kernels.from_file), its values read; a CommandError naming
+    the file otherwise ("<what> file does not exist", "not a usable <what> file: ...")."""
+    from .. import kernels
+
+    if not os.path.exists(path):
+        raise CommandError(path, f"{what} file does not exist")
+    try:
+        kernel = kernels.from_file(path)
+        kernel.to_dense()
+    except Exception as e:  # np.load and nibabel raise many types for unreadable files
+        problem = blame(e, path)[1]
+        raise CommandError(path, problem if path in problem else f"not a usable {what} file: {problem}") from None
+    return kernel
+
+
+def nifti_output(parser, out):
+    """OUT as written: a name without .nii / .nii.gz gets DEFAULT_EXTENSION (as fslmaths); another format's
+    extension is refused through `parser` (exit 2)."""
+    if out.lower().endswith(NIFTI_EXTENSIONS):
+        return out
+    if out.lower().endswith(OTHER_FORMATS):
+        parser.error(f"{out}: the output file name must end in .nii or .nii.gz (or have no extension: "
+                     f"{DEFAULT_EXTENSION} is added)")
+    return out + DEFAULT_EXTENSION
 
 
 def add_output_options(group):
@@ -222,9 +238,5 @@ def check_filter_args(sub, args):
             sub.error(f"--{vessel} takes none of {'--alpha, ' if vessel == 'sato' else ''}--beta, --gamma")
     args.outside = args.outside or "keep"
     args.nan = args.nan or "propagate"
-    out = getattr(args, "output", None)
-    if out is not None and not out.lower().endswith(NIFTI_EXTENSIONS):
-        if out.lower().endswith(OTHER_FORMATS):
-            sub.error(f"{out}: the output file name must end in .nii or .nii.gz (or have no extension: "
-                      f"{DEFAULT_EXTENSION} is added)")
-        args.output = out + DEFAULT_EXTENSION
+    if getattr(args, "output", None) is not None:
+        args.output = nifti_output(sub, args.output)
