@@ -114,3 +114,68 @@ def test_separable_explicit_algorithms_agree():
     for algorithm in ("fft", "torch"):
         out = vc.conv3d(x, k, padding="same", padding_mode="replicate", algorithm=algorithm)
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-10)
+
+
+def symmetric(rng, rank, k):
+    """rank random factors of k taps with f == f[::-1] (the symmetric passes' half multiplies)."""
+    f = rng.standard_normal((rank, k))
+    return f + f[:, ::-1]
+
+
+NUMPY_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def passes_reference(x, kernel, pad, mode):
+    """float64 (result, magnitude) of a SeparableKernel as 1-D valid correlations of the padded volume, term by
+    term: the magnitude bounds the rounding (gamma_n * conv(|x|, |k|), n the taps of the three passes)."""
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(p, p) for p in pad], mode=NUMPY_PAD[mode])
+    ref = mag = 0
+    for weight, factors in kernel.terms():
+        y, m = xp * weight, np.abs(xp * weight)
+        for axis, f in enumerate(factors, start=2):
+            n = y.shape[axis] - f.size + 1
+            take = lambda a, t: np.take(a, np.arange(t, t + n), axis=axis)  # noqa: E731
+            y, m = sum(f[t] * take(y, t) for t in range(f.size)), sum(abs(f[t]) * take(m, t) for t in range(f.size))
+        ref, mag = ref + y, mag + m
+    return ref, mag
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 9, 16, 17, 18, 33, 34, 35, 41])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_symmetric_factors_match_dense(k, dtype):
+    """Symmetric factors take sym_rows (D and H) and sym_row (W): odd and even k, shorter and longer than a
+    vector (the W pass shifts registers below VL taps and loads beyond), one term and several (the D pass adds
+    terms), rows narrower than a vector and ragged ones, every padding mode, a non-contiguous input.
+    Reference: the 1-D passes in float64; bound gamma_n * conv(|x|, |k|), n = the taps of the three passes."""
+    from volconv.engine.separable import _symmetric_halves
+
+    rng = np.random.default_rng(k)
+    unit = type("S", (), {"stride": (1, 1, 1), "dilation": (1, 1, 1)})
+    for W, rank, mode in [(k + 3, 1, "zeros"), (2 * k + 19, 3, "reflect"), (5, 1, "replicate"), (70, 2, "circular")]:
+        ks = (k, max(2, k - 1), k)
+        pad = tuple(n // 2 for n in ks)
+        shape = (k + 4, k + 6, max(W, pad[2] + 1))
+        kernel = SeparableKernel([symmetric(rng, rank, n) for n in ks], weights=rng.standard_normal(rank))
+        x = rng.standard_normal((2, 2) + shape[:2] + (2 * shape[2],)).astype(dtype)[..., ::2]
+        out = vc.conv3d(x, kernel, padding=pad, padding_mode=mode)
+        ref, mag = passes_reference(x, kernel, pad, mode)
+        n = sum(ks) + 3
+        u = np.finfo(dtype).eps / 2
+        assert out.shape == ref.shape and (np.abs(out - ref) <= n * u / (1 - n * u) * mag + 1e-300).all(), \
+            f"k={ks} W={shape[2]} rank={rank} {mode}: {np.abs(out - ref).max()}"
+        assert _symmetric_halves([np.asarray(f) for f in kernel.factors], unit)[0] == 7   # the symmetric passes ran
+
+
+def test_symmetric_passes_only_where_exact():
+    """The half-tap form only for factors equal to their reverse, at unit stride and dilation; the centre of an
+    odd kernel halved (added to itself in the kernel, exactly)."""
+    from volconv.engine.separable import _symmetric_halves
+
+    spec = type("S", (), {"stride": (1, 2, 1), "dilation": (1, 1, 2)})
+    g = np.array([[1.0, 4.0, 6.0, 4.0, 1.0]])
+    almost = g.copy()
+    almost[0, 0] = np.nextafter(1.0, 2.0)
+    mask, halves = _symmetric_halves([g, g, g], spec)
+    assert mask == 1 and np.array_equal(halves[0], [[1.0, 4.0, 3.0]]) and halves[1] is None
+    unit = type("S", (), {"stride": (1, 1, 1), "dilation": (1, 1, 1)})
+    assert _symmetric_halves([almost, g, g[:, :4]], unit)[0] == 2

@@ -63,6 +63,32 @@ def peak_extra_bytes(fn, *, minus_result=True):
     return status("VmHWM:") - before - (out.nbytes if minus_result else 0)
 
 
+class Machine:
+    """This machine's limits, measured now (benchmarks hold volconv's kernels against them, in the same run):
+    the vector units' multiply-add peak (an FMA loop, every thread) and the memory bandwidth of a STREAM-like
+    copy (a 256 MiB array copied into another, both halves at once; bytes read plus bytes written)."""
+
+    def __init__(self, threads, dtype=np.float32):
+        from concurrent.futures import ThreadPoolExecutor
+
+        double = np.dtype(dtype) == np.float64
+        self.flops = 2 * max(_cpu.compiled.fma_peak(5_000_000, threads, double) for _ in range(3))
+        src = np.ones(2**26, np.float32)
+        dst = np.zeros_like(src)
+        parts = [slice(i * src.size // threads, (i + 1) * src.size // threads) for i in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:   # numpy's copy releases the GIL
+            copy = lambda: list(pool.map(lambda s: np.copyto(dst[s], src[s]), parts))  # noqa: E731
+            self.bandwidth = 2 * src.nbytes / best_times({"copy": copy}, rounds=5)["copy"]
+
+    def limit(self, flops, nbytes):
+        """The least time a kernel of this many floating-point operations and bytes of memory traffic can take:
+        compute-bound or bandwidth-bound, whichever is longer."""
+        return max(flops / self.flops, nbytes / self.bandwidth)
+
+    def describe(self):
+        return f"FMA peak {self.flops / 1e9:.0f} GFLOP/s, copy bandwidth {self.bandwidth / 1e9:.1f} GB/s"
+
+
 class Table:
     """Rows of (case, volconv variant, ms, GFLOP/s, ratios vs anchors), printed as markdown."""
 

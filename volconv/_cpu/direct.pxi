@@ -21,6 +21,8 @@ cdef extern from "simd.h" nogil:
     int vc_max_threads()
     int vc_have_openmp()
     int vc_cpu_level()
+    float fma_probe_f32(long n)
+    double fma_probe_f64(long n)
     void corr_row_f32(float *out, Py_ssize_t ocs, int OB, const float *const *rows, const float *const *wts,
                       int nrows, int kw, const Py_ssize_t *toff, int Wo, const float *bias, int aligned_unit)
     void corr_row_f64(double *out, Py_ssize_t ocs, int OB, const double *const *rows, const double *const *wts,
@@ -63,6 +65,21 @@ def cpu_level():
     return vc_cpu_level()
 
 
+def fma_peak(long rounds, int nthreads, bint double_precision=False):
+    """Multiply-adds per second the vector units sustain with nthreads threads (rounds of 12 vector FMAs per
+    thread): the machine's compute limit, measured."""
+    from time import perf_counter
+    cdef int t
+    cdef double sink = 0
+    cdef int lanes = vc_vector_bytes() // (8 if double_precision else 4)
+    start = perf_counter()
+    with nogil:
+        for t in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+            sink += fma_probe_f64(rounds) if double_precision else fma_probe_f32(rounds)
+    seconds = perf_counter() - start   # (sink: every result summed, so that no thread's loop is dropped)
+    return 12.0 * lanes * rounds * nthreads / seconds
+
+
 cdef inline void pad_plane(const floating *src, Py_ssize_t H, Py_ssize_t W, const Py_ssize_t *row_map,
                            Py_ssize_t Wr, Py_ssize_t wlo, bint unit_stride, floating *dst,
                            Py_ssize_t ds) noexcept nogil:
@@ -81,6 +98,19 @@ cdef inline void pad_plane(const floating *src, Py_ssize_t H, Py_ssize_t W, cons
             for j in range(Wr):
                 s = row_map[j]
                 dst[h * ds + j] = src[h * W + s] if s >= 0 else 0
+
+
+cdef inline void pad_ends(floating *row, Py_ssize_t W, const Py_ssize_t *row_map, Py_ssize_t Wr,
+                          Py_ssize_t wlo) noexcept nogil:
+    """A unit-stride padded row whose middle (the source row, W columns at wlo) is already in place: its ends
+    from row_map, as pad_plane would."""
+    cdef Py_ssize_t j, s
+    for j in range(wlo):
+        s = row_map[j]
+        row[j] = row[wlo + s] if s >= 0 else 0
+    for j in range(wlo + W, Wr):
+        s = row_map[j]
+        row[j] = row[wlo + s] if s >= 0 else 0
 
 
 cdef inline void fill_ring(const floating *xg, Py_ssize_t cs, Py_ssize_t zs, Py_ssize_t Cg, Py_ssize_t kd,

@@ -62,9 +62,29 @@ static int FN(fir_taps)(int *tap, int np, int s, int d, int k)
     return nin;
 }
 
+/* Walk np output rows of width Wo >= VL in blocks of 2 and 1 vectors, BLOCK_k(dst, dst's row stride, w0, add)
+ * computing block k at column w0: the last block is shifted back to end at Wo and rewrites equal values; when
+ * adding, its overlap with the block before is added once, from a scratch copy (rows VL apart). */
+#define VC_FIR_WALK(BLOCK_2, BLOCK_1)                                                                 \
+    do {                                                                                              \
+        ptrdiff_t w0 = 0;                                                                             \
+        for (; w0 + 2 * VL <= Wo; w0 += 2 * VL)                                                       \
+            BLOCK_2(out + w0, ocs, w0, add);                                                          \
+        for (; w0 + VL <= Wo; w0 += VL)                                                               \
+            BLOCK_1(out + w0, ocs, w0, add);                                                          \
+        if (w0 < Wo && !add) {                                                                        \
+            BLOCK_1(out + Wo - VL, ocs, Wo - VL, 0);                                                  \
+        } else if (w0 < Wo) {                                                                         \
+            T last[VC_FIR_P * VL];                                                                    \
+            BLOCK_1(last, VL, Wo - VL, 0);                                                            \
+            for (int p = 0; p < np; p++)                                                              \
+                for (ptrdiff_t w = w0; w < Wo; w++)                                                   \
+                    out[p * ocs + w] += last[p * VL + (w - (Wo - VL))];                               \
+        }                                                                                             \
+    } while (0)
+
 /* rows: the nin input rows of the table (fir_taps); np <= VC_FIR_P. add: out += the result instead of =.
- * Rows are read in whole vectors below Wo (the last block is shifted back to end at Wo and rewrites equal
- * values; when adding, its overlap with the block before is added once, from a scratch copy). */
+ * Rows are read in whole vectors below Wo. */
 static void FN(fir_rows)(T *out, ptrdiff_t ocs, int np, const T *const *rows, int nin, const int *tap,
                          const T *f, int Wo, int add)
 {
@@ -79,20 +99,125 @@ static void FN(fir_rows)(T *out, ptrdiff_t ocs, int np, const T *const *rows, in
             }
         return;
     }
-    ptrdiff_t w0 = 0;
-    for (; w0 + 2 * VL <= Wo; w0 += 2 * VL)
-        FN(fir_block_2)(out + w0, ocs, np, rows, nin, tap, f, w0, add);
-    for (; w0 + VL <= Wo; w0 += VL)
-        FN(fir_block_1)(out + w0, ocs, np, rows, nin, tap, f, w0, add);
-    if (w0 < Wo && !add) {
-        FN(fir_block_1)(out + Wo - VL, ocs, np, rows, nin, tap, f, Wo - VL, 0);
-    } else if (w0 < Wo) {
-        T last[VC_FIR_P * VL];
-        FN(fir_block_1)(last, VL, np, rows, nin, tap, f, Wo - VL, 0);
-        for (int p = 0; p < np; p++)
-            for (ptrdiff_t w = w0; w < Wo; w++)
-                out[p * ocs + w] += last[p * VL + (w - (Wo - VL))];
-    }
+#define VC_TAB_2(o, os, w, a) FN(fir_block_2)(o, os, np, rows, nin, tap, f, w, a)
+#define VC_TAB_1(o, os, w, a) FN(fir_block_1)(o, os, np, rows, nin, tap, f, w, a)
+    VC_FIR_WALK(VC_TAB_2, VC_TAB_1);
+#undef VC_TAB_2
+#undef VC_TAB_1
 }
 
+/* Symmetric taps (f[t] == f[k-1-t]) at unit stride and dilation: out[p] = sum_{j<=(k-1)/2} h[j] * (row[p+j]
+ * + row[p+k-1-j]), h the first half of f with its centre tap halved for odd k (row + row is exact): half the
+ * multiplies, the adds on the FP-add pipes. Each output row keeps its two rows of the pair in registers (lo
+ * moving down from p, hi up from p+k-1); a step reuses P - 1 of each and loads one new row per side. */
+#define VC_SYM_P (VC_VBYTES >= 64 ? 4 : 2)
+
+#define VC_DEFINE_SYM_BLOCK(WV)                                                                       \
+static inline void FN(sym_block_##WV)(T *out, ptrdiff_t ocs, int np, const T *const *rows, int k,       \
+                                       const T *h, ptrdiff_t w0, int add)                              \
+{                                                                                                     \
+    VEC acc[VC_SYM_P][WV], lo[VC_SYM_P][WV], hi[VC_SYM_P][WV];                                        \
+    _Pragma("GCC unroll 4") for (int p = 0; p < VC_SYM_P; p++)                                        \
+    _Pragma("GCC unroll 2") for (int v = 0; v < WV; v++) {                                            \
+        lo[p][v] = *(const UVEC *)(rows[p] + w0 + v * VL);                                            \
+        hi[p][v] = *(const UVEC *)(rows[p + k - 1] + w0 + v * VL);                                    \
+        acc[p][v] = h[0] * (lo[p][v] + hi[p][v]);                                                     \
+    }                                                                                                 \
+    for (int j = 1; 2 * j < k; j++) {                                                                 \
+        _Pragma("GCC unroll 2") for (int v = 0; v < WV; v++) {                                        \
+            _Pragma("GCC unroll 4") for (int p = 0; p + 1 < VC_SYM_P; p++) lo[p][v] = lo[p + 1][v];    \
+            _Pragma("GCC unroll 4") for (int p = VC_SYM_P - 1; p > 0; p--) hi[p][v] = hi[p - 1][v];    \
+            lo[VC_SYM_P - 1][v] = *(const UVEC *)(rows[VC_SYM_P - 1 + j] + w0 + v * VL);              \
+            hi[0][v] = *(const UVEC *)(rows[k - 1 - j] + w0 + v * VL);                                \
+        }                                                                                             \
+        const T c = h[j];                                                                             \
+        _Pragma("GCC unroll 4") for (int p = 0; p < VC_SYM_P; p++)                                    \
+        _Pragma("GCC unroll 2") for (int v = 0; v < WV; v++) acc[p][v] += c * (lo[p][v] + hi[p][v]);  \
+    }                                                                                                 \
+    _Pragma("GCC unroll 4") for (int p = 0; p < VC_SYM_P; p++)                                        \
+        if (p < np)                                                                                   \
+            _Pragma("GCC unroll 2") for (int v = 0; v < WV; v++) {                                    \
+                if (add)                                                                              \
+                    acc[p][v] += *(const UVEC *)(out + p * ocs + v * VL);                             \
+                *(UVEC *)(out + p * ocs + v * VL) = acc[p][v];                                        \
+            }                                                                                         \
+}
+
+VC_DEFINE_SYM_BLOCK(2)
+VC_DEFINE_SYM_BLOCK(1)
+
+static int FN(sym_rows_max)(void) { return VC_SYM_P; }
+
+/* np <= VC_SYM_P output rows from the np + k - 1 input rows (rows[i] for i < np + k - 1; the rows of missing
+ * outputs p >= np are read from the last row and not stored). h: (k + 1) / 2 taps, as above. */
+static void FN(sym_rows)(T *out, ptrdiff_t ocs, int np, const T *const *rows, int k, const T *h, int Wo, int add)
+{
+    const T *r[VC_SYM_P + 2 * 64];   /* k <= 129: longer kernels take fir_rows */
+    const int nin = np + k - 1;
+    for (int i = 0; i < VC_SYM_P + k - 1; i++)
+        r[i] = rows[i < nin ? i : nin - 1];
+    if (Wo < VL) {
+        for (int p = 0; p < np; p++)
+            for (int w = 0; w < Wo; w++) {
+                T acc = 0;
+                for (int j = 0; 2 * j < k; j++)
+                    acc += h[j] * (r[p + j][w] + r[p + k - 1 - j][w]);
+                out[p * ocs + w] = add ? out[p * ocs + w] + acc : acc;
+            }
+        return;
+    }
+#define VC_SYM_2(o, os, w, a) FN(sym_block_2)(o, os, np, r, k, h, w, a)
+#define VC_SYM_1(o, os, w, a) FN(sym_block_1)(o, os, np, r, k, h, w, a)
+    VC_FIR_WALK(VC_SYM_2, VC_SYM_1);
+#undef VC_SYM_2
+#undef VC_SYM_1
+}
+
+/* The same symmetric filter along a row: out[w] = sum_j h[j] * (x[w+j] + x[w+k-1-j]) for the Wv columns
+ * w < Wv (a multiple of VL) of an aligned row, x readable up to Wv + k - 1 + VL. With AVX-512 the near tap
+ * of each pair is a register shift of two aligned vectors (valign: no load) and the far one an unaligned
+ * load, balancing the shuffle and load ports; below it both are loads. */
+#if VC_VBYTES >= 64 && defined(__OPTIMIZE__)   /* valign's shift must be a constant: the unrolled loop's */
+#define VC_ALIGN_EPI(b, a, e) (sizeof(T) == 4 ? _mm512_alignr_epi32((b), (a), (e) & 15)                  \
+                                              : _mm512_alignr_epi64((b), (a), (e) & 7))
+#define VC_NEAR(v, e) ((e) == 0 ? A[v] : (VEC)VC_ALIGN_EPI((__m512i)A[(v) + 1], (__m512i)A[v], (e)))
+#else
+#define VC_NEAR(v, e) (*(const UVEC *)(x + w0 + (v) * VL + (e)))
+#endif
+
+#define VC_DEFINE_SYMW_BLOCK(WV)                                                                      \
+static inline void FN(symw_block_##WV)(T *out, const T *x, int k, const T *h, ptrdiff_t w0)           \
+{                                                                                                     \
+    VEC acc[WV], A[WV + 1];                                                                           \
+    _Pragma("GCC unroll 8") for (int v = 0; v <= WV; v++) A[v] = *(const VEC *)(x + w0 + v * VL);      \
+    _Pragma("GCC unroll 8") for (int v = 0; v < WV; v++) acc[v] = (VEC){0};                           \
+    const int half = (k + 1) / 2;                                                                     \
+    _Pragma("GCC unroll 16") for (int e = 0; e < VL; e++) {                                           \
+        if (e >= half) break;                                                                         \
+        const T c = h[e];                                                                             \
+        _Pragma("GCC unroll 8") for (int v = 0; v < WV; v++)                                          \
+            acc[v] += c * (VC_NEAR(v, e) + *(const UVEC *)(x + w0 + v * VL + k - 1 - e));             \
+    }                                                                                                 \
+    for (int e = VL; e < half; e++) {                                                                 \
+        const T c = h[e];                                                                             \
+        _Pragma("GCC unroll 8") for (int v = 0; v < WV; v++)                                          \
+            acc[v] += c * (*(const UVEC *)(x + w0 + v * VL + e) + *(const UVEC *)(x + w0 + v * VL + k - 1 - e)); \
+    }                                                                                                 \
+    _Pragma("GCC unroll 8") for (int v = 0; v < WV; v++) *(VEC *)(out + w0 + v * VL) = acc[v];        \
+}
+
+VC_DEFINE_SYMW_BLOCK(4)
+VC_DEFINE_SYMW_BLOCK(1)
+
+static void FN(sym_row)(T *out, const T *x, int k, const T *h, int Wv)
+{
+    ptrdiff_t w0 = 0;
+    for (; w0 + 4 * VL <= Wv; w0 += 4 * VL)
+        FN(symw_block_4)(out, x, k, h, w0);
+    for (; w0 < Wv; w0 += VL)
+        FN(symw_block_1)(out, x, k, h, w0);
+}
+
+#undef VC_NEAR
+#undef VC_ALIGN_EPI
 #undef VC_FIR_P

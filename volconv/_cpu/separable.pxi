@@ -8,6 +8,14 @@ cdef extern from "simd.h" nogil:
                       const float *f, int Wo, int add)
     void fir_rows_f64(double *out, Py_ssize_t ocs, int np, const double *const *rows, int nin, const int *tap,
                       const double *f, int Wo, int add)
+    int sym_rows_max_f32()
+    void sym_rows_f32(float *out, Py_ssize_t ocs, int np, const float *const *rows, int k, const float *h, int Wo,
+                      int add)
+    void sym_rows_f64(double *out, Py_ssize_t ocs, int np, const double *const *rows, int k, const double *h,
+                      int Wo, int add)
+    void sym_row_f32(float *out, const float *x, int k, const float *h, int Wv)
+    void sym_row_f64(double *out, const double *x, int k, const double *h, int Wv)
+    void vc_prefetch_range(const void *p, size_t bytes)
 
 
 def fir_rows_max():
@@ -18,7 +26,8 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
                      const floating[:, ::1] fw, const Py_ssize_t[::1] map_d, const Py_ssize_t[::1] map_h,
                      const Py_ssize_t[::1] row_map, Py_ssize_t wlo, bint unit_stride, const Py_ssize_t[::1] toff,
                      bint unit_taps, int sd, int sh, int dd, int dh, floating[:, :, :, :, ::1] out,
-                     Py_ssize_t hb, Py_ssize_t nchunk, int nthreads):
+                     Py_ssize_t hb, Py_ssize_t nchunk, int nthreads, int sym=0, const floating[:, ::1] hd=None,
+                     const floating[:, ::1] hh=None, const floating[:, ::1] hw=None):
     """out[n, c, od, oh, ow] = sum over terms t and a, b, e of fd[f, a] * fh[f, b] * fw[f, e] *
                                xp[n, c, map_d[od*sd + a*dd], map_h[oh*sh + b*dh], ow + toff[e]],  f = t*C + c
     (xp: x's rows laid out by row_map, as in conv3d_direct). The factors hold T = rows / C rank-1 terms per
@@ -28,11 +37,15 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
     plane the unit needs is filtered along H (P rows at a time), laid out along W, filtered along W, and kept
     in a ring of (P - 1) * sd + (kd - 1) * dd + 1 tiles (slot = padded D position mod ring size; the caller
     sizes hb so that the ring stays in L2); P output planes are then filtered along D from the ring. The
-    volume is read once (plus the tile's H halo) and the output written once: no intermediate volume."""
+    volume is read once (plus the tile's H halo) and the output written once: no intermediate volume.
+
+    sym: bit 0 / 1 / 2 when every D / H / W factor is symmetric (unit stride and dilation on that axis): that
+    pass runs sym_rows / sym_row with the half taps hd / hh / hw ((k + 1) // 2 each, the centre halved)."""
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], Do = out.shape[2], Ho = out.shape[3]
     cdef Py_ssize_t H = x.shape[3], W = x.shape[4], Wr = row_map.shape[0]
     cdef int Wo = <int>out.shape[4], kw = <int>fw.shape[1], kd = <int>fd.shape[1], kh = <int>fh.shape[1]
-    cdef int P = fir_rows_max_f32()
+    cdef int P = fir_rows_max_f32(), SP = sym_rows_max_f32()
+    cdef int PH = SP if sym & 2 else P   # output rows per H-pass call
     cdef Py_ssize_t T = fd.shape[0] // out.shape[1]
     cdef Py_ssize_t VL = vc_vector_bytes() // sizeof(floating)
     # the W pass with unit taps fills whole vectors of the ring row (the aligned shift kernel, no ragged tail):
@@ -43,17 +56,19 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
     cdef Py_ssize_t per = (Do + nchunk - 1) // nchunk, ocs = out.strides[2] // sizeof(floating)
     cdef Py_ssize_t nunit = N * C * ntile * nchunk
     cdef Py_ssize_t nmax = max((P - 1) * sd + (kd - 1) * dd + 1, (P - 1) * sh + (kh - 1) * dh + 1)
-    cdef Py_ssize_t i, j, r, u, n, c, t, k, od, od1, oh, oh0, oh1, p, pos, slot, xd, xh, tt, f
+    cdef Py_ssize_t i, j, r, u, n, c, t, k, od, od1, oh, oh0, oh1, p, pos, slot, xd, xh, tt, f, nxt, nin
     cdef floating *ringt
     cdef Py_ssize_t *tagst
     cdef int *tap_h
     cdef int *tap_d
     cdef int *tabs   # (np, nin) the H table and the D table were built for
-    cdef int np, nq
+    cdef int np, nq, q
     cdef floating *ring
     cdef floating *zeros
     cdef floating *hbuf
+    cdef floating *hrow
     cdef floating *tmp
+    cdef Py_ssize_t hw0 = wlo if unit_stride else 0   # the H pass writes its rows' middles at column hw0
     cdef Py_ssize_t *tags
     cdef const floating **rows
     cdef const floating **wts
@@ -74,12 +89,15 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
         rows = <const floating **>malloc(nmax * sizeof(floating *))
         wts = <const floating **>malloc(sizeof(floating *))
         ok = ring != NULL and tap_h != NULL and tap_d != NULL and tabs != NULL and zeros != NULL \
-            and hbuf != NULL and tmp != NULL and tags != NULL and rows != NULL and wts != NULL
+            and hbuf != NULL and tmp != NULL and tags != NULL and rows != NULL \
+            and wts != NULL
         if ok:
             tabs[0] = tabs[2] = -1
             for j in range(dsw):  # past the padded row (read by the W pass's last vectors): finite
                 zeros[j] = 0
                 tmp[j] = 0
+            for j in range(P * dsw):   # past the padded rows: finite
+                hbuf[j] = 0
         else:
             fail[0] = 1
         for u in prange(nunit, schedule="dynamic"):
@@ -108,33 +126,66 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
                         if xd < 0 or tagst[slot] == pos:
                             continue
                         tagst[slot] = pos
+                        nxt = map_d[pos + 1] if pos + 1 < map_d.shape[0] else -1   # the plane read next
                         r = oh0
-                        while r < oh1:  # H pass, P rows at a time
-                            nq = <int>min(P, oh1 - r)
-                            for p in range((nq - 1) * sh + (kh - 1) * dh + 1):
+                        while r < oh1:  # H pass, PH rows at a time
+                            nq = <int>min(PH, oh1 - r)
+                            nin = (nq - 1) * sh + (kh - 1) * dh + 1
+                            for p in range(nin):
                                 xh = map_h[r * sh + p]
                                 rows[p] = &x[n, c, xd, xh, 0] if xh >= 0 else zeros
-                            if nq != tabs[0]:
-                                tabs[0], tabs[1] = nq, fir_taps_f32(tap_h, nq, sh, dh, kh)
-                            if floating is float:
-                                fir_rows_f32(hbuf, dsw, nq, rows, tabs[1], tap_h, &fh[f, 0], <int>W, 0)
-                            else:
-                                fir_rows_f64(hbuf, dsw, nq, rows, tabs[1], tap_h, &fh[f, 0], <int>W, 0)
-                            for p in range(nq):  # W pass of each row: padded by row_map, kw taps
-                                pad_plane(hbuf + p * dsw, 1, W, &row_map[0], Wr, wlo, unit_stride, tmp, Wr)
-                                rows[0] = tmp
-                                wts[0] = &fw[f, 0]
+                                # the same rows of the next plane into cache, paced with the work (read down
+                                # the columns, they escape the hardware prefetchers): all at the tile's top
+                                if nxt >= 0 and xh >= 0 and (r == oh0 or p >= nin - nq * sh):
+                                    vc_prefetch_range(&x[n, c, nxt, xh, 0], W * sizeof(floating))
+                            if sym & 2:
                                 if floating is float:
+                                    sym_rows_f32(hbuf + hw0, dsw, nq, rows, kh, &hh[f, 0], <int>W, 0)
+                                else:
+                                    sym_rows_f64(hbuf + hw0, dsw, nq, rows, kh, &hh[f, 0], <int>W, 0)
+                            else:
+                                if nq != tabs[0]:
+                                    tabs[0], tabs[1] = nq, fir_taps_f32(tap_h, nq, sh, dh, kh)
+                                if floating is float:
+                                    fir_rows_f32(hbuf + hw0, dsw, nq, rows, tabs[1], tap_h, &fh[f, 0], <int>W, 0)
+                                else:
+                                    fir_rows_f64(hbuf + hw0, dsw, nq, rows, tabs[1], tap_h, &fh[f, 0], <int>W, 0)
+                            for p in range(nq):  # W pass of each row: padded by row_map, kw taps
+                                if unit_stride:   # the H pass wrote the row's middle in place: pad its ends
+                                    hrow = hbuf + p * dsw
+                                    pad_ends(hrow, W, &row_map[0], Wr, wlo)
+                                else:
+                                    pad_plane(hbuf + p * dsw, 1, W, &row_map[0], Wr, wlo, unit_stride, tmp, Wr)
+                                    hrow = tmp
+                                rows[0] = hrow
+                                wts[0] = &fw[f, 0]
+                                if sym & 4:
+                                    if floating is float:
+                                        sym_row_f32(ringt + (slot * hb + r + p - oh0) * dsr, hrow, kw, &hw[f, 0], Ww)
+                                    else:
+                                        sym_row_f64(ringt + (slot * hb + r + p - oh0) * dsr, hrow, kw, &hw[f, 0], Ww)
+                                elif floating is float:
                                     corr_row_f32(ringt + (slot * hb + r + p - oh0) * dsr, 0, 1, rows, wts, 1, kw,
                                                  &toff[0], Ww, zeros, unit_taps)
                                 else:
                                     corr_row_f64(ringt + (slot * hb + r + p - oh0) * dsr, 0, 1, rows, wts, 1, kw,
                                                  &toff[0], Ww, zeros, unit_taps)
-                            r = r + P
+                            r = r + PH
                     for oh in range(oh0, oh1):  # D pass: np output planes from the ring; later terms add
                         for i in range((np - 1) * sd + (kd - 1) * dd + 1):
                             pos = od * sd + i
                             rows[i] = ringt + ((pos % S) * hb + oh - oh0) * dsr if map_d[pos] >= 0 else zeros
+                        if sym & 1:   # SP planes at a time; the first term writes the output rows, the others add
+                            q = 0
+                            while q < np:
+                                if floating is float:
+                                    sym_rows_f32(&out[n, c, od + q, oh, 0], ocs, min(SP, np - q), rows + q, kd,
+                                                 &hd[f, 0], Wo, tt > 0)
+                                else:
+                                    sym_rows_f64(&out[n, c, od + q, oh, 0], ocs, min(SP, np - q), rows + q, kd,
+                                                 &hd[f, 0], Wo, tt > 0)
+                                q = q + SP
+                            continue
                         if np != tabs[2]:
                             tabs[2], tabs[3] = np, fir_taps_f32(tap_d, np, sd, dd, kd)
                         if floating is float:   # the first term writes the output rows, the others add

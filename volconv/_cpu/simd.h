@@ -9,6 +9,9 @@
 
 #include <stddef.h>
 #include <string.h>
+#if VC_VBYTES >= 64
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -53,6 +56,14 @@ static int vc_cpu_level(void)
         return 1;
 #endif
     return 0;
+}
+
+/* Ask for the cache lines of [p, p + bytes) to be brought into L2 ahead of use (a plane's rows about to be read
+ * column-wise, which the hardware prefetchers do not foresee). */
+static inline void vc_prefetch_range(const void *p, size_t bytes)
+{
+    for (size_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch((const char *)p + i, 0, 2);
 }
 
 #define T float

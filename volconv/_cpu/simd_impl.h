@@ -360,6 +360,21 @@ static void FN(wgrad_rows)(const T *const *grows, ptrdiff_t gcs, const T *const 
                     vacc[o * ocs + e * VL] += grows[r][o * gcs + w] * xrows[r][w + toff[e]];
 }
 
+/* The FMA pipes' peak: n rounds of 12 independent vector multiply-adds (enough chains to cover the latency);
+ * returns a sum of every result, so nothing is optimised away. Benchmarks and calibration measure against it. */
+static T FN(fma_probe)(long n)
+{
+    VEC a[12];
+    const VEC b = (VEC){0} + (T)0.999999, c = (VEC){0} + (T)1e-6;
+    _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) a[i] = (VEC){0} + (T)(i + 1);
+    for (long r = 0; r < n; r++)
+        _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) a[i] = a[i] * b + c;
+    T s = 0;
+    for (int i = 0; i < 12; i++)
+        for (int l = 0; l < VL; l++) s += a[i][l];
+    return s;
+}
+
 #include "fir_impl.h"
 #include "dynamic_impl.h"
 #include "bilateral_impl.h"

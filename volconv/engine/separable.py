@@ -40,10 +40,29 @@ def separable_conv3d(x, fd, fh, fw, spec, nthreads):
     row_map, map_d, map_h, toff = row_layout(x.shape, spec)
     out = np.empty(spec.out_shape, dtype=x.dtype)
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
+    sym, halves = _symmetric_halves((fd, fh, fw), spec)
     _cpu.compiled.separable_conv3d(x, fd, fh, fw, map_d, map_h, row_map, spec.pads[2][0], spec.stride[2] == 1,
                                  toff, spec.stride[2] == spec.dilation[2] == 1, sd, sh, dd, dh, out, hb, nchunk,
-                                 nthreads)
+                                 nthreads, sym, *halves)
     return out
+
+
+def _symmetric_halves(factors, spec):
+    """(bit mask, half taps) of the axes whose every factor row is symmetric (f == f[::-1]) at unit stride and
+    dilation, 2 <= k <= 129: bit a set for axis a, half taps (rows, (k + 1) // 2) with an odd k's centre halved
+    (the kernels add the centre to itself: exact). Those passes take half the multiplies."""
+    sym, halves = 0, []
+    for axis, f in enumerate(factors):
+        k = f.shape[1]
+        if spec.stride[axis] == spec.dilation[axis] == 1 and 2 <= k <= 129 and np.array_equal(f, f[:, ::-1]):
+            h = np.array(f[:, :(k + 1) // 2])
+            if k % 2:
+                h[:, -1] *= 0.5
+            sym |= 1 << axis
+            halves.append(h)
+        else:
+            halves.append(None)
+    return sym, halves
 
 
 def _split(volumes, Ho, Do, hb, nthreads):
