@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from .common import CommandError, positive
+from .common import CommandError, Reporter, positive
 
 
 def add_parser(sub):
@@ -62,10 +62,7 @@ def _calibrate(args):
     from .. import __version__, _cpu
     from ..engine import calibration, rates
 
-    try:
-        calibration.writable_dir()   # before the measurement, not after
-    except calibration.CalibrationError as e:
-        raise CommandError(None, str(e)) from None
+    calibration.writable_dir()   # before the measurement, not after
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     print(f"measuring the cost model's constants on {calibration.machine_key()}"
           f"{' (quick)' if args.quick else ''} ...", flush=True)
@@ -74,10 +71,7 @@ def _calibrate(args):
               f"on a quiet machine")
     threads = _cpu.threads(args.threads)
     constants = rates.measure(quick=args.quick, nthreads=threads)
-    try:
-        file = calibration.store(constants, version=__version__, threads=threads, quick=args.quick)
-    except calibration.CalibrationError as e:
-        raise CommandError(None, str(e)) from None
+    file = calibration.store(constants, version=__version__, threads=threads, quick=args.quick)
     print(_table(constants, "this machine"))
     print("  (wgrad_gflops_*: moved with direct_gflops_* of their block, not timed; torch_gflops: timed only "
           "without --quick, with torch installed)")
@@ -89,10 +83,7 @@ def _show():
     from ..engine import calibration
 
     print(f"calibration file: {calibration.path()}\nthis machine: {calibration.machine_key()}")
-    try:
-        record = calibration.load()
-    except calibration.CalibrationError as e:
-        raise CommandError(None, f"{e} (`volconv bench --calibrate` writes it again)") from None
+    record = calibration.load()
     if record is None:
         print("nothing stored for this machine: 'auto' uses the built-in constants (`volconv bench --calibrate` "
               "measures them)")
@@ -108,10 +99,15 @@ def _show():
 def run(args):
     from .. import _benchmark
 
-    if args.calibrate:
-        return _calibrate(args)
-    if args.calibration:
-        return _show()
+    if args.calibrate or args.calibration:
+        from ..engine.calibration import CalibrationError
+
+        try:
+            return _calibrate(args) if args.calibrate else _show()
+        except CalibrationError as e:   # the cache directory or the file: one line, exit 1
+            Reporter(quiet=False).error(CommandError(None, f"{e} (`volconv bench --calibrate` writes it anew)"
+                                                     if args.calibration else str(e)))
+            return 1
     ok = True
     threads = args.threads or 2
     if args.sample:
