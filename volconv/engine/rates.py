@@ -47,7 +47,7 @@ def measure(quick=False, nthreads=None):
     kernel on 160^3), the direct kernel by register block (a one-channel k=7, a 4- and a 16-channel k=3 layer),
     the sparse kernel, the fused separable pass, one FFT convolution, and torch's conv3d when torch is installed
     (not with quick). Rates are of the arithmetic alone: the call and the traffic, as the cost model counts them,
-    are taken off. About 2 s on 2 quiet cores (torch's import aside); quick: fewer rounds, about 0.3 s."""
+    are taken off. About 0.6 s on 2 quiet cores (torch's import aside); quick: 2 rounds instead of 8, 0.2 s."""
     nthreads = _cpu.threads(nthreads)
     rng = np.random.default_rng(0)
     calls, specs, flops = {}, {}, {}
