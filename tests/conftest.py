@@ -29,6 +29,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer-running tests (deselect with -m 'not slow')")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cost_model_defaults(tmp_path_factory):
+    """Every test sees the cost model's built-in constants: a calibration the developer stored (`volconv bench
+    --calibrate`, in ~/.cache/volconv) would change what "auto" runs. The cache directory is an empty one of the
+    session's (subprocesses inherit it); tests of the calibration point it at their own."""
+    from volconv.engine import calibration
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VOLCONV_CACHE_DIR", str(tmp_path_factory.mktemp("volconv-cache")))
+        patch.delenv("VOLCONV_CALIBRATION", raising=False)
+        calibration.reset()
+        yield
+    calibration.reset()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # generators
 # --------------------------------------------------------------------------------------------------------------

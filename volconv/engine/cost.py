@@ -1,57 +1,72 @@
 """The cost model: predicted seconds of each algorithm for one convolution, and the choice of the cheapest.
 
-Calibrated on the development machine (2 Zen 4 cores, float32, bench/bench_dense.py and a sweep of layer shapes):
-sustained rates per thread of the direct kernel by register block, of its weight-gradient kernel, of the sparse
-kernel, of oneDNN for channel-mixing layers, the bandwidth the direct path streams at, a fixed cost per call."""
+Its machine constants (sustained rates per thread of the direct kernel by register block, of its weight-gradient
+kernel, of the sparse kernel, of the fused separable pass, of oneDNN for channel-mixing layers, the bandwidth the
+direct path streams at, a fixed cost per call, a factor on the FFT model) come from engine/calibration.py: this
+machine's, stored by `volconv bench --calibrate`, or the defaults measured on the development machine."""
 import sys
 
 import numpy as np
 
 from .. import _memory
-from . import layout
+from . import calibration, layout
 from .layout import channel_block
 
-DIRECT_GFLOPS = {1: 90.0, 4: 140.0, 8: 220.0}    # per thread, by output-channel block (1: one channel / depthwise)
-WGRAD_GFLOPS = {1: 47.0, 4: 55.0, 8: 55.0}       # weight-gradient kernel (unaligned tap loads)
-TORCH_GFLOPS = 130.0                              # oneDNN, when channels mix (Cg >= 4, Og >= 4)
-CALL_OVERHEAD = 20e-6
-BANDWIDTH = 25e9   # bytes/s the direct path streams (input and output), both cores
-SPARSE_GFLOPS = 60.0   # per thread: a tap costs ~1.4x a dense direct tap (one load per FMA; bench_sparse.py)
+TORCH_CALL = 100e-6   # seconds torch's conv3d spends before it computes (dispatch, oneDNN's primitive cache)
+
+
+def memory_cost(nbytes):
+    """Seconds to stream nbytes through memory at the direct path's rate."""
+    return nbytes / calibration.current().bandwidth
 
 
 def streaming_cost(spec):
     """Seconds to call a direct-style kernel and stream its input and output through memory once."""
     traffic = 4.0 * (np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
-    return CALL_OVERHEAD + traffic / BANDWIDTH
+    return calibration.current().call_overhead + memory_cost(traffic)
+
+
+def direct_compute_cost(spec, nthreads):
+    """Seconds of the direct kernel's arithmetic alone (the fused nested pass sums its stages')."""
+    return spec.flops() / (calibration.current().direct_gflops(channel_block(spec)) * 1e9 * nthreads)
 
 
 def direct_cost(spec, nthreads):
-    return streaming_cost(spec) + spec.flops() / (DIRECT_GFLOPS[channel_block(spec)] * 1e9 * nthreads)
+    return streaming_cost(spec) + direct_compute_cost(spec, nthreads)
 
 
 def torch_cost(spec, nthreads):
     Cg, Og = spec.w_shape[1], spec.w_shape[0] // spec.groups
     if Cg < 4 or Og < 4:
         return np.inf    # oneDNN's per-channel 3D paths are far slower than the direct kernel
-    return 100e-6 + spec.flops() / (TORCH_GFLOPS * 1e9 * nthreads)
+    return TORCH_CALL + spec.flops() / (calibration.current().torch_gflops * 1e9 * nthreads)
 
 
-def fft_cost(spec, nthreads):
+def fft_cost(spec, nthreads, *, calibrated=True):
+    """engine/fft.py's model, fitted at 2 threads (calibrated: times this machine's measured factor)."""
     from . import fft   # scipy.fft takes 0.3 s to import: not at `import volconv`
 
     seconds = fft.fft_cost(spec.x_shape, spec.w_shape, spec.pads, spec.stride, spec.dilation, spec.groups,
-                           mode=spec.mode)   # estimated at 2 threads
+                           mode=spec.mode, calibrated=calibrated)
     return seconds * 2 / min(nthreads, 2)
 
 
 def wgrad_cost(spec, nthreads):
-    return CALL_OVERHEAD + spec.flops() / (WGRAD_GFLOPS[channel_block(spec)] * 1e9 * nthreads)
+    return calibration.current().call_overhead + \
+        spec.flops() / (calibration.current().wgrad_gflops(channel_block(spec)) * 1e9 * nthreads)
 
 
 def sparse_cost(spec, nnz, nthreads):
     """Seconds the sparse kernel should take: nnz taps at every output voxel of their channel."""
     flops = 2.0 * nnz * spec.x_shape[0] * np.prod(spec.out_shape[2:], dtype=np.float64)
-    return streaming_cost(spec) + flops / (SPARSE_GFLOPS * 1e9 * nthreads)
+    return streaming_cost(spec) + flops / (calibration.current().sparse_gflops * 1e9 * nthreads)
+
+
+def separable_cost(spec, taps, nthreads):
+    """Seconds the fused separable pass should take: taps 1-D taps (summed over the terms and the three axes) at
+    every output voxel."""
+    flops = 2.0 * taps * np.prod(spec.out_shape, dtype=np.float64)
+    return streaming_cost(spec) + flops / (calibration.current().separable_gflops * 1e9 * nthreads)
 
 
 def algorithm_costs(spec, nthreads, *, allow_torch, nnz=None):

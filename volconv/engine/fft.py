@@ -41,6 +41,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from .._validate import pad_array
+from . import calibration
 
 # Bytes of spectra a pass may hold (kernel spectra + input and output spectra of the batch chunk); larger problems
 # are cut into blocks and batch chunks.
@@ -92,21 +93,24 @@ def fft_conv3d(x, weight, bias, pads, mode, stride, dilation, groups, nthreads):
     return out
 
 
-def fft_cost(x_shape, w_shape, pads, stride, dilation, groups, mode="constant"):
-    """Estimated seconds for fft_conv3d on this machine with 2 threads (used by the 'auto' cost model).
+def fft_cost(x_shape, w_shape, pads, stride, dilation, groups, mode="constant", *, calibrated=True):
+    """Estimated seconds for fft_conv3d with 2 threads (used by the 'auto' cost model): the model fitted below,
+    times this machine's measured factor (engine/calibration.py) unless calibrated is False.
 
     mode (optional, default 'constant') matters: other modes pad explicitly, which makes the transforms larger."""
-    return _plan_for(x_shape, w_shape, pads, mode, stride, dilation, groups, np.float32).seconds
+    seconds = _plan_for(x_shape, w_shape, pads, mode, stride, dilation, groups, np.float32).seconds
+    return seconds * calibration.current().fft_scale if calibrated else seconds
 
 
 def box_cost(box, transforms, products):
     """Estimated seconds (2 threads) of `transforms` whole real transforms (forward or inverse) of one box and
     `products` spectrum-by-spectrum products on it: the cost model's rates, for callers that transform a
-    fixed box again and again (engine/deconvolution.py)."""
+    fixed box again and again (engine/deconvolution.py); times this machine's measured factor."""
     box = tuple(int(v) for v in box)
     spectrum = box[0] * box[1] * (box[2] // 2 + 1)
-    return transforms * _COST[0] * _transform_work(box, box[0], box[0] * box[1], (1, 1, 1)) + \
+    seconds = transforms * _COST[0] * _transform_work(box, box[0], box[0] * box[1], (1, 1, 1)) + \
         products * _COST[1] * spectrum
+    return seconds * calibration.current().fft_scale
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,7 +272,8 @@ def _block_sizes(size, pads, span, step):
         length = sfft.next_fast_len(2 * length, real=True)
 
 
-# Cost model: seconds = _COST . _cost_features(...), fitted (non-negative least squares on relative error) to
+# Cost model: seconds = _COST . _cost_features(...) (plans are compared by it; a calibrated machine's factor, the
+# same for every plan, enters only fft_cost and box_cost), fitted (non-negative least squares on relative error) to
 # min-of-repeats timings of fft_conv3d, float32, 2 threads, on this machine (AMD EPYC Zen 4, 2 cores, 32 MiB L3)
 # over 133 plans: 8^3..192^3 volumes, kernels 3..31, 1..16 channels, groups, stride, dilation, forced blocks.
 # Measured/predicted: within x0.77..x1.21 for 80% of them, worst x0.42 (a 32^3 volume with a 15^3 kernel).

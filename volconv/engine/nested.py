@@ -155,9 +155,9 @@ def choose_algorithm(x, ws, specs, nthreads):
                                                groups=specs[0].groups, mode="constant"))
     stages_cost = 0.0
     for spec in specs:
-        fused_cost += spec.flops() / (cost.DIRECT_GFLOPS[channel_block(spec)] * 1e9 * nthreads)
+        fused_cost += cost.direct_compute_cost(spec, nthreads)
         stages_cost += min(cost.algorithm_costs(spec, nthreads, allow_torch=True).values())
-    stages_cost += sum(3 * 4.0 * np.prod(s.out_shape, dtype=np.float64) / cost.BANDWIDTH for s in specs[:-1])
+    stages_cost += sum(cost.memory_cost(3 * 4.0 * np.prod(s.out_shape, dtype=np.float64)) for s in specs[:-1])
     return "fused" if fused_cost <= stages_cost else "stages"
 
 
