@@ -178,9 +178,7 @@ static void FN(sym_rows)(T *out, ptrdiff_t ocs, int np, const T *const *rows, in
  * of each pair is a register shift of two aligned vectors (valign: no load) and the far one an unaligned
  * load, balancing the shuffle and load ports; below it both are loads. */
 #if VC_VBYTES >= 64 && defined(__OPTIMIZE__)   /* valign's shift must be a constant: the unrolled loop's */
-#define VC_ALIGN_EPI(b, a, e) (sizeof(T) == 4 ? _mm512_alignr_epi32((b), (a), (e) & 15)                  \
-                                              : _mm512_alignr_epi64((b), (a), (e) & 7))
-#define VC_NEAR(v, e) ((e) == 0 ? A[v] : (VEC)VC_ALIGN_EPI((__m512i)A[(v) + 1], (__m512i)A[v], (e)))
+#define VC_NEAR(v, e) VC_SHIFT(A[v], A[(v) + 1], (e))
 #else
 #define VC_NEAR(v, e) (*(const UVEC *)(x + w0 + (v) * VL + (e)))
 #endif
@@ -219,5 +217,4 @@ static void FN(sym_row)(T *out, const T *x, int k, const T *h, int Wv)
 }
 
 #undef VC_NEAR
-#undef VC_ALIGN_EPI
 #undef VC_FIR_P

@@ -84,8 +84,22 @@ static inline FN(vc_idx) FN(shift_mask)(int e)
     return m;
 }
 
-/* Lanes E .. E + VL - 1 of the concatenation (lo, hi): the row shifted by E columns, without reloading it. */
+/* Lanes E .. E + VL - 1 of the concatenation (lo, hi): the row shifted by E columns, without reloading it. One
+ * valign (the shift an immediate: no index register, no operand overwritten) once the unrolled loop makes E a
+ * constant; a general two-source permute otherwise (unoptimised builds). */
+#ifdef __OPTIMIZE__
+#define VC_ALIGN_EPI(b, a, e) (sizeof(T) == 4 ? _mm512_alignr_epi32((b), (a), (e) & 15)                  \
+                                              : _mm512_alignr_epi64((b), (a), (e) & 7))
+#define VC_SHIFT(lo, hi, E) ((E) == 0 ? (lo) : (VEC)VC_ALIGN_EPI((__m512i)(hi), (__m512i)(lo), (E)))
+#else
 #define VC_SHIFT(lo, hi, E) __builtin_shuffle((lo), (hi), FN(shift_mask)(E))
+#endif
+
+/* Tap e of vector j of a row loaded at src into A (shift2_block): odd taps an unaligned load, even ones a shift, so
+ * that the load port takes half the work and the shuffle pipe (shared with an FMA pipe on Zen 4) the other. */
+#define VC_TAP(j, e)                                                                                  \
+    ({ VEC t_; if ((e) & 1) t_ = *(const UVEC *)(src + (j) * VL + (e));                               \
+       else t_ = VC_SHIFT(A[(j) + (e) / VL], A[(j) + (e) / VL + 1], (e) % VL); t_; })
 
 /* One output channel, WV aligned vectors at w0, taps at columns 0 .. kw - 1 (kw <= 2 VL): each input row is
  * loaded once, aligned (no load straddles two cache lines), and every tap's vector is a register shuffle of
@@ -138,7 +152,7 @@ VC_DEFINE_SHIFT_BLOCK(1, 2)
     _Pragma("GCC unroll 32") for (int e = 0; e < 2 * VL; e++) {                                       \
         if (e >= kw) break;                                                                           \
         _Pragma("GCC unroll 16") for (int j = 0; j < WV; j++) {                                       \
-            const VEC s = VC_SHIFT(A[j + e / VL], A[j + e / VL + 1], e % VL);                         \
+            const VEC s = VC_TAP(j, e);                                                       \
             UPDATE;                                                                                   \
         }                                                                                             \
     }
@@ -379,6 +393,8 @@ static T FN(fma_probe)(long n)
 #include "dynamic_impl.h"
 #include "bilateral_impl.h"
 
+#undef VC_SHIFT
+#undef VC_ALIGN_EPI
 #undef FN
 #undef VEC
 #undef UVEC
