@@ -5,9 +5,10 @@ tools users run, all in ONE run (compare ratios; the machine is shared and noisy
 
 1. The limit: the least time the 1-D passes' multiply-adds take at the FMA peak, or one read of the volume and
    one write of the result at the copy bandwidth, whichever is longer (both measured now, volconv._benchmark.Machine).
-   volconv's time as a multiple of it, for several sigmas, anisotropic voxels and every boundary mode. The flops
-   are the plain count (2 x taps per axis x 3 per voxel): volconv's symmetric passes do fewer, so less than 1x
-   is possible in principle.
+   volconv's time as a multiple of it, for several sigmas, anisotropic voxels and every boundary mode: returning
+   a new array (the default: the system zeroes its fresh pages first, page fault by page fault) and into an
+   existing one (output=, as scipy's). The flops are the plain count (2 x taps per axis x 3 per voxel): volconv's
+   symmetric passes do half the multiplies, so less than 1x is possible in principle.
 2. The anchors, sigma in mm over the voxel sizes, the same threads (when installed; each is skipped otherwise):
    scipy.ndimage.gaussian_filter, SimpleITK's SmoothingRecursiveGaussian, ANTs' smooth_image (antspyx, ITK's
    discrete Gaussian), TorchIO's Blur, MONAI's GaussianSmooth (torch), and niimath's `-s` (the open fslmaths,
@@ -54,15 +55,18 @@ def limit_table(volume, zooms, machine, threads, quick):
              (2.0, zooms, "wrap"), (2.0, (1.0, 1.0, 2.5), "reflect")]
     if not quick:
         cases += [(4.0, zooms, "reflect"), (0.8, zooms, "mirror")]
-    lines = ["| sigma mm | zooms | mode | taps per axis | volconv ms | limit ms | x limit |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| sigma mm | zooms | mode | taps per axis | limit ms | new array ms | x limit | output= ms | x limit |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    buf = np.empty_like(volume)
     for sigma, z, mode in cases:
         fn, flops, kernel = volconv_case(volume, sigma, z, mode, threads)
-        t = best_times({"v": fn}, rounds=3 if quick else 7)["v"]
+        t = best_times({"new": fn, "output": lambda: vc.correlate(volume, kernel, mode=mode, workers=threads,
+                                                                  output=buf)}, rounds=3 if quick else 7)
         limit = machine.limit(flops, 2 * volume.nbytes)
         taps = "x".join(str(f.shape[1]) for f in kernel.factors)
-        lines.append(f"| {sigma:g} | {'x'.join(f'{v:g}' for v in z)} | {mode} | {taps} | {t * 1e3:.2f} | "
-                     f"{limit * 1e3:.2f} | **{t / limit:.2f}x** |")
+        lines.append(f"| {sigma:g} | {'x'.join(f'{v:g}' for v in z)} | {mode} | {taps} | {limit * 1e3:.2f} | "
+                     f"{t['new'] * 1e3:.2f} | **{t['new'] / limit:.2f}x** | {t['output'] * 1e3:.2f} | "
+                     f"**{t['output'] / limit:.2f}x** |")
     return "\n".join(lines)
 
 

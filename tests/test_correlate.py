@@ -256,3 +256,50 @@ def test_nan_propagates_like_scipy(mode, shape, ksize, algorithm, rng):
     np.testing.assert_array_equal(np.isposinf(out), np.isposinf(expected))
     finite = np.isfinite(expected)
     np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("func_name", FUNCS)
+@pytest.mark.parametrize("kind", ["gaussian", "dense", "sparse"])
+def test_output_array(func_name, kind, rng):
+    """output= as scipy.ndimage's: the result written into the given array, which is returned; the same values as
+    without it. The Gaussian (separable) writes there itself when the array is contiguous in the volume's order
+    and of its dtype (C or Fortran order); other arrays (another dtype, a strided view) get a copy."""
+    func = getattr(vc, func_name)
+    volume = rng.standard_normal((17, 20, 23)).astype(np.float32)
+    kernel = {"gaussian": vc.kernels.gaussian((1.0, 1.5, 0.8)), "dense": rng.standard_normal((3, 4, 5)),
+              "sparse": np.where(rng.random((5, 5, 5)) < 0.1, 1.0, 0.0)}[kind]
+    want = func(volume, kernel, mode="nearest")
+    for v, out in [(volume, np.full(volume.shape, np.nan, np.float32)),
+                   (np.asfortranarray(volume), np.full(volume.shape, np.nan, np.float32, order="F")),
+                   (volume, np.full(volume.shape, np.nan)),
+                   (volume, np.full((17, 20, 46), np.nan, np.float32)[:, :, ::2])]:
+        got = func(v, kernel, mode="nearest", output=out)
+        assert got is out
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=2e-5)   # Fortran order: the transposed sums
+
+
+def test_output_array_refused(rng):
+    """A wrong output names the argument and what was expected."""
+    volume = rng.standard_normal((8, 9, 10)).astype(np.float32)
+    k = vc.kernels.gaussian(1.0)
+    with pytest.raises(ValueError, match="output must have the result's shape"):
+        vc.correlate(volume, k, output=np.empty((8, 9, 11), np.float32))
+    with pytest.raises(ValueError, match="output must be a writeable float32 or float64"):
+        vc.correlate(volume, k, output=np.empty((8, 9, 10), np.int32))
+    ro = np.empty((8, 9, 10), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        vc.correlate(volume, k, output=ro)
+    with pytest.raises(TypeError, match="output must be a numpy array"):
+        vc.correlate(volume, k, output=[[[0.0]]])
+
+
+def test_output_written_in_place_by_the_separable_kernel(rng, monkeypatch):
+    """The Gaussian into a C-contiguous float32 output: the fused kernel writes there, nothing is copied."""
+    import volconv.ops.filtering as filtering
+
+    volume = rng.standard_normal((12, 13, 40)).astype(np.float32)
+    out = np.empty_like(volume)
+    monkeypatch.setattr(filtering.np, "copyto", lambda *a, **k: pytest.fail("output was copied into"))
+    vc.correlate(volume, vc.kernels.gaussian(1.2), output=out)
+    np.testing.assert_allclose(out, ndi.gaussian_filter(volume.astype(np.float64), 1.2), atol=1e-5)

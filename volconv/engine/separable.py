@@ -16,11 +16,11 @@ from .layout import check_memory, fold_padding, row_layout, threads_for_work
 RING_BYTES = 384 * 2**10   # per thread: the ring of filtered tiles stays in L2 (1 MiB on Zen 4, 512 KiB on older)
 
 
-def separable_conv3d(x, fd, fh, fw, spec, nthreads):
+def separable_conv3d(x, fd, fh, fw, spec, nthreads, out=None):
     """Sums of rank-1 terms on every channel, in one fused pass: fd, fh, fw are (T, C, k) factors (term t of
     channel c: fd[t, c] x fh[t, c] x fw[t, c], the terms summed), or (C, k) for one term per channel, or (k,)
     for one term on every channel. spec: the geometry of the whole 3-D kernel (stride, dilation, pads, mode
-    with cval 0)."""
+    with cval 0). out: a C-contiguous array of the output's shape and x's dtype to write into (else a new one)."""
     N, C = x.shape[:2]
     fd, fh, fw = (np.asarray(f, x.dtype).reshape((1,) * (3 - np.ndim(f)) + np.shape(f)) for f in (fd, fh, fw))
     T = max(fd.shape[0], fh.shape[0], fw.shape[0])
@@ -38,7 +38,10 @@ def separable_conv3d(x, fd, fh, fw, spec, nthreads):
     fd, fh, fw = (np.ascontiguousarray(np.broadcast_to(f, (T, C, f.shape[2]))).reshape(T * C, -1)
                   for f in (fd, fh, fw))
     row_map, map_d, map_h, toff = row_layout(x.shape, spec)
-    out = np.empty(spec.out_shape, dtype=x.dtype)
+    if out is None:
+        out = np.empty(spec.out_shape, dtype=x.dtype)
+    elif out.shape != tuple(spec.out_shape) or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {x.dtype} array of shape {spec.out_shape}")
     (sd, sh, _), (dd, dh, _) = spec.stride, spec.dilation
     sym, halves = _symmetric_halves((fd, fh, fw), spec)
     _cpu.compiled.separable_conv3d(x, fd, fh, fw, map_d, map_h, row_map, spec.pads[2][0], spec.stride[2] == 1,
@@ -77,14 +80,14 @@ def _split(volumes, Ho, Do, hb, nthreads):
     return ntile, nchunk
 
 
-def run_separable(x, kernel, spec, algorithm, nthreads):
+def run_separable(x, kernel, spec, algorithm, nthreads, out=None):
     """A SeparableKernel (one 3-D kernel, applied to every channel of x), term by term. spec: the geometry of
-    the whole 3-D kernel. "auto"/"direct" run every term in one fused pass; "fft"/"torch" run each 1-D pass
-    as a depthwise convolution by that algorithm."""
+    the whole 3-D kernel. "auto"/"direct" run every term in one fused pass (into out when given: see
+    separable_conv3d); "fft"/"torch" run each 1-D pass as a depthwise convolution by that algorithm."""
     if algorithm in ("auto", "direct"):   # every term in one fused pass
         fd, fh, fw = kernel.factors
         out = separable_conv3d(x, (fd * kernel.weights[:, None])[:, None], fh[:, None], fw[:, None],
-                               spec.with_cval(0.0), nthreads)
+                               spec.with_cval(0.0), nthreads, out=out)
     else:
         out = None
         for weight, factors in kernel.terms():

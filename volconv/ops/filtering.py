@@ -14,10 +14,10 @@ from .conv import as_separable
 from .sparse import SparseKernel
 
 
-def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip, halo=None):
+def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *, flip, halo=None, output=None):
     """correlate / convolve. halo: per axis, (lo, hi) planes at the volume's ends that are context, not output
     (a slab of a larger volume, io.filter_nifti): those sides are not padded and the output omits them. Each
-    must be at most the kernel's reach on that side."""
+    must be at most the kernel's reach on that side. output: a numpy array to write the result into (returned)."""
     on_gpu = _cuda.is_cuda(volume)   # the CUDA plugin's conv3d, the volume padded by torch (_torch.conv)
     tensor_path = on_gpu or wants_autograd(volume)
     kernel = as_separable(kernel)
@@ -40,8 +40,10 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
         raise ValueError(f"kernel must not be empty, got shape {k.shape}")
     mode = scipy_mode(mode)
     origins = triple(origin, "origin")
+    if output is not None:
+        _check_output(output, caller, v.shape, halo)
     if v.size == 0:   # nothing to filter: an empty result, as scipy.ndimage gives
-        return volume.detach().clone() if on_gpu else caller.result(np.empty(v.shape, caller.dtype))
+        return volume.detach().clone() if on_gpu else _into(output, caller.result(np.empty(v.shape, caller.dtype)))
     # NIfTI data arrive in Fortran order: filter the transposed volume with the transposed kernel (no copy)
     fortran = v.flags.f_contiguous and not v.flags.c_contiguous
     halo = ((0, 0),) * 3 if halo is None else tuple(tuple(h) for h in halo)
@@ -83,19 +85,42 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
     v = caller.cast(v, "volume")
     if sparse_k is not None:
         out = sparse_engine.run(v[None, None], idx5, values.astype(v.dtype), None, spec, resolve_workers(workers))
-    elif separable is not None:
+    elif separable is not None:   # written straight into output when it has the layout and dtype computed in
+        buf = output.T if output is not None and fortran else output
+        direct = buf is not None and buf.dtype == v.dtype and buf.flags.c_contiguous
         out = run_separable(v[None, None], separable, spec, dense.resolve_algorithm(algorithm),
-                            resolve_workers(workers))
+                            resolve_workers(workers), out=buf[None, None] if direct else None)
     else:
         k = caller.cast(k, "kernel")
         if algorithm == "auto" and not np.all(k) and not cost.all_finite(v):
             algorithm = "sparse"   # scipy's footprint: a zero weight is no tap, so NaN / Inf under it do not spread
         out = dense.run(v[None, None], k[None, None], None, spec, dense.resolve_algorithm(algorithm),
                         resolve_workers(workers))
-    return caller.result(out[0, 0].T if fortran else out[0, 0])
+    return _into(output, caller.result(out[0, 0].T if fortran else out[0, 0]))
 
 
-def correlate(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None):
+def _check_output(output, caller, shape, halo):
+    """output= as scipy.ndimage takes it: a writeable numpy array of the result's shape and a floating dtype."""
+    if caller.is_tensor or not isinstance(output, np.ndarray):
+        raise TypeError(f"output must be a numpy array (with a numpy volume), got {type(output).__name__}")
+    want = tuple(n - lo - hi for n, (lo, hi) in zip(shape, halo or ((0, 0),) * 3))
+    if output.shape != want:
+        raise ValueError(f"output must have the result's shape {want}, got {output.shape}")
+    if output.dtype.kind != "f" or not output.flags.writeable:
+        raise ValueError(f"output must be a writeable float32 or float64 array, got {output.dtype}"
+                         + ("" if output.flags.writeable else " (read-only)"))
+
+
+def _into(output, result):
+    """The result, copied into output when one was given and the kernel did not write there itself."""
+    if output is None:
+        return result
+    if result is not output and not np.shares_memory(result, output):
+        np.copyto(output, result, casting="same_kind")
+    return output
+
+
+def correlate(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None, output=None):
     """Multidimensional correlation of one 3D volume, with the results of ``scipy.ndimage.correlate``.
 
     mode: "reflect" (d c b a | a b c d), "constant" (cval outside), "nearest", "mirror" (d c b | a b c d) or
@@ -104,14 +129,19 @@ def correlate(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="
     cval enters only the outputs whose window leaves the volume (any value, NaN and +-Inf included: elsewhere
     the result is as exact as with cval=0). As in scipy, a zero weight is not part of the filter: NaN / Inf in
     the volume or in cval spread only through non-zero weights (with algorithm="auto"; "direct" and "torch"
-    multiply zero weights like torch.conv3d, "fft" spreads a non-finite volume over the whole output)."""
-    return filter_volume("correlate", volume, kernel, mode, cval, origin, algorithm, workers, flip=False)
+    multiply zero weights like torch.conv3d, "fft" spreads a non-finite volume over the whole output).
+    output: a numpy array of the volume's shape (float32 or float64) to write the result into, as scipy's; it is
+    returned. A separable kernel (the Gaussian) writes straight into it when it is contiguous in the volume's
+    order and of the compute dtype: no new array, none of the page faults a fresh result costs."""
+    return filter_volume("correlate", volume, kernel, mode, cval, origin, algorithm, workers, flip=False,
+                         output=output)
 
 
-def convolve(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None):
+def convolve(volume, kernel, *, mode="reflect", cval=0.0, origin=0, algorithm="auto", workers=None, output=None):
     """Multidimensional convolution of one 3D volume, with the results of ``scipy.ndimage.convolve``.
     Arguments as `correlate`."""
-    return filter_volume("convolve", volume, kernel, mode, cval, origin, algorithm, workers, flip=True)
+    return filter_volume("convolve", volume, kernel, mode, cval, origin, algorithm, workers, flip=True,
+                         output=output)
 
 
 def _stand_in(a):
