@@ -89,8 +89,7 @@ def separable_conv3d(const floating[:, :, :, :, ::1] x, const floating[:, ::1] f
         rows = <const floating **>malloc(nmax * sizeof(floating *))
         wts = <const floating **>malloc(sizeof(floating *))
         ok = ring != NULL and tap_h != NULL and tap_d != NULL and tabs != NULL and zeros != NULL \
-            and hbuf != NULL and tmp != NULL and tags != NULL and rows != NULL \
-            and wts != NULL
+            and hbuf != NULL and tmp != NULL and tags != NULL and rows != NULL and wts != NULL
         if ok:
             tabs[0] = tabs[2] = -1
             for j in range(dsw):  # past the padded row (read by the W pass's last vectors): finite

@@ -95,8 +95,8 @@ static inline FN(vc_idx) FN(shift_mask)(int e)
 #define VC_SHIFT(lo, hi, E) __builtin_shuffle((lo), (hi), FN(shift_mask)(E))
 #endif
 
-/* Tap e of vector j of a row loaded at src into A (shift2_block): odd taps an unaligned load, even ones a shift, so
- * that the load port takes half the work and the shuffle pipe (shared with an FMA pipe on Zen 4) the other. */
+/* Tap e of vector j of a row loaded at src into A (shift2_block): odd taps an unaligned load, even ones a shift,
+ * so that the load port takes half the work and the shuffle pipe (shared with an FMA pipe on Zen 4) the other. */
 #define VC_TAP(j, e)                                                                                  \
     ({ VEC t_; if ((e) & 1) t_ = *(const UVEC *)(src + (j) * VL + (e));                               \
        else t_ = VC_SHIFT(A[(j) + (e) / VL], A[(j) + (e) / VL + 1], (e) % VL); t_; })
@@ -375,7 +375,7 @@ static void FN(wgrad_rows)(const T *const *grows, ptrdiff_t gcs, const T *const 
 }
 
 /* The FMA pipes' peak: n rounds of 12 independent vector multiply-adds (enough chains to cover the latency);
- * returns a sum of every result, so nothing is optimised away. Benchmarks and calibration measure against it. */
+ * returns a sum of every result, so nothing is optimised away. The benchmarks hold kernels against it. */
 static T FN(fma_probe)(long n)
 {
     VEC a[12];
