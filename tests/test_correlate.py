@@ -278,6 +278,14 @@ def test_output_array(func_name, kind, rng):
         np.testing.assert_allclose(out, want, rtol=1e-6, atol=2e-5)   # Fortran order: the transposed sums
 
 
+def test_output_may_be_the_volume(rng):
+    """output=volume (in place, as scipy allows): the result of the volume as it was, not of half-written planes."""
+    volume = rng.standard_normal((20, 24, 40)).astype(np.float32)
+    want = vc.correlate(volume, vc.kernels.gaussian(2.0))
+    assert vc.correlate(volume, vc.kernels.gaussian(2.0), output=volume) is volume
+    np.testing.assert_array_equal(volume, want)
+
+
 def test_output_array_refused(rng):
     """A wrong output names the argument and what was expected."""
     volume = rng.standard_normal((8, 9, 10)).astype(np.float32)

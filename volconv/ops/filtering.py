@@ -87,7 +87,8 @@ def filter_volume(op, volume, kernel, mode, cval, origin, algorithm, workers, *,
         out = sparse_engine.run(v[None, None], idx5, values.astype(v.dtype), None, spec, resolve_workers(workers))
     elif separable is not None:   # written straight into output when it has the layout and dtype computed in
         buf = output.T if output is not None and fortran else output
-        direct = buf is not None and buf.dtype == v.dtype and buf.flags.c_contiguous
+        direct = buf is not None and buf.dtype == v.dtype and buf.flags.c_contiguous \
+            and not np.may_share_memory(buf, v)   # filtering in place (output=volume) goes through a copy
         out = run_separable(v[None, None], separable, spec, dense.resolve_algorithm(algorithm),
                             resolve_workers(workers), out=buf[None, None] if direct else None)
     else:
