@@ -5,6 +5,8 @@ import os
 import sys
 
 PROGRESS_DELAY_S = 1.0  # a progress bar appears only for work that lasts longer than this
+EXIT_STATUS = ("Exit status: 0 success, 1 failure (one line naming the file; no output left behind), 2 bad "
+               "arguments.")   # every file command's epilog
 
 
 class CommandError(Exception):

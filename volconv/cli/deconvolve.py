@@ -6,8 +6,8 @@ import time
 import numpy as np
 
 from .. import io
-from .common import CommandError, Reporter, blame, check_distinct, check_output, debugging, positive, \
-    unexpected
+from .common import EXIT_STATUS, CommandError, Reporter, blame, check_distinct, check_output, debugging, \
+    positive, unexpected
 from .options import add_output_options, nifti_output, read_kernel_file
 
 
@@ -20,8 +20,7 @@ def add_parser(sub):
                                    "header. The volume is processed whole, in float32 (no slabs): it must fit in "
                                    "memory with its FFT buffers. Example: volconv deconvolve stack.nii.gz "
                                    "stack_rl.nii.gz --psf psf.npy --iterations 20 --no-clip",
-                       epilog="Exit status: 0 success, 1 failure (one line naming the file; no output left "
-                              "behind), 2 bad arguments.")
+                       epilog=EXIT_STATUS)
     s.add_argument("input", metavar="IN", help="input NIfTI file (.nii or .nii.gz)")
     s.add_argument("output", metavar="OUT", help="output NIfTI file (.nii or .nii.gz; without either, .nii.gz is "
                                                  "added); refused if it exists, unless --force, and if it is IN "

@@ -6,8 +6,8 @@ import time
 import warnings
 
 from .. import io
-from .common import CommandError, Reporter, blame, check_distinct, check_output, debugging, remove, \
-    report_warnings, unexpected
+from .common import EXIT_STATUS, CommandError, Reporter, blame, check_distinct, check_output, debugging, \
+    remove, report_warnings, unexpected
 from .options import VESSELNESS, KernelChoice, add_filter_options
 from .preview import Preview
 
@@ -18,8 +18,7 @@ def add_parser(sub):
                        description="Filter a NIfTI volume (3-D, or 4-D volume by volume) with a kernel in mm or "
                                    "voxels, keeping its geometry and header. Example: "
                                    "volconv filter t1.nii.gz t1_smooth.nii.gz --fwhm 4mm",
-                       epilog="Exit status: 0 success, 1 failure (one line naming the file; no output left "
-                              "behind), 2 bad arguments.")
+                       epilog=EXIT_STATUS)
     s.add_argument("input", metavar="IN", help="input NIfTI file (.nii or .nii.gz)")
     s.add_argument("output", metavar="OUT", help="output NIfTI file (.nii or .nii.gz; without either, .nii.gz is "
                                                  "added as fslmaths does); refused if it exists, unless --force, "

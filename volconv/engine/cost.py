@@ -20,10 +20,16 @@ def memory_cost(nbytes):
     return nbytes / calibration.current().bandwidth
 
 
-def streaming_cost(spec):
-    """Seconds to call a direct-style kernel and stream its input and output through memory once."""
-    traffic = 4.0 * (np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
-    return calibration.current().call_overhead + memory_cost(traffic)
+def traffic(spec):
+    """Bytes a direct-style kernel streams: its float32 input and output, once each."""
+    return 4.0 * (np.prod(spec.x_shape, dtype=np.float64) + np.prod(spec.out_shape, dtype=np.float64))
+
+
+def streaming_cost(spec, constants=None):
+    """Seconds to call a direct-style kernel and stream its input and output through memory once (constants:
+    calibration.Constants, this machine's by default)."""
+    c = constants or calibration.current()
+    return c.call_overhead + traffic(spec) / c.bandwidth
 
 
 def direct_compute_cost(spec, nthreads):

@@ -83,19 +83,16 @@ def measure(quick=False, nthreads=None):
 
     seconds = _best_times(calls, 2 if quick else 8)
     found = {"call_overhead": seconds["call_overhead"]}
-    found["bandwidth"] = 4.0 * (np.prod(specs["bandwidth"].x_shape) + np.prod(specs["bandwidth"].out_shape)) / \
-        max(seconds["bandwidth"] - found["call_overhead"], 1e-9)
+    found["bandwidth"] = cost.traffic(specs["bandwidth"]) / max(seconds["bandwidth"] - found["call_overhead"],
+                                                                1e-9)
+    measured = dataclasses.replace(calibration.DEFAULTS, **found)   # the call and the traffic as just measured
 
     def rate(name, fixed):
         """GFLOP/s per thread of the arithmetic: the fixed part taken off (at most 90% of the time)."""
         return flops[name] / (max(seconds[name] - fixed, 0.1 * seconds[name]) * 1e9 * nthreads)
 
-    def streaming(spec):
-        traffic = 4.0 * (np.prod(spec.x_shape) + np.prod(spec.out_shape))
-        return found["call_overhead"] + traffic / found["bandwidth"]
-
     for name in ["sparse_gflops", "separable_gflops"] + [f"direct_gflops_{block}" for block in BLOCKS]:
-        found[name] = rate(name, streaming(specs[name]))
+        found[name] = rate(name, cost.streaming_cost(specs[name], measured))
     for block in BLOCKS:   # the weight-gradient kernel is not timed: it moves with the direct kernel
         found[f"wgrad_gflops_{block}"] = calibration.DEFAULTS.wgrad_gflops(block) * (
             found[f"direct_gflops_{block}"] / calibration.DEFAULTS.direct_gflops(block))

@@ -116,7 +116,7 @@ def _into(output, result):
     """The result, copied into output when one was given and the kernel did not write there itself."""
     if output is None:
         return result
-    if result is not output and not np.shares_memory(result, output):
+    if not np.may_share_memory(result, output):   # a view of output (written in place), or a fresh array
         np.copyto(output, result, casting="same_kind")
     return output
 
